@@ -1,0 +1,247 @@
+"""Clusters: nodes of devices, links inside a node and the network between nodes.
+
+A cluster is given by name (built-ins) or as a YAML file:
+
+    name: my-rack
+    network: {bandwidth_gbps: 25, latency_us: 10}      # between nodes, GB/s one direction
+    nodes:
+      - name: npu0
+        count: 2                                         # two identical nodes (npu0-0, npu0-1)
+        devices: {furiosa-rngd: 8}
+        link: {bandwidth_gbps: 64, latency_us: 2}        # optional: inside the node
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kcloud.errors import CatalogError, KCloudError
+from kcloud.hardware.device import Device
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth: float  # bytes/s, one direction
+    latency: float  # seconds
+    name: str = ""
+
+    def transfer_s(self, nbytes: float) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One device in the cluster: `node/device-type/index`."""
+
+    id: str
+    node: str
+    device: Device
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    devices: tuple[tuple[str, int], ...]  # (catalog id, count)
+    link: Link  # between devices of this node
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    nodes: tuple[Node, ...]
+    network: Link
+    source: str = "built-in"
+
+    @cached_property
+    def slots(self) -> tuple[Slot, ...]:
+        from kcloud.hardware.catalog import get_device
+
+        out = []
+        for node in self.nodes:
+            for dev_id, count in node.devices:
+                dev = get_device(dev_id)
+                out.extend(Slot(f"{node.name}/{dev_id}/{i}", node.name, dev) for i in range(count))
+        return tuple(out)
+
+    @cached_property
+    def device_types(self) -> dict[str, Device]:
+        return {s.device.id: s.device for s in self.slots}
+
+    @cached_property
+    def counts(self) -> Counter[str]:
+        return Counter(s.device.id for s in self.slots)
+
+    def max_per_node(self, device_id: str) -> int:
+        return max((c for n in self.nodes for d, c in n.devices if d == device_id), default=0)
+
+    def node_of(self, slot_id: str) -> Node:
+        name = slot_id.split("/", 1)[0]
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(slot_id)
+
+    def link_between(self, a: str, b: str) -> Link:
+        return self.node_of(a).link if a.split("/", 1)[0] == b.split("/", 1)[0] else self.network
+
+    def intra_link(self, device_id: str) -> Link:
+        """The link among devices of one type inside a node (for tensor parallelism)."""
+        for n in self.nodes:
+            if any(d == device_id for d, _ in n.devices):
+                return n.link
+        return self.network
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "devices": dict(self.counts),
+            "size": self.size,
+            "network": {"bandwidth_Bps": self.network.bandwidth,
+                        "latency_s": self.network.latency},
+            "nodes": [{"name": n.name, "devices": dict(n.devices),
+                       "link": {"name": n.link.name, "bandwidth_Bps": n.link.bandwidth,
+                                "latency_s": n.link.latency}} for n in self.nodes],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML spec
+
+
+class _LinkSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bandwidth_gbps: float = Field(gt=0)
+    latency_us: float = Field(default=5.0, ge=0)
+    name: str = ""
+
+    def build(self) -> Link:
+        return Link(self.bandwidth_gbps * 1e9, self.latency_us * 1e-6, self.name)
+
+
+class _NodeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    devices: dict[str, int] = Field(min_length=1)
+    count: int = Field(default=1, ge=1, le=100_000)
+    link: _LinkSpec | None = None
+
+
+class _ClusterSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    network: _LinkSpec = _LinkSpec(bandwidth_gbps=12.5, latency_us=10, name="ethernet-100g")
+    nodes: list[_NodeSpec] = Field(min_length=1)
+
+
+def _default_intra_link(devices: list[Device]) -> Link:
+    """Inside a node: the devices' chip-to-chip link if all have one, else their host link."""
+    chip = [d.chip_link_bw.value for d in devices if d.chip_link_bw]
+    if chip and len(chip) == len(devices):
+        return Link(min(chip), 3e-6, "chip-to-chip")
+    host = [d.host_link_bw.value for d in devices if d.host_link_bw]
+    return Link(min(host) if host else 16e9, 8e-6, "pcie")
+
+
+def cluster_from_dict(data: Any, source: str) -> Cluster:
+    from kcloud.hardware.catalog import get_device
+
+    try:
+        spec = _ClusterSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise KCloudError(f"cluster {source}: field {where}: {err['msg']}",
+                          "fix the cluster file (see `kcloud clusters show k-cloud-rack`)"
+                          ) from None
+    nodes: list[Node] = []
+    names: set[str] = set()
+    for ni, n in enumerate(spec.nodes):
+        devs: list[Device] = []
+        for dev_id, count in n.devices.items():
+            if count < 1:
+                raise KCloudError(f"cluster {source}: field nodes.{ni}.devices.{dev_id}: count "
+                                  f"must be >= 1", "fix the cluster file")
+            try:
+                devs.append(get_device(dev_id))
+            except CatalogError as exc:
+                raise KCloudError(f"cluster {source}: field nodes.{ni}.devices: {exc.problem}",
+                                  exc.hint) from None
+        link = n.link.build() if n.link else _default_intra_link(devs)
+        for k in range(n.count):
+            name = n.name if n.count == 1 else f"{n.name}-{k}"
+            if name in names:
+                raise KCloudError(f"cluster {source}: node name '{name}' is used twice",
+                                  "give each node a unique name")
+            names.add(name)
+            nodes.append(Node(name, tuple(n.devices.items()), link))
+    return Cluster(spec.name, tuple(nodes), spec.network.build(), source)
+
+
+BUILTIN: dict[str, dict[str, Any]] = {
+    "k-cloud-rack": {
+        "name": "k-cloud-rack",
+        "network": {"bandwidth_gbps": 25, "latency_us": 8, "name": "ethernet-200g-rdma"},
+        "nodes": [
+            {"name": "atom", "count": 2, "devices": {"rebellions-atom": 8}},
+            {"name": "rngd", "count": 2, "devices": {"furiosa-rngd": 8}},
+            {"name": "warboy", "devices": {"furiosa-warboy": 8}},
+            {"name": "pim", "devices": {"skhynix-aimx": 8}},
+            {"name": "a100", "devices": {"nvidia-a100-sxm-80gb": 8}},
+        ],
+    },
+    "gpu-dgx": {
+        "name": "gpu-dgx",
+        "network": {"bandwidth_gbps": 50, "latency_us": 5, "name": "infiniband-400g"},
+        "nodes": [{"name": "dgx", "devices": {"nvidia-h100-sxm": 8}}],
+    },
+}
+
+
+def local_cpu_spec(cores: int | None = None) -> dict[str, Any]:
+    n = cores or os.cpu_count() or 1
+    return {
+        "name": "local-cpu",
+        "network": {"bandwidth_gbps": 5, "latency_us": 20, "name": "loopback"},
+        "nodes": [{"name": "local", "devices": {"host-cpu:1core": n},
+                   "link": {"bandwidth_gbps": 5, "latency_us": 20, "name": "shared-memory"}}],
+    }
+
+
+def builtin_names() -> list[str]:
+    return ["local-cpu", *BUILTIN]
+
+
+def load_cluster(name_or_path: str) -> Cluster:
+    """A built-in cluster by name, or a YAML cluster file."""
+    if name_or_path == "local-cpu":
+        return cluster_from_dict(local_cpu_spec(), "local-cpu")
+    if name_or_path in BUILTIN:
+        return cluster_from_dict(BUILTIN[name_or_path], name_or_path)
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise KCloudError(f"no cluster file at {p}",
+                              f"give a YAML file or one of: {', '.join(builtin_names())}")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise KCloudError(f"cluster {p}: not valid YAML{where}",
+                              "fix the file's syntax") from None
+        return cluster_from_dict(data, str(p))
+    raise KCloudError(f"unknown cluster '{name_or_path}'",
+                      f"use one of: {', '.join(builtin_names())}, or a YAML file")
