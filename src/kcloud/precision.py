@@ -37,11 +37,13 @@ _BYTES = {
     Precision.INT4: 0.5,
 }
 
-# When a device lacks a precision, the nearest wider one it has is used instead, in this order.
+# When a device lacks a precision, the nearest one it has that loses nothing is used instead, in
+# this order. FP8 carries int8-quantized values; int8 cannot carry FP8's range, so FP8 falls
+# back to a 16-bit float.
 FALLBACK: dict[Precision, tuple[Precision, ...]] = {
     Precision.INT4: (Precision.INT8, Precision.FP8, Precision.FP16, Precision.BF16),
     Precision.INT8: (Precision.FP8, Precision.FP16, Precision.BF16),
-    Precision.FP8: (Precision.INT8, Precision.FP16, Precision.BF16),
+    Precision.FP8: (Precision.FP16, Precision.BF16),
     Precision.FP16: (Precision.BF16,),
     Precision.BF16: (Precision.FP16,),
     Precision.FP32: (),

@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         print("kcloud: aborted", file=sys.stderr)
         sys.exit(1)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2)
+    except Exception as exc:  # usage errors from the command-line parser
+        show = getattr(exc, "show", None)
+        code = getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code or 2)
         raise

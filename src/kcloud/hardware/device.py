@@ -32,7 +32,7 @@ class Figure:
 
 @dataclass(frozen=True)
 class Partition:
-    """A slice of one device that can be handed out on its own (SR-IOV instance, die, core group)."""
+    """A slice of one device handed out on its own (SR-IOV instance, die, core group)."""
 
     name: str
     count: int  # how many such partitions one device splits into
