@@ -7,8 +7,9 @@ The procedure (reproducible, deterministic):
    predicted at the tensor-parallel degree (1, 2, 4 or 8) that gives the best per-accelerator
    throughput, as a submitter would choose. Blank LLM lengths come from `BENCHMARK_WORKLOADS`.
 2. The free parameters are few and physical: per device, the matrix-unit efficiency
-   (`matrix_eff`); per device class, the matmul-to-conv efficiency ratio (`matmul_factor`) and
-   the achieved share of memory bandwidth (`memory_eff`). Everything else (overheads, fill,
+   (`matrix_eff`); per device class, the matmul-to-conv efficiency ratio (`matmul_factor`),
+   the achieved share of memory bandwidth (`memory_eff`) and the reduction length at which a
+   matrix op is half efficient (`k_half`). Everything else (overheads, fill,
    attention and vector throughput) stays at its class prior.
 3. They are fitted by bounded least squares (scipy) on the log error of every row, with a weak
    pull toward the class prior so that a parameter no row constrains stays at its prior.
@@ -36,8 +37,9 @@ from kcloud.precision import Precision
 from kcloud.predict import Prediction, predict_graph, predict_llm
 from kcloud.workloads import BENCHMARK_WORKLOADS
 
-PRIOR_WEIGHT = 0.05  # pull of the class prior, relative to a row's log error
-BOUNDS = {"matrix_eff": (0.05, 1.0), "matmul_factor": (0.25, 4.0), "memory_eff": (0.2, 0.95)}
+PRIOR_WEIGHT = 0.02  # pull of the class prior, relative to a row's log error
+BOUNDS = {"matrix_eff": (0.05, 1.0), "matmul_factor": (0.25, 4.0), "memory_eff": (0.2, 0.95),
+          "k_half": (1.0, 2048.0)}
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class _Case:
     output_tokens: int | None
     tps: tuple[int, ...]
     note: str
+    beams: int = 1
 
 
 def _prepare(rows: Iterable[Row]) -> list[_Case]:
@@ -139,7 +142,10 @@ def _prepare(rows: Iterable[Row]) -> list[_Case]:
             output_tokens = None
         most = tp_max_degree(graphs[0])
         tps = tuple(t for t in (1, 2, 4, 8, 16) if t <= row.system_size and most % t == 0)
-        cases.append(_Case(row, dev, graphs, output_tokens, tps or (1,), note))
+        beams = wl.beams if wl and len(graphs) == 2 else 1
+        if beams > 1:
+            note += f"; beam search x{beams}"
+        cases.append(_Case(row, dev, graphs, output_tokens, tps or (1,), note, beams))
     return cases
 
 
@@ -150,7 +156,8 @@ def _predict_case(case: _Case, cal: Calibration) -> Prediction:
             if len(case.graphs) == 2:
                 p = predict_llm(case.graphs[0], case.graphs[1], case.device, case.row.scenario,
                                 output_tokens=case.output_tokens or 128,
-                                precision=case.row.precision, calibration=cal, tp=tp)
+                                precision=case.row.precision, calibration=cal, tp=tp,
+                                beams=case.beams)
             else:
                 p = predict_graph(case.graphs[0], case.device, case.row.scenario,
                                   precision=case.row.precision, calibration=cal, tp=tp)
@@ -191,8 +198,7 @@ def _free_params(cases: list[_Case]) -> list[_Param]:
             out.append(p)
         classes.add(c.device.kind.value)
     for k in sorted(classes):
-        out.append(_Param("class", k, "matmul_factor"))
-        out.append(_Param("class", k, "memory_eff"))
+        out.extend(_Param("class", k, name) for name in ("matmul_factor", "memory_eff", "k_half"))
     return out
 
 

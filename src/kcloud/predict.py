@@ -5,7 +5,8 @@ Scenarios (MLPerf's names):
 - `single-stream`: one request at a time (batch 1): its latency.
 
 LLMs are costed as prefill (the prompt, compute-bound) plus one decode step per generated token
-(memory-bound, over a KV cache whose mean length is prompt + half the output). The KV cache
+(memory-bound, over a KV cache whose mean length is prompt + half the output); with continuous
+batching, prefill chunks fill the compute that memory-bound decode steps leave idle. The KV cache
 bounds the batch. Throughput of an LLM is generated tokens per second.
 """
 
@@ -241,6 +242,7 @@ def llm_kv_bytes_per_token(graph: LayerGraph, precision: Precision) -> float:
 def llm_max_batch(
     prefill: LayerGraph, precision: Precision, device: Device, context: int, tp: int = 1
 ) -> tuple[int, float, float]:
+    # `context`: KV-cache tokens held per sequence (all beams included).
     """Largest batch whose weights + KV cache + workspace fit on each of `tp` devices.
 
     Returns the batch, the weight bytes per device and the KV bytes per sequence per device.
@@ -278,14 +280,19 @@ def llm_step(
     batch: int,
     output_tokens: int,
     tp: int = 1,
+    beams: int = 1,
 ) -> LLMStep:
     """Serve `batch` sequences: prefill them, then decode `output_tokens` steps.
 
-    Tokens/s are per device when `tp` devices share the work.
+    Each decode step advances `beams` hypotheses per sequence (beam search); the output counts
+    one sequence of tokens. Tokens/s are per device when `tp` devices share the work.
     """
     pre = forward_cost(prefill, device, precision, batch, params, tp=tp)
-    dec = forward_cost(decode, device, precision, batch, params, tp=tp)
-    total = pre.time_s + output_tokens * dec.time_s
+    dec = forward_cost(decode, device, precision, batch * beams, params, tp=tp)
+    # Continuous batching with chunked prefill: prompt chunks ride along the decode steps and
+    # use the compute those memory-bound steps leave idle; only the rest adds time.
+    idle = max(0.0, dec.time_s - dec.overhead_s - dec.comm_s - dec.busy_s)
+    total = output_tokens * dec.time_s + max(0.0, pre.time_s - output_tokens * idle)
     return LLMStep(batch, pre, dec, total, batch * output_tokens / total / tp)
 
 
@@ -300,6 +307,7 @@ def predict_llm(
     batch: int | None = None,
     calibration: Calibration | None = None,
     tp: int = 1,
+    beams: int = 1,
 ) -> Prediction:
     """Predict an LLM: prefill of the prompt, then one decode step per generated token."""
     if scenario not in SCENARIOS:
@@ -308,7 +316,7 @@ def predict_llm(
     used, notes = resolve_precision(device, asked)
     params = (calibration or default_calibration()).params(device)
     input_tokens = prefill.seq_len or 1
-    context = input_tokens + output_tokens
+    context = input_tokens + beams * output_tokens
     _check_tp(prefill, tp)
     max_batch, w, kv_seq = llm_max_batch(prefill, used, device, context, tp)
     if scenario == "single-stream":
@@ -325,7 +333,7 @@ def predict_llm(
         candidates = batch_candidates(max_batch)
     best: LLMStep | None = None
     for b in candidates:
-        step = llm_step(prefill, decode, device, used, params, b, output_tokens, tp)
+        step = llm_step(prefill, decode, device, used, params, b, output_tokens, tp, beams)
         if best is None or step.tokens_per_s > best.tokens_per_s * 1.0001:
             best = step
     assert best is not None
@@ -363,6 +371,7 @@ def predict_llm(
             "prefill_bound": best.prefill.bound,
             "decode_bound": best.decode.bound,
             "max_batch": max_batch,
+            "beams": beams,
         },
     )
 

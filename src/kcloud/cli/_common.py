@@ -8,7 +8,8 @@ from typing import Any
 
 from rich.console import Console
 
-console = Console()
+# Wide enough for the tables when the output is not a terminal (CI logs, pipes).
+console = Console(width=None if sys.stdout.isatty() else 150)
 err_console = Console(stderr=True)
 
 

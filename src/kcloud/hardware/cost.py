@@ -7,12 +7,14 @@ Per op, a roofline with calibrated efficiencies:
               / (bandwidth * memory efficiency)
     op time = max(compute, memory)
 
-- `fill` is how well one op fills the matrix units: min(1, output elements / `sat_elems`).
+- `fill` is how well one op fills the matrix units: min(1, output elements / `sat_elems`)
+  x K / (K + `k_half`), K the reduction length (FLOPs / 2 / outputs).
   A small op (batch 1, late CNN stages, decode GEMV) leaves cores idle; large batches fill them.
   An op never runs slower than on the vector units alone (`vector_ratio` x peak).
-- On-chip reuse: weights stay in SRAM when the model fits in half of it (then they are read
-  from DRAM once, not per batch); an op's activations cost DRAM traffic only for the bytes that
-  do not fit in what is left of the SRAM.
+- On-chip reuse: weights stay in SRAM when the model (or stage) fits in half of it (then they
+  are not read from DRAM per batch). Each op is tiled over samples so that a tile's
+  activations fit in the other half: only what one sample cannot fit spills to DRAM, and
+  streamed weights are read once per tile.
 - Elementwise ops are fused into their producer (no DRAM traffic of their own) and run on the
   vector units at `vector_ratio` x the matrix peak.
 - Fixed costs: `kernel_overhead_s` per compute kernel (launch / sync / DMA setup) and
@@ -56,6 +58,7 @@ class DeviceParams:
     kernel_overhead_s: float  # fixed time per compute kernel
     inference_overhead_s: float  # fixed time per forward pass
     sat_elems: float  # output elements one op needs to fill the matrix units
+    k_half: float  # reduction length at which a matrix op reaches half its efficiency
     sram_usable: float  # share of on-chip SRAM available for reuse
     memory_power_share: float  # dynamic power of streaming memory relative to compute
     fitted: tuple[str, ...] = ()  # the fields that calibration fitted for this device
@@ -75,26 +78,26 @@ CLASS_PRIORS: dict[DeviceKind, DeviceParams] = {
     DeviceKind.GPU: DeviceParams(
         matrix_eff=0.55, matmul_factor=1.0, attention_factor=0.6, memory_eff=0.75,
         vector_ratio=1 / 16, kernel_overhead_s=4e-6, inference_overhead_s=60e-6,
-        sat_elems=1.0e6, sram_usable=0.5, memory_power_share=0.6,
+        sat_elems=1.0e6, k_half=64.0, sram_usable=0.5, memory_power_share=0.6,
     ),
     DeviceKind.NPU: DeviceParams(
         matrix_eff=0.5, matmul_factor=1.0, attention_factor=0.6, memory_eff=0.7,
         vector_ratio=1 / 16, kernel_overhead_s=2e-6, inference_overhead_s=80e-6,
-        sat_elems=2.0e5, sram_usable=0.75, memory_power_share=0.6,
+        sat_elems=2.0e5, k_half=64.0, sram_usable=0.75, memory_power_share=0.6,
     ),
     DeviceKind.PIM: DeviceParams(
         matrix_eff=0.6, matmul_factor=1.0, attention_factor=0.8, memory_eff=0.8,
         vector_ratio=1 / 4, kernel_overhead_s=5e-6, inference_overhead_s=50e-6,
-        sat_elems=4.0e3, sram_usable=0.0, memory_power_share=0.8,
+        sat_elems=4.0e3, k_half=8.0, sram_usable=0.0, memory_power_share=0.8,
     ),
     DeviceKind.CPU: DeviceParams(
         matrix_eff=0.8, matmul_factor=1.0, attention_factor=0.7, memory_eff=0.8,
         vector_ratio=1 / 4, kernel_overhead_s=8e-6, inference_overhead_s=30e-6,
-        sat_elems=4.0e3, sram_usable=0.5, memory_power_share=0.5,
+        sat_elems=4.0e3, k_half=16.0, sram_usable=0.5, memory_power_share=0.5,
     ),
 }
 
-FIT_FIELDS = ("matrix_eff", "matmul_factor", "memory_eff")
+FIT_FIELDS = ("matrix_eff", "matmul_factor", "memory_eff", "k_half")
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,7 @@ class ForwardCost:
     activity: float  # 0..1, drives power
     bound: str  # "compute" | "memory" | "overhead" | "comm"
     weight_bytes: float = 0.0  # weights held by one device
+    busy_s: float = 0.0  # pure compute time of all ops (what the matrix/vector units do)
 
     def power_w(self, device: Device) -> float:
         idle = device.idle_power_w.value
@@ -254,6 +258,7 @@ class LayerTable:
     time_res: np.ndarray
     time_str: np.ndarray
     busy_res: np.ndarray  # compute-bound time x fill (drives power)
+    compute: np.ndarray  # pure compute time of all ops
     mem_res: np.ndarray  # memory time (drives power)
     mem_str: np.ndarray
     cbound_res: np.ndarray  # time of compute-bound ops
@@ -292,7 +297,7 @@ class LayerTable:
             comm_s=comm, flops=float(self.flops[sl].sum()),
             dram_bytes=mix(self.dram_res, self.dram_str),
             activity=min(1.0, max(0.0, activity)), bound=max(parts, key=lambda p: parts[p]),
-            weight_bytes=w,
+            weight_bytes=w, busy_s=float(self.compute[sl].sum()),
         )
 
 
@@ -319,17 +324,30 @@ def layer_table(
     eff = np.array([params.efficiency(c) if c.uses_matrix_units else 1.0 for c in OpClass])
     matrix = np.isin(a.cls, _MATRIX)
     fill = np.where(matrix, np.minimum(1.0, a.out * scale / params.sat_elems), 1.0)
+    # Short reductions (small K: attention's head_dim, thin convs) keep the matrix pipelines
+    # less busy per loaded tile than long ones.
+    k = a.flops / np.maximum(2.0 * a.out, 1.0)
+    fill = np.where(matrix, fill * k / (k + params.k_half), fill)
     vector = peak * params.vector_ratio
     # A small op runs on whichever is faster: the partly filled matrix units or the vector units.
     rate = np.where(matrix, np.maximum(peak * eff[a.cls] * fill, vector), vector)
     compute = np.where(a.cls == _CLASS_INDEX[OpClass.EMBEDDING], 0.0, a.flops * scale / rate)
 
+    # On-chip reuse: the op is tiled over samples so that a tile's activations fit in half the
+    # usable SRAM; what one sample cannot fit spills to DRAM, and the weights (when not
+    # resident) are streamed once per tile.
     sram = (device.sram_bytes.value if device.sram_bytes else 0.0) * params.sram_usable
-    act_bytes = a.act * scale * prec.act_bytes
+    budget = sram / 2
+    per_sample = a.act / graph.batch / tp * prec.act_bytes
     elementwise = a.cls == _CLASS_INDEX[OpClass.ELEMENTWISE]
-    act_dram = np.where(elementwise, 0.0, np.maximum(0.0, act_bytes - sram / 2))
+    act_dram = np.where(elementwise, 0.0, batch * np.maximum(0.0, per_sample - budget))
+    if budget > 0:
+        tile = np.maximum(1.0, np.floor(budget / np.maximum(per_sample, 1e-9)))
+        passes = np.ceil(batch / np.minimum(tile, batch))
+    else:  # no on-chip memory figure: weights are read once per batch (register tiling)
+        passes = np.ones_like(per_sample)
     base_dram = act_dram + a.kv * scale * prec.kv_bytes
-    w_dram = a.weights * prec.weight_bytes / tp
+    w_dram = a.weights * prec.weight_bytes / tp * passes
     mem_res, mem_str = base_dram / bw, (base_dram + w_dram) / bw
     t_res, t_str = np.maximum(compute, mem_res), np.maximum(compute, mem_str)
 
@@ -349,6 +367,7 @@ def layer_table(
         device=device, params=params, tp=tp,
         time_res=per_layer(t_res), time_str=per_layer(t_str),
         busy_res=per_layer(np.where(compute >= mem_res, compute * fill, 0.0)),
+        compute=per_layer(compute),
         mem_res=per_layer(mem_res), mem_str=per_layer(mem_str),
         cbound_res=per_layer(np.where(compute >= mem_res, t_res, 0.0)),
         cbound_str=per_layer(np.where(compute >= mem_str, t_str, 0.0)),

@@ -1,0 +1,3 @@
+from kcloud.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Model definitions of the zoo, built from configs (no downloaded weights)."""

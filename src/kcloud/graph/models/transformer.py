@@ -1,0 +1,204 @@
+"""A configurable transformer: LLaMA, GPT-J and BERT are instances of it.
+
+Attention uses F.scaled_dot_product_attention. For one decode step the module is built with a
+KV cache per layer (non-persistent buffers `k_cache`, `v_cache` of kv_len past tokens); the new
+token's K/V are appended and attention runs over kv_len + 1 positions. Weights are the same
+for every phase, so a state_dict moves between a prefill and a decode module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    n_layers: int
+    hidden: int
+    heads: int
+    ffn: int
+    vocab: int
+    max_seq_len: int
+    kv_heads: int | None = None  # None: as many as heads (no grouped-query attention)
+    norm: Literal["rms", "layer"] = "rms"
+    norm_eps: float = 1e-5
+    mlp: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
+    rotary_dim: int | None = None  # rotary on the first rotary_dim dims of a head; None: learned
+    rope_theta: float = 10000.0
+    parallel_block: bool = False  # GPT-J: x + attn(ln(x)) + mlp(ln(x))
+    post_norm: bool = False  # BERT: norm after each residual add
+    causal: bool = True
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    head_bias: bool = False
+    type_vocab: int = 0  # BERT token types
+    embed_norm: bool = False
+    head: Literal["lm", "qa"] = "lm"  # next-token logits, or span start/end logits
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def kv_elems_per_token(self) -> int:
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim
+
+
+def _norm(cfg: TransformerConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: TransformerConfig, offset: int = 0) -> None:
+        super().__init__()
+        self.offset = offset
+        self.tok = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.pos = nn.Embedding(cfg.max_seq_len, cfg.hidden) if cfg.rotary_dim is None else None
+        self.typ = nn.Embedding(cfg.type_vocab, cfg.hidden) if cfg.type_vocab else None
+        self.norm = _norm(cfg) if cfg.embed_norm else None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok(input_ids)
+        if self.pos is not None or self.typ is not None:
+            positions = torch.arange(input_ids.size(1), device=input_ids.device) + self.offset
+            if self.pos is not None:
+                h = h + self.pos(positions)
+            if self.typ is not None:
+                h = h + self.typ(torch.zeros_like(positions))
+        if self.norm is not None:
+            h = self.norm(h)
+        return h
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, cfg: TransformerConfig, *, offset: int = 0, cache: tuple[int, int] | None = None
+    ) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden, self.heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden, bias=cfg.out_bias)
+        self.offset = offset
+        self.rotary_dim = cfg.rotary_dim or 0
+        if self.rotary_dim:
+            exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32) / self.rotary_dim
+            self.register_buffer("inv_freq", 1.0 / cfg.rope_theta**exponents, persistent=False)
+        self.has_cache = cache is not None
+        # One query per sequence attends to the whole cache: no mask needed then.
+        self.causal = cfg.causal and not self.has_cache
+        self.gqa = self.kv_heads != self.heads
+        if cache is not None:
+            batch, kv_len = cache
+            shape = (batch, self.kv_heads, kv_len, self.head_dim)
+            self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+            self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+
+    def _rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = self.rotary_dim // 2
+        t1, t2 = t[..., :half], t[..., half : self.rotary_dim]
+        rotated = torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1)
+        if self.rotary_dim == self.head_dim:
+            return rotated
+        return torch.cat([rotated, t[..., self.rotary_dim :]], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q_proj(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        if self.rotary_dim:
+            positions = torch.arange(x.size(1), device=x.device) + self.offset
+            angles = positions.unsqueeze(-1).float() * self.inv_freq
+            cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if self.has_cache:
+            k = torch.cat([self.k_cache, k], dim=2)
+            v = torch.cat([self.v_cache, v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.gqa)
+        return self.o_proj(y.transpose(1, 2).flatten(2))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden, cfg.ffn, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden, cfg.ffn, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn, cfg.hidden, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.hidden, cfg.ffn, bias=cfg.mlp_bias)
+        self.act = nn.GELU(approximate="tanh" if cfg.mlp == "gelu_tanh" else "none")
+        self.fc_out = nn.Linear(cfg.ffn, cfg.hidden, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class Block(nn.Module):
+    def __init__(
+        self, cfg: TransformerConfig, *, offset: int = 0, cache: tuple[int, int] | None = None
+    ) -> None:
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.post_norm = cfg.post_norm
+        self.attn_norm = _norm(cfg)
+        self.mlp_norm = None if cfg.parallel_block else _norm(cfg)
+        self.attn = Attention(cfg, offset=offset, cache=cache)
+        self.mlp = GatedMLP(cfg) if cfg.mlp == "swiglu" else MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mlp_norm is None:  # parallel attention and MLP on one norm
+            h = self.attn_norm(x)
+            return x + self.attn(h) + self.mlp(h)
+        if self.post_norm:
+            x = self.attn_norm(x + self.attn(x))
+            return self.mlp_norm(x + self.mlp(x))
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids [batch, seq] -> logits [batch, seq, vocab] (or [batch, seq, 2] for QA)."""
+
+    def __init__(
+        self, cfg: TransformerConfig, *, phase: str = "prefill", batch: int = 1, kv_len: int = 0
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        decode = phase == "decode"
+        offset = kv_len if decode else 0
+        cache = (batch, kv_len) if decode else None
+        self.embed = Embeddings(cfg, offset=offset)
+        self.layers = nn.ModuleList(
+            Block(cfg, offset=offset, cache=cache) for _ in range(cfg.n_layers)
+        )
+        self.norm = None if cfg.post_norm else _norm(cfg)
+        out = cfg.vocab if cfg.head == "lm" else 2
+        self.head = nn.Linear(cfg.hidden, out, bias=cfg.head_bias)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.head(h)
