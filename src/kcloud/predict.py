@@ -137,6 +137,30 @@ def _check_tp(graph: LayerGraph, tp: int) -> None:
         )
 
 
+def _setup(
+    device: Device, scenario: str, precision: Precision | None, is_llm: bool,
+    calibration: Calibration | None,
+) -> tuple[Precision, Precision, list[str], DeviceParams]:
+    """Check the scenario, resolve the precision (visibly), pick the device's parameters."""
+    if scenario not in SCENARIOS:
+        raise KCloudError(f"unknown scenario '{scenario}'", "use offline or single-stream")
+    asked = precision or default_precision(device, is_llm=is_llm)
+    used, notes = resolve_precision(device, asked)
+    return asked, used, notes, (calibration or default_calibration()).params(device)
+
+
+def _batches(scenario: str, batch: int | None, max_batch: int, what: str) -> list[int]:
+    """Batches to try: 1 for single-stream, the given one, or powers of two up to the limit."""
+    if scenario == "single-stream":
+        return [1]
+    if batch is None:
+        return batch_candidates(max_batch)
+    if batch > max_batch:
+        raise FitError(f"batch {batch} of {what} (at most {max_batch})",
+                       f"use --batch {max_batch} or less")
+    return [batch]
+
+
 def _capacity(device: Device) -> float:
     return device.memory_bytes.value * MEMORY_HEADROOM
 
@@ -166,11 +190,7 @@ def predict_graph(
     With `tp` > 1 the model is split tensor-parallel over `tp` such devices; throughput,
     power and energy are then per device (as MLPerf reports multi-accelerator systems).
     """
-    if scenario not in SCENARIOS:
-        raise KCloudError(f"unknown scenario '{scenario}'", "use offline or single-stream")
-    asked = precision or default_precision(device, is_llm=False)
-    used, notes = resolve_precision(device, asked)
-    params = (calibration or default_calibration()).params(device)
+    asked, used, notes, params = _setup(device, scenario, precision, False, calibration)
     _check_tp(graph, tp)
     w = weight_bytes(graph, used) / tp
     per_sample = activation_bytes_per_sample(graph, used) / tp
@@ -178,18 +198,7 @@ def predict_graph(
     if w + per_sample > cap:
         raise _fit_message(graph.model, device, w + per_sample, cap)
     max_batch = max(1, min(4096, int((cap - w) // max(per_sample, 1.0))))
-    if scenario == "single-stream":
-        candidates = [1]
-    elif batch is not None:
-        if batch > max_batch:
-            raise FitError(
-                f"batch {batch} of {graph.model} does not fit on {device.id} "
-                f"(at most {max_batch})",
-                f"use --batch {max_batch} or less",
-            )
-        candidates = [batch]
-    else:
-        candidates = batch_candidates(max_batch)
+    candidates = _batches(scenario, batch, max_batch, f"{graph.model} does not fit on {device.id}")
     best: tuple[float, int, ForwardCost] | None = None
     for b in candidates:
         cost = forward_cost(graph, device, used, b, params, tp=tp)
@@ -310,38 +319,29 @@ def predict_llm(
     beams: int = 1,
 ) -> Prediction:
     """Predict an LLM: prefill of the prompt, then one decode step per generated token."""
-    if scenario not in SCENARIOS:
-        raise KCloudError(f"unknown scenario '{scenario}'", "use offline or single-stream")
-    asked = precision or default_precision(device, is_llm=True)
-    used, notes = resolve_precision(device, asked)
-    params = (calibration or default_calibration()).params(device)
+    asked, used, notes, params = _setup(device, scenario, precision, True, calibration)
     input_tokens = prefill.seq_len or 1
     context = input_tokens + beams * output_tokens
     _check_tp(prefill, tp)
     max_batch, w, kv_seq = llm_max_batch(prefill, used, device, context, tp)
-    if scenario == "single-stream":
-        candidates = [1]
-    elif batch is not None:
-        if batch > max_batch:
-            raise FitError(
-                f"batch {batch} of {prefill.model} with {context} tokens of context does not "
-                f"fit on {device.id} (KV cache allows at most {max_batch})",
-                f"use --batch {max_batch} or less, or fewer tokens",
-            )
-        candidates = [batch]
-    else:
-        candidates = batch_candidates(max_batch)
+    candidates = _batches(
+        scenario, batch, max_batch,
+        f"{prefill.model} with {context} tokens of context does not fit on {device.id}",
+    )
     best: LLMStep | None = None
     for b in candidates:
         step = llm_step(prefill, decode, device, used, params, b, output_tokens, tp, beams)
         if best is None or step.tokens_per_s > best.tokens_per_s * 1.0001:
             best = step
     assert best is not None
-    # Power: time-weighted over the prefill and decode phases.
+    # Energy: the decode steps at their power, the prefill's dynamic power on top (it runs in
+    # the decode steps' idle compute), idle power for any time prefill adds beyond them.
     t_pre, t_dec = best.prefill.time_s, output_tokens * best.decode.time_s
-    power = (best.prefill.power_w(device) * t_pre + best.decode.power_w(device) * t_dec) / (
-        t_pre + t_dec
-    )
+    idle_w = device.idle_power_w.value
+    energy = (best.decode.power_w(device) * t_dec
+              + (best.prefill.power_w(device) - idle_w) * t_pre
+              + idle_w * max(0.0, best.total_s - t_dec))
+    power = min(device.max_power_w.value, energy / best.total_s)
     bound = best.decode.bound if t_dec >= t_pre else best.prefill.bound
     est = _estimated(device, used)
     return Prediction(
