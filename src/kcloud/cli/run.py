@@ -1,0 +1,70 @@
+"""`kcloud run`: run a plan with worker processes and compare with the single-process model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from kcloud.cli import app
+from kcloud.cli._common import console, emit_json
+from kcloud.errors import KCloudError
+
+
+@app.command()
+def run(
+    plan_file: Annotated[Path, typer.Argument(help="Plan JSON written by `kcloud plan -o`")],
+    mode: Annotated[str, typer.Option(help="real | emulated (absent devices modeled)")] =
+        "emulated",
+    batches: Annotated[int | None, typer.Option(
+        "--batches", help="Micro-batches per replica (default: batch / micro-batch)")] = None,
+    trace: Annotated[Path, typer.Option("--trace", help="Chrome trace file to write")] =
+        Path("kcloud-trace.json"),
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout")] = False,
+) -> None:
+    """Run a plan: one worker process per stage, micro-batches streamed through (measured)."""
+    from kcloud.planner.plan import Plan
+    from kcloud.runtime.executor import execute
+
+    if mode not in ("real", "emulated"):
+        raise KCloudError(f"unknown mode '{mode}'", "use --mode real or --mode emulated")
+    if batches is not None and batches < 1:
+        raise KCloudError(f"--batches must be a positive integer, got {batches}",
+                          "pass --batches 1 or more")
+    plan = Plan.load(plan_file)
+    report = execute(plan, mode=mode, n_micro=batches, trace_path=trace)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    m, p = report.measured, report.predicted
+    ok = "[green]ok[/]" if report.reference_ok else "[red]MISMATCH[/]"
+    console.print(f"{report.model}: {report.replicas} replica(s) x {report.n_micro} "
+                  f"micro-batch(es) of {report.micro_batch}, mode {report.mode}")
+    console.print(f"outputs vs single process: max abs error {report.max_abs_error:.3g} {ok}")
+    t = Table(show_header=True, header_style="bold")
+    t.add_column("")
+    t.add_column("latency", justify="right")
+    t.add_column("throughput", justify="right")
+    t.add_row("measured", f"{m['latency_s'] * 1e3:,.3f} ms", f"{m['throughput']:,.1f} {m['unit']}")
+    if report.emulated is not None:
+        e = report.emulated
+        t.add_row("real measured + emulated modeled", f"{e['latency_s'] * 1e3:,.3f} ms",
+                  f"{e['throughput']:,.1f} {e['unit']}")
+    t.add_row("predicted (modeled)", f"{p['latency_s'] * 1e3:,.3f} ms",
+              f"{p['throughput']:,.1f} {p['unit']}")
+    console.print(t)
+    s = Table(title="stages (time per micro-batch)", show_header=True, header_style="bold")
+    for col in ("replica", "stage", "layers", "device", "backend", "time", "figures",
+                "predicted", "send"):
+        s.add_column(col, justify="right" if col in ("time", "predicted", "send") else "left")
+    for st in report.stages:
+        s.add_row(str(st.replica), str(st.stage), f"{st.layers[0]}-{st.layers[1]}",
+                  st.device_type + (f" x{st.tp}" if st.tp > 1 else ""), st.backend,
+                  f"{st.time_s * 1e3:,.3f} ms", st.figures,
+                  f"{st.predicted_time_s * 1e3:,.3f} ms", f"{st.measured_send_s * 1e3:,.3f} ms")
+    console.print(s)
+    for note in report.notes:
+        console.print(f"note: {note}")
+    console.print(f"timeline: {report.trace_file}")

@@ -1,0 +1,80 @@
+"""Rebuilding the model a plan names, with real weights on the host CPU, the same in every
+process (seeded), and making its micro-batches."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kcloud.errors import CaptureError, KCloudError
+from kcloud.graph import loaders, zoo
+from kcloud.graph.layergraph import LayerGraph
+
+
+def load_runnable(
+    spec: str, *, batch: int, seq_len: int | None = None, phase: str | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, tuple[Any, ...]]:
+    """The module and example inputs (leading axis `batch`) of a zoo name or file.py:factory."""
+    if phase == "decode":
+        raise KCloudError("the runtime does not run decode-phase plans yet",
+                          "plan the prefill phase (--phase prefill) to run it")
+    if zoo.is_zoo_model(spec):
+        ph = phase if phase in ("prefill", "forward") else None
+        if ph == "forward" and zoo.model_info(spec).is_llm:
+            ph = None
+        module, inputs = zoo.build(spec, device="cpu", batch=batch, seq_len=seq_len, phase=ph,
+                                   seed=seed)
+        return module.eval(), inputs
+    if spec.lower().endswith(".onnx"):
+        raise KCloudError(f"the runtime cannot run ONNX models ({spec})",
+                          "give a zoo name or path/to/file.py:factory")
+    file_part, colon, factory = spec.rpartition(":")
+    if not (colon and file_part.endswith(".py")):
+        raise CaptureError(f"cannot load '{spec}' to run it",
+                           "give a zoo name or path/to/file.py:factory")
+    path = Path(file_part)
+    fn = loaders._factory(path, factory)
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {}
+    if "batch" in params:
+        kwargs["batch"] = batch
+    if seq_len is not None and "seq_len" in params:
+        kwargs["seq_len"] = seq_len
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module, inputs = loaders._call(fn, f"{path.name}:{factory}", kwargs, on_meta=False)
+    if "batch" not in kwargs:
+        inputs = loaders._with_batch(inputs, batch)
+    return module.eval(), inputs
+
+
+def layer_graph(spec: str, *, batch: int, seq_len: int | None, phase: str | None) -> LayerGraph:
+    """The LayerGraph the cost model prices (the same cut as the runtime's stages)."""
+    ph = phase if phase == "prefill" else None
+    return loaders.load_model_spec(spec, batch=batch, seq_len=seq_len, phase=ph)
+
+
+def micro_batches(example: tuple[Any, ...], n: int, seed: int = 1) -> list[tuple[Any, ...]]:
+    """`n` micro-batches shaped like `example`: floats ~ N(0, 1), integers (token ids) drawn
+    from the example's range; the first is the example itself."""
+    g = torch.Generator().manual_seed(seed)
+    out: list[tuple[Any, ...]] = [tuple(example)]
+    for _ in range(n - 1):
+        mb: list[Any] = []
+        for t in example:
+            if not isinstance(t, torch.Tensor):
+                mb.append(t)
+            elif t.is_floating_point():
+                mb.append(torch.randn(t.shape, generator=g, dtype=t.dtype))
+            elif t.dtype == torch.bool or t.numel() == 0:
+                mb.append(t.clone())
+            else:
+                lo, hi = int(t.min()), int(t.max())
+                mb.append(torch.randint(lo, hi + 1, t.shape, generator=g, dtype=t.dtype))
+        out.append(tuple(mb))
+    return out
