@@ -23,8 +23,12 @@ def run(
     trace: Annotated[Path, typer.Option("--trace", help="Chrome trace file to write")] =
         Path("kcloud-trace.json"),
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray", help="Run the workers as Ray actors: 'local' (a Ray instance on this host) "
+        "or a cluster address; nodes declare resources kcloud/<device-type>")] = None,
 ) -> None:
-    """Run a plan: one worker process per stage, micro-batches streamed through (measured)."""
+    """Run a plan: one worker per device of each stage (tensor-parallel stages sharded over
+    their group), micro-batches streamed through (measured)."""
     from kcloud.planner.plan import Plan
     from kcloud.runtime.executor import execute
 
@@ -34,7 +38,8 @@ def run(
         raise KCloudError(f"--batches must be a positive integer, got {batches}",
                           "pass --batches 1 or more")
     plan = Plan.load(plan_file)
-    report = execute(plan, mode=mode, n_micro=batches, trace_path=trace)
+    report = execute(plan, mode=mode, n_micro=batches, trace_path=trace,
+                     ray_address=ray_address)
     if as_json:
         emit_json(report.to_dict())
         return
@@ -61,7 +66,8 @@ def run(
         s.add_column(col, justify="right" if col in ("time", "predicted", "send") else "left")
     for st in report.stages:
         s.add_row(str(st.replica), str(st.stage), f"{st.layers[0]}-{st.layers[1]}",
-                  st.device_type + (f" x{st.tp}" if st.tp > 1 else ""), st.backend,
+                  st.device_type + (f" x{st.tp}" + ("" if st.sharded else " (whole)")
+                                    if st.tp > 1 else ""), st.backend,
                   f"{st.time_s * 1e3:,.3f} ms", st.figures,
                   f"{st.predicted_time_s * 1e3:,.3f} ms", f"{st.measured_send_s * 1e3:,.3f} ms")
     console.print(s)

@@ -1,13 +1,15 @@
 """Executing a Plan with worker processes over torch.distributed (gloo, 127.0.0.1).
 
-One worker per stage of each replica, one thread each. Micro-batches stream through each
-replica's pipeline: a worker receives a micro-batch's tuple from the stage before, runs its
-stage, and sends its tuple on (a header of kinds, dtypes and shapes first, then the tensors).
-Data-parallel replicas take consecutive slices of the batch. The driver checks the outputs
-against the single-process model, and reports measured times per stage and a timeline.
+One worker per device of each stage of each replica, one thread each. Micro-batches stream
+through each replica's pipeline: the first worker of a stage's group receives a micro-batch's
+tuple from the stage before (a header of kinds, dtypes and shapes first, then the tensors),
+broadcasts it to its tensor-parallel peers, every worker runs its shard of the stage (the row
+Linears all-reduce over the group), and the first worker sends the tuple on. Data-parallel
+replicas take consecutive slices of the batch. The driver checks the outputs against the
+single-process model, and reports measured times per stage and a timeline.
 
-A stage with tensor-parallel degree > 1 runs whole on the first device of its group: sharding
-is not executed yet (the report says so).
+Workers are processes on this host (`execute`), or Ray actors placed on the nodes that declare
+the plan's device types (`execute(..., ray_address=...)`); both run `run_worker`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ from kcloud.planner.plan import Plan
 from kcloud.runtime import backends
 from kcloud.runtime.model import layer_graph, load_runnable, micro_batches
 from kcloud.runtime.split import flat_tensors, split_model
+from kcloud.runtime.tensor_parallel import (
+    CollectiveError,
+    RowParallelLinear,
+    ShardError,
+    ShardLayout,
+    apply_layout,
+    check_degree,
+    find_layout,
+    shard_state,
+    stage_groups,
+)
 from kcloud.runtime.trace import write_trace
 
 FP32_TOLERANCE = 1e-4
@@ -89,6 +102,44 @@ def recv_tuple(src: int) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def broadcast_tuple(values: tuple[Any, ...] | None, src: int, group: Any) -> tuple[Any, ...]:
+    """`values` of rank `src` on every rank of `group` (the others pass None)."""
+    if values is not None:
+        header: list[int] = [len(values)]
+        payload: list[torch.Tensor] = []
+        for v in values:
+            if isinstance(v, torch.Tensor) and v.dtype in _DTYPE_CODE:
+                t = v.detach().to("cpu").contiguous()
+                header += [_TENSOR, _DTYPE_CODE[t.dtype], t.dim(), *t.shape]
+            else:
+                t = torch.frombuffer(bytearray(pickle.dumps(v)), dtype=torch.uint8)
+                header += [_OBJECT, _DTYPE_CODE[torch.uint8], 1, t.numel()]
+            payload.append(t)
+        h = torch.tensor(header, dtype=torch.int64)
+        dist.broadcast(torch.tensor([h.numel()], dtype=torch.int64), src, group=group)
+        dist.broadcast(h, src, group=group)
+        for t in payload:
+            if t.numel():
+                dist.broadcast(t, src, group=group)
+        return tuple(values)
+    n = torch.empty(1, dtype=torch.int64)
+    dist.broadcast(n, src, group=group)
+    h = torch.empty(int(n.item()), dtype=torch.int64)
+    dist.broadcast(h, src, group=group)
+    header = h.tolist()
+    out: list[Any] = []
+    i = 1
+    for _ in range(header[0]):
+        kind, code, ndim = header[i], header[i + 1], header[i + 2]
+        shape = header[i + 3 : i + 3 + ndim]
+        i += 3 + ndim
+        t = torch.empty(shape, dtype=_DTYPES[code])
+        if t.numel():
+            dist.broadcast(t, src, group=group)
+        out.append(t if kind == _TENSOR else pickle.loads(t.numpy().tobytes()))
+    return tuple(out)
+
+
 def _to_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -119,13 +170,26 @@ class WorkerSpec:
     phase: str | None
     bounds: tuple[tuple[int, int], ...]
     n_micro: int
-    prev: int | None  # rank of the stage before (None: first stage)
-    next: int | None  # rank of the stage after (None: last stage)
+    prev: int | None  # first rank of the stage before (None: first stage)
+    next: int | None  # first rank of the stage after (None: last stage)
     comm_timeout_s: float
+    group: tuple[int, ...] = ()  # ranks of this stage's tensor-parallel group (first leads)
+    tp_groups: tuple[tuple[int, ...], ...] = ()  # every group of more than one rank, in order
+    layout: ShardLayout | None = None  # how this stage is sharded over `group`
+    master_addr: str = "127.0.0.1"
 
     @property
     def label(self) -> str:
         return f"stage {self.stage} of replica {self.replica} on {self.device}"
+
+    @property
+    def tp_rank(self) -> int:
+        return self.group.index(self.rank) if self.group else 0
+
+    @property
+    def leads(self) -> bool:
+        """The first worker of its group: receives, sends and returns the outputs."""
+        return self.tp_rank == 0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -135,23 +199,42 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _worker(spec: WorkerSpec, state: str, inputs: str | None, results: Any) -> None:
+# A worker's result: ("done", rank, outputs (bytes) or None, events) or
+# ("error", rank, "where: what", caused by communication).
+WorkerResult = tuple[Any, ...]
+
+
+def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerResult:
+    """The body of every worker (a process here or a Ray actor): build its stage (its shard
+    of it), join the process group, stream the micro-batches. Never raises."""
     torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(spec.port)
     step = "setup"
     try:
         module, example = load_runnable(spec.model, batch=spec.micro_batch,
                                         seq_len=spec.seq_len, phase=spec.phase)
         stage = split_model(module, example, spec.bounds).stages[spec.stage]
         del module
-        stage.load_state_dict(_from_bytes(Path(state).read_bytes()))
+        ar_log: list[tuple[int, int]] = []
+        group: Any = None
+        if spec.layout is not None:
+            apply_layout(stage.sub, spec.layout, None, ar_log)  # the group is set below
+        stage.load_state_dict(_from_bytes(state))
         dev = torch.device(spec.torch_device)
         stage.to(dev)
-        feed = _from_bytes(Path(inputs).read_bytes()) if inputs is not None else None
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{spec.port}",
-                                rank=spec.rank, world_size=spec.world,
-                                timeout=timedelta(seconds=spec.comm_timeout_s))
+        feed = _from_bytes(inputs) if inputs is not None else None
+        timeout = timedelta(seconds=spec.comm_timeout_s)
+        dist.init_process_group("gloo", init_method=f"tcp://{spec.master_addr}:{spec.port}",
+                                rank=spec.rank, world_size=spec.world, timeout=timeout)
+        for ranks in spec.tp_groups:  # every rank creates every group, in the same order
+            pg = dist.new_group(list(ranks), timeout=timeout, backend="gloo")
+            if spec.rank in ranks:
+                group = pg
+        if spec.layout is not None:
+            for mod in stage.modules():
+                if isinstance(mod, RowParallelLinear):
+                    mod.group = group
+        tp = len(spec.group) if spec.group else 1
+        src = spec.group[0] if spec.group else spec.rank
         dist.barrier()
         events: list[tuple[str, int, int, int]] = []  # (action, micro-batch, start, end) ns
         outputs: list[Any] = []
@@ -164,15 +247,21 @@ def _worker(spec: WorkerSpec, state: str, inputs: str | None, results: Any) -> N
                 else:
                     step = f"receive of micro-batch {m}"
                     t0 = clock()
-                    x = recv_tuple(spec.prev)
+                    got = recv_tuple(spec.prev) if spec.leads else None
+                    x = broadcast_tuple(got, src, group) if tp > 1 else got
+                    assert x is not None
                     events.append(("R", m, t0, clock()))
                 step = f"micro-batch {m}"
                 t0 = clock()
+                ar_log.clear()
                 x = tuple(v.to(dev) if isinstance(v, torch.Tensor) else v for v in x)
                 y = stage(*x)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 events.append(("F", m, t0, clock()))
+                events.extend(("AR", m, a, b) for a, b in ar_log)
+                if not spec.leads:
+                    continue
                 if spec.next is not None:
                     step = f"send of micro-batch {m}"
                     t0 = clock()
@@ -181,14 +270,28 @@ def _worker(spec: WorkerSpec, state: str, inputs: str | None, results: Any) -> N
                 else:
                     outputs.append(_detach(y[0]))
         step = "finish"
-        results.put(("done", spec.rank, _to_bytes(outputs) if spec.next is None else None,
-                     events))
+        last = spec.next is None and spec.leads
+        result: WorkerResult = ("done", spec.rank, _to_bytes(outputs) if last else None, events)
         dist.barrier()
         dist.destroy_process_group()
+        return result
     except BaseException as exc:  # reported to the driver, which stops the run
         comm = step.startswith(("receive", "send", "finish")) or isinstance(
-            exc, dist.DistBackendError)
-        results.put(("error", spec.rank, f"{step}: {_one_line(exc)}", comm))
+            exc, (dist.DistBackendError, CollectiveError))
+        return ("error", spec.rank, f"{step}: {_one_line(exc)}", comm)
+
+
+def _worker(spec: WorkerSpec, state: str, inputs: str | None, results: Any) -> None:
+    """A worker process: weights and inputs from files, its result to the driver's queue."""
+    os.environ["MASTER_ADDR"] = spec.master_addr
+    os.environ["MASTER_PORT"] = str(spec.port)
+    try:
+        res = run_worker(spec, Path(state).read_bytes(),
+                         Path(inputs).read_bytes() if inputs is not None else None)
+    except BaseException as exc:
+        res = ("error", spec.rank, f"setup: {_one_line(exc)}", False)
+    results.put(res)
+    if res[0] == "error":
         results.close()
         results.join_thread()
         sys.exit(1)
@@ -223,6 +326,8 @@ class StageReport:
     predicted_time_s: float  # the plan's (modeled)
     tp: int
     note: str = ""
+    measured_allreduce_s: float = 0.0  # all-reduces per micro-batch (inside the compute)
+    sharded: bool = False  # tensor-parallel sharding executed over the group
 
     @property
     def time_s(self) -> float:
@@ -239,7 +344,8 @@ class StageReport:
             "measured_compute_s": self.measured_compute_s,
             "measured_recv_s": self.measured_recv_s, "measured_send_s": self.measured_send_s,
             "modeled_time_s": self.modeled_time_s, "predicted_time_s": self.predicted_time_s,
-            "tp": self.tp, "note": self.note,
+            "tp": self.tp, "sharded": self.sharded,
+            "measured_allreduce_s": self.measured_allreduce_s, "note": self.note,
         }
 
 
@@ -259,6 +365,8 @@ class RunReport:
     emulated: dict[str, Any] | None = None  # real stages measured + emulated stages modeled
     notes: list[str] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list, repr=False)
+    schedule: dict[str, list[str]] = field(default_factory=dict)  # device -> actions run
+    executor: str = "processes"  # "processes" | "ray"
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -267,7 +375,7 @@ class RunReport:
             "max_abs_error": self.max_abs_error, "reference_ok": self.reference_ok,
             "measured": self.measured, "predicted": self.predicted,
             "trace_file": self.trace_file, "stages": [s.to_dict() for s in self.stages],
-            "notes": self.notes,
+            "notes": self.notes, "schedule": self.schedule, "executor": self.executor,
         }
         if self.emulated is not None:
             d["emulated"] = self.emulated
@@ -295,8 +403,10 @@ def execute(
     trace_path: str | os.PathLike[str] | None = "kcloud-trace.json",
     timeout_s: float = 600.0,
     comm_timeout_s: float = 60.0,
+    ray_address: str | None = None,
 ) -> RunReport:
-    """Run `plan` with one worker process per stage; check against the single-process model."""
+    """Run `plan` with one worker per device of each stage; check against the single-process
+    model. `ray_address` ("local", "auto" or host:port) runs the workers as Ray actors."""
     if mode not in backends.MODES:
         raise KCloudError(f"unknown mode '{mode}'", "use --mode real or --mode emulated")
     n = n_micro if n_micro is not None else max(1, plan.batch // plan.micro_batch)
@@ -308,13 +418,15 @@ def execute(
     module, example = load_runnable(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
                                     phase=plan.phase)
     feeds = micro_batches(example, n * len(plan.replicas))
-    specs: list[WorkerSpec] = []
-    states: list[bytes] = []
-    inputs: list[bytes | None] = []
     notes: list[str] = []
-    port = _free_port()
-    world = sum(len(r.stages) for r in plan.replicas)
-    rank = 0
+    graph = None
+    if any(s.tp > 1 or mode == "emulated" for r in plan.replicas for s in r.stages):
+        graph = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
+                            phase=plan.phase)
+
+    # Stages, their tensor-parallel layouts (errors before any worker starts).
+    splits = []
+    layouts: dict[tuple[int, int], ShardLayout | None] = {}
     for ri, rep in enumerate(plan.replicas):
         bounds = tuple((s.start, s.end) for s in rep.stages)
         split = split_model(module, example, bounds)
@@ -322,43 +434,93 @@ def execute(
             raise KCloudError(
                 f"{plan.model} has {split.n_layers} layers here but the plan has "
                 f"{plan.n_layers}", "re-create the plan for this model with `kcloud plan`")
+        splits.append(split)
+        stage_in = None
         for si, st in enumerate(rep.stages):
-            be = backends.choose(st.device_type, mode, st.devices[0])
+            if st.tp == 1:
+                continue
+            assert graph is not None
+            groups = stage_groups(graph, st.start, st.end)
+            check_degree(groups, st.tp, f"stage {si} of replica {ri}")
+            if not groups:
+                layouts[ri, si] = None
+                notes.append(f"stage {si} of replica {ri} holds nothing the runtime shards "
+                             f"(convolutions, embeddings and heads run whole): it ran whole on "
+                             f"{st.devices[0]}")
+                continue
+            if stage_in is None:
+                stage_in = split.stage_inputs(*example)
+            sub = split.stages[si]
+            try:
+                layouts[ri, si] = find_layout(sub.sub, sub.sub_args(*stage_in[si]), groups,
+                                              st.tp)
+            except ShardError as exc:
+                layouts[ri, si] = None
+                notes.append(f"stage {si} of replica {ri} cannot be sharded ({exc}): it ran "
+                             f"whole on {st.devices[0]}")
+
+    # One worker per device of a sharded stage, one per other stage.
+    specs: list[WorkerSpec] = []
+    states: list[bytes] = []
+    inputs: list[bytes | None] = []
+    plan_groups: list[list[int]] = []  # ranks of each stage, in plan order
+    rank = 0
+    for ri, rep in enumerate(plan.replicas):
+        for si, st in enumerate(rep.stages):
+            width = st.tp if layouts.get((ri, si)) is not None else 1
+            plan_groups.append(list(range(rank, rank + width)))
+            rank += width
+    world = rank
+    tp_groups = tuple(tuple(g) for g in plan_groups if len(g) > 1)
+    port = _free_port()
+    k = 0
+    for ri, rep in enumerate(plan.replicas):
+        bounds = tuple((s.start, s.end) for s in rep.stages)
+        for si, st in enumerate(rep.stages):
+            ranks = plan_groups[k]
+            layout = layouts.get((ri, si))
+            full = splits[ri].stages[si].state_dict()
             last = si == len(rep.stages) - 1
-            specs.append(WorkerSpec(
-                rank=rank, world=world, port=port, replica=ri, stage=si, device=st.devices[0],
-                device_type=st.device_type, backend=be.name, torch_device=be.torch_device,
-                model=plan.model, micro_batch=plan.micro_batch, seq_len=plan.seq_len,
-                phase=plan.phase, bounds=bounds, n_micro=n,
-                prev=None if si == 0 else rank - 1, next=None if last else rank + 1,
-                comm_timeout_s=comm_timeout_s,
-            ))
-            states.append(_to_bytes(split.stages[si].state_dict()))
-            inputs.append(_to_bytes(feeds[ri * n:(ri + 1) * n]) if si == 0 else None)
-            rank += 1
-    if any(s.tp > 1 for r in plan.replicas for s in r.stages):
-        notes.append("tensor-parallel stages ran whole on the first device of their group; "
-                     "tensor-parallel sharding is not executed yet")
+            for ti, r in enumerate(ranks):
+                slot = st.devices[ti]
+                be = backends.choose(st.device_type, mode, slot)
+                specs.append(WorkerSpec(
+                    rank=r, world=world, port=port, replica=ri, stage=si, device=slot,
+                    device_type=st.device_type, backend=be.name, torch_device=be.torch_device,
+                    model=plan.model, micro_batch=plan.micro_batch, seq_len=plan.seq_len,
+                    phase=plan.phase, bounds=bounds, n_micro=n,
+                    prev=None if si == 0 else plan_groups[k - 1][0],
+                    next=None if last else plan_groups[k + 1][0],
+                    comm_timeout_s=comm_timeout_s, group=tuple(ranks), tp_groups=tp_groups,
+                    layout=layout,
+                ))
+                states.append(_to_bytes(full if layout is None else
+                                        shard_state(full, layout, ti)))
+                inputs.append(_to_bytes(feeds[ri * n:(ri + 1) * n]) if si == 0 else None)
+            k += 1
 
     # The cost model's times of emulated stages (before starting workers: errors come early).
     modeled: dict[int, float] = {}
-    graph = None
     for sp in specs:
-        if sp.backend == "emulated":
+        if sp.backend == "emulated" and sp.leads:
             st = plan.replicas[sp.replica].stages[sp.stage]
-            if graph is None:
-                graph = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
-                                    phase=plan.phase)
             modeled[sp.rank] = _modeled_stage_time(graph, st.device_type, st.precision,
                                                    plan.micro_batch, st.start, st.end, st.tp)
 
-    results = _run_workers(specs, states, inputs, timeout_s)
+    if ray_address is not None:
+        from kcloud.runtime.ray_executor import run_on_ray
+
+        results = run_on_ray(specs, states, inputs, timeout_s, ray_address)
+    else:
+        results = _run_workers(specs, states, inputs, timeout_s)
 
     # Reference: the whole model in this process, micro-batch by micro-batch.
     outputs: list[Any] = []
     for ri, _ in enumerate(plan.replicas):
-        last_rank = max(s.rank for s in specs if s.replica == ri)
-        data = results[last_rank][0]
+        last_stage = len(plan.replicas[ri].stages) - 1
+        lead = next(s.rank for s in specs if s.replica == ri and s.stage == last_stage
+                    and s.leads)
+        data = results[lead][0]
         assert data is not None
         outputs.extend(_from_bytes(data))
     err = 0.0
@@ -375,11 +537,15 @@ def execute(
     if modeled:
         notes.append("emulated stages computed in fp32 on the host CPU; their times (at the "
                      "plan's precision) are modeled")
+    if any(lay is not None for lay in layouts.values()):
+        notes.append("tensor-parallel stages: MLP and attention-head Linears sharded over "
+                     "their group; norms, embeddings, convolutions and heads run replicated "
+                     "on every device of the group")
     timeline = {s.rank: results[s.rank][1] for s in specs}
     measured = _measured(plan, specs, timeline, n)
     trace_file = None
     if trace_path is not None:
-        trace_file = str(write_trace(trace_path, specs, timeline, stages))
+        trace_file = str(write_trace(trace_path, specs, timeline, modeled))
     unit = measured["unit"]
     pred = plan.predicted
     report = RunReport(
@@ -389,10 +555,20 @@ def execute(
         predicted={"latency_s": pred.latency_s, "throughput": pred.throughput,
                    "unit": pred.unit, "figures": "modeled"},
         stages=stages, trace_file=trace_file, notes=notes, outputs=outputs,
+        schedule={s.device: _actions(timeline[s.rank]) for s in specs},
+        executor="ray" if ray_address is not None else "processes",
     )
     if any(s.figures == "modeled" for s in stages):
         report.emulated = _emulated_figures(plan, stages, unit)
     return report
+
+
+def _actions(events: list[tuple[str, int, int, int]]) -> list[str]:
+    """A worker's actions in the order it ran them, written as `Plan.schedule` writes them:
+    `R<m>`, `F<m>` (`F<m>+AR` when its stage all-reduced over the group), `S<m>`."""
+    reduced = {m for a, m, _, _ in events if a == "AR"}
+    return [f"{a}{m}" + ("+AR" if a == "F" and m in reduced else "")
+            for a, m, _, _ in events if a != "AR"]
 
 
 def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes | None],
@@ -411,7 +587,8 @@ def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[byte
             xp.write_bytes(x)
         args.append((s, str(sp), None if xp is None else str(xp), results))
     procs = [ctx.Process(target=_worker, args=a, daemon=True,
-                         name=f"kcloud-stage-r{a[0].replica}s{a[0].stage}") for a in args]
+                         name=f"kcloud-stage-r{a[0].replica}s{a[0].stage}t{a[0].tp_rank}")
+             for a in args]
     done: dict[int, tuple[bytes | None, list[Any]]] = {}
     errors: list[tuple[int, str, bool]] = []
     failed_at: float | None = None
@@ -441,7 +618,9 @@ def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[byte
                 raise KCloudError(f"the run did not finish within {timeout_s:.0f} s",
                                   "run fewer micro-batches (--batches) or check the stages")
         if len(done) < len(specs):
-            raise _failure(specs, procs, errors, done)
+            died = {s.rank: f"exit code {p.exitcode}" for s, p in zip(specs, procs, strict=True)
+                    if p.exitcode not in (None, 0)}
+            raise failure(specs, errors, done, died)
         return done
     finally:
         _reap(procs)
@@ -450,10 +629,10 @@ def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[byte
         tmp.cleanup()
 
 
-def _failure(specs: list[WorkerSpec], procs: list[Any], errors: list[tuple[int, str, bool]],
-             done: dict[int, Any]) -> KCloudError:
-    # A stage's own failure first, then a stage that died, then the communication errors
-    # a failure causes in its peers.
+def failure(specs: list[WorkerSpec], errors: list[tuple[int, str, bool]],
+            done: dict[int, Any], died: dict[int, str]) -> KCloudError:
+    """The one-line error of a failed run: a stage's own failure first, then a worker that
+    died (`died`: rank -> how), then the communication errors a failure causes in its peers."""
     own = [e for e in errors if not e[2]]
     if own:
         r, text, _ = own[0]
@@ -461,10 +640,10 @@ def _failure(specs: list[WorkerSpec], procs: list[Any], errors: list[tuple[int, 
         return KCloudError(f"{s.label} ({s.device_type}, {s.backend}) failed in {text}",
                            "fix the model or the plan and run again")
     reported = {e[0] for e in errors}
-    for s, p in zip(specs, procs, strict=True):
-        if p.exitcode not in (None, 0) and s.rank not in done and s.rank not in reported:
-            return KCloudError(f"{s.label} ({s.device_type}, {s.backend}) died with exit "
-                               f"code {p.exitcode}", "check the stage's memory and the model")
+    for s in specs:
+        if s.rank in died and s.rank not in done and s.rank not in reported:
+            return KCloudError(f"{s.label} ({s.device_type}, {s.backend}) died with "
+                               f"{died[s.rank]}", "check the stage's memory and the model")
     if errors:
         r, text, _ = errors[0]
         s = specs[r]
@@ -494,10 +673,10 @@ def _measured(plan: Plan, specs: list[WorkerSpec], timeline: dict[int, list[Any]
     lat: list[float] = []
     starts: list[int] = []
     ends: list[int] = []
-    for ri, _ in enumerate(plan.replicas):
-        ranks = sorted(s.rank for s in specs if s.replica == ri)
-        first = {m: t0 for a, m, t0, _ in timeline[ranks[0]] if a == "F"}
-        last = {m: t1 for a, m, _, t1 in timeline[ranks[-1]] if a == "F"}
+    for ri, rep in enumerate(plan.replicas):
+        leads = {s.stage: s.rank for s in specs if s.replica == ri and s.leads}
+        first = {m: t0 for a, m, t0, _ in timeline[leads[0]] if a == "F"}
+        last = {m: t1 for a, m, _, t1 in timeline[leads[len(rep.stages) - 1]] if a == "F"}
         for m in range(n):
             lat.append((last[m] - first[m]) / 1e9)
             starts.append(first[m])
@@ -514,23 +693,37 @@ def _measured(plan: Plan, specs: list[WorkerSpec], timeline: dict[int, list[Any]
 
 def _stage_reports(plan: Plan, specs: list[WorkerSpec], results: dict[int, Any],
                    modeled: dict[int, float]) -> list[StageReport]:
+    """One report per stage, from the worker that leads its group."""
     out: list[StageReport] = []
     for s in specs:
+        if not s.leads:
+            continue
         st = plan.replicas[s.replica].stages[s.stage]
         ev = results[s.rank][1]
 
         def med(action: str, ev: list[Any] = ev) -> float:
             return _median([(t1 - t0) / 1e9 for a, _, t0, t1 in ev if a == action])
 
+        def per_micro(action: str, ev: list[Any] = ev) -> float:
+            tot: dict[int, float] = {}
+            for a, m, t0, t1 in ev:
+                if a == action:
+                    tot[m] = tot.get(m, 0.0) + (t1 - t0) / 1e9
+            return _median(list(tot.values()))
+
         mt = modeled.get(s.rank)
-        note = "tensor-parallel sharding not executed; ran whole on " + st.devices[0] \
-            if st.tp > 1 else ""
+        sharded = s.layout is not None
+        note = ""
+        if st.tp > 1:
+            note = (f"sharded over {len(s.group)} workers" if sharded
+                    else f"tensor-parallel sharding not executed; ran whole on {st.devices[0]}")
         out.append(StageReport(
             replica=s.replica, stage=s.stage, layers=(st.start, st.end),
             device_type=st.device_type, devices=st.devices, backend=s.backend,
             figures="modeled" if mt is not None else "measured",
             measured_compute_s=med("F"), measured_recv_s=med("R"), measured_send_s=med("S"),
             modeled_time_s=mt, predicted_time_s=st.time_s, tp=st.tp, note=note,
+            measured_allreduce_s=per_micro("AR"), sharded=sharded,
         ))
     return out
 

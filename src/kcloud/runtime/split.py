@@ -41,6 +41,16 @@ class SplitModel:
             x = st(*x)
         return x[0]
 
+    def stage_inputs(self, *inputs: Any) -> list[tuple[Any, ...]]:
+        """The tuple each stage receives when the model runs on `inputs`."""
+        out: list[tuple[Any, ...]] = []
+        x: tuple[Any, ...] = tuple(inputs)
+        with torch.no_grad():
+            for st in self.stages:
+                out.append(x)
+                x = st(*x)
+        return out
+
 
 def n_layers(module: nn.Module, example_inputs: tuple[Any, ...]) -> int:
     """How many layers the runtime's cut (and the LayerGraph) has for this module."""
@@ -177,9 +187,13 @@ class _ChainStage(nn.Module):
             self._template = output.args[0]
             self._names = names
 
+    def sub_args(self, *carried: Any) -> tuple[Any, ...]:
+        """The arguments the split submodule `sub` is called with."""
+        return tuple(carried[i] if how == "in" else getattr(self, i)  # type: ignore[index]
+                     for how, i in self._args)
+
     def forward(self, *carried: Any) -> tuple[Any, ...]:
-        res = self.sub(*(carried[i] if how == "in" else getattr(self, i)  # type: ignore[index]
-                         for how, i in self._args))
+        res = self.sub(*self.sub_args(*carried))
         vals = []
         for how, i in self._out:
             if how == "in":

@@ -1,0 +1,44 @@
+"""One call from (model, cluster, goal) to a Plan, with what the search found on the way."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from kcloud.hardware.cluster import Cluster, load_cluster
+from kcloud.hardware.cost import Calibration
+from kcloud.hardware.device import Device
+from kcloud.planner.assign import build_plan
+from kcloud.planner.goal import Goal
+from kcloud.planner.model import ModelGraphs, load_model
+from kcloud.planner.plan import Plan
+from kcloud.planner.search import SearchResult, search
+
+
+@dataclass
+class Outcome:
+    plan: Plan
+    result: SearchResult | None  # None for the baselines that do not search
+    search_time_s: float  # measured wall time of the search and placement
+
+
+def resolve(model: str | ModelGraphs, cluster: str | Cluster,
+            goal: Goal) -> tuple[ModelGraphs, Cluster]:
+    m = model if isinstance(model, ModelGraphs) else load_model(model, goal)
+    c = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
+    return m, c
+
+
+def make_plan(model: str | ModelGraphs, cluster: str | Cluster, goal: Goal, *,
+              allow: Callable[[Device], bool] | None = None,
+              micro_batches: Iterable[int] | None = None,
+              calibration: Calibration | None = None) -> Outcome:
+    """Plan `model` on `cluster` for `goal`. Raises InfeasibleGoal (a KCloudError) when no plan
+    in the plan space meets the goal, naming the nearest feasible point."""
+    m, c = resolve(model, cluster, goal)
+    t0 = time.perf_counter()
+    result = search(m, c, goal, allow=allow, micro_batches=micro_batches,
+                    calibration=calibration)
+    plan = build_plan(result.ctx, result.mix)
+    return Outcome(plan, result, time.perf_counter() - t0)

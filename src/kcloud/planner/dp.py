@@ -1,0 +1,353 @@
+"""The pipeline dynamic program: the cheapest chain of stages over a graph's layers.
+
+State between stages: (the next layer i, the previous stage's device type t, how many devices
+of t the current node already holds for this pipeline, u). A stage of option (type t', tp k)
+over layers [i, j) either continues the node (t' == t and u + k fits the node: the cut moves
+over the node link and the state becomes (j, t, u + k)) or starts on a fresh node (the cut
+moves over the network, the state becomes (j, t', k); for t' == t only where t has a second
+node). Every pipeline the DP returns can therefore be placed as it was costed: co-located
+stages really share a node.
+
+Costs are additive. One call solves a batch of K problems at once (different period caps and
+weights over the same options), which is how the search sweeps caps and multipliers: for
+problem k, a stage of option o over [i, j) costs
+
+    base[o, i, j] + lat[k] * time[o, i, j] + per_option[k, o]      if time[o, i, j] <= cap[k]
+
+(infinite otherwise, and where `base` is infinite: the stage does not fit), and a transfer of
+cut i from type t over link kind x costs lat[k] * trans[t, x, i] if that time is <= cap[k].
+The recursion runs backward over i, vectorized with numpy over the batch, the stage's end j,
+the run state and the tracked resources.
+
+Device availability (per type) and a device budget are resources, enforced lazily and exactly:
+the DP first runs without tracking them; problems whose best chain uses more of some resource
+than there is run again with that resource's usage in the state (repeat until every chain
+respects every limit). On large clusters nothing binds and the state stays small; on small
+clusters the tracked counts are small. Should the tracked state exceed `MAX_TRACKED_STATES`
+counters (a pipeline wanting hundreds of devices of one type on a big cluster), the broken
+limits are priced instead: each device of the resource costs a multiplier mu, swept over a
+geometric range, and the cheapest chain that respects every limit is kept. That answer always
+respects the limits; it is optimal among the chains some mu reaches (a Lagrangian bound).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kcloud.planner.space import INTRA, NET, StageSpace
+
+MAX_TRACKED_STATES = 40
+PRICE_STEPS = 12
+
+
+@dataclass(frozen=True)
+class Path:
+    """A pipeline: stages (option, first layer, end layer) and the link kind (INTRA or NET)
+    into each stage after the first."""
+
+    stages: tuple[tuple[int, int, int], ...]
+    links: tuple[int, ...]
+
+    def usage(self, space: StageSpace) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for o, _, _ in self.stages:
+            opt = space.options[o]
+            out[opt.type] = out.get(opt.type, 0) + opt.tp
+        return out
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for one pipeline: devices per type, and devices in total."""
+
+    per_type: tuple[tuple[int, int], ...] = ()  # (type index, devices available)
+    total: int | None = None
+
+    def violated(self, usage: dict[int, int]) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        for t, cap in self.per_type:
+            if usage.get(t, 0) > cap:
+                out.append(("type", t))
+        if self.total is not None and sum(usage.values()) > self.total:
+            out.append(("total", -1))
+        return out
+
+    def cap(self, res: tuple[str, int]) -> int:
+        if res[0] == "total":
+            assert self.total is not None
+            return self.total
+        return dict(self.per_type)[res[1]]
+
+
+@dataclass
+class Batch:
+    """K additive problems over the same options (see the module docstring)."""
+
+    options: list[int]  # indices into space.options
+    base: np.ndarray  # (len(options), L+1, L+1); inf where the stage is not allowed
+    lat: np.ndarray  # (K,)
+    per_option: np.ndarray  # (K, len(options))
+    cap: np.ndarray  # (K,)
+
+    @property
+    def K(self) -> int:
+        return len(self.lat)
+
+    def take(self, ks: np.ndarray) -> Batch:
+        return Batch(self.options, self.base, self.lat[ks], self.per_option[ks], self.cap[ks])
+
+
+def solve(space: StageSpace, batch: Batch, limits: Limits, *, exact: bool = True,
+          price: bool = True) -> list[Path | None]:
+    """The cheapest pipeline of each problem in `batch`, within `limits`.
+
+    With `exact=False` a broken limit is priced at once instead of tracked (faster; see the
+    module docstring), or with `price=False` too, the problem reads as infeasible (right when
+    the first pass already minimized the broken resource).
+    """
+    out: list[Path | None] = [None] * batch.K
+    todo = np.arange(batch.K)
+    tracked: list[tuple[str, int]] = []
+    while len(todo):
+        paths = _dp(space, batch.take(todo), tracked, limits)
+        again: list[int] = []
+        broken: list[Path] = []
+        new: set[tuple[str, int]] = set()
+        for k, p in zip(todo, paths, strict=True):
+            if p is None:
+                continue
+            bad = [r for r in limits.violated(p.usage(space)) if r not in tracked]
+            if bad:
+                again.append(int(k))
+                broken.append(p)
+                new.update(bad)
+            else:
+                out[int(k)] = p
+        if not again:
+            break
+        size = int(np.prod([limits.cap(x) + 1 for x in [*tracked, *new]]))
+        if size > MAX_TRACKED_STATES or not exact:
+            if price:
+                got = _priced(space, batch, again, broken, sorted({*tracked, *new}), limits)
+                for k, p in zip(again, got, strict=True):
+                    out[k] = p
+            break
+        tracked.extend(sorted(new))
+        todo = np.array(again)
+    return out
+
+
+def _priced(space: StageSpace, batch: Batch, ks: list[int], first: list[Path],
+            resources: list[tuple[str, int]], limits: Limits) -> list[Path | None]:
+    """Problems `ks` (whose best chains `first` broke a limit) with every device of the
+    limited `resources` priced at mu, swept geometrically; the cheapest chain within the
+    limits, by the problem's own cost, is kept (see the module docstring)."""
+    opt_type = space.opt_type[batch.options]
+    opt_tp = space.opt_tp[batch.options].astype(float)
+    use = np.zeros(len(batch.options))
+    for r in resources:
+        use += opt_tp if r[0] == "total" else np.where(opt_type == r[1], opt_tp, 0.0)
+    rows, mus = [], []
+    for k, p in zip(ks, first, strict=True):
+        c0 = max(abs(stage_costs(space, batch, k, p)), 1e-30)
+        n_dev = max(1, sum(p.usage(space).values()))
+        for mu in np.geomspace(1e-4, 10.0, PRICE_STEPS) * c0 / n_dev:
+            rows.append(k)
+            mus.append(mu)
+    big = batch.take(np.array(rows))
+    big.per_option = big.per_option + np.array(mus)[:, None] * use[None, :]
+    paths = _dp(space, big, [], limits)
+    out: list[Path | None] = []
+    for k in ks:
+        best, best_c = None, np.inf
+        for row, p in zip(rows, paths, strict=True):
+            if row != k or p is None or limits.violated(p.usage(space)):
+                continue
+            c = stage_costs(space, batch, k, p)
+            if c < best_c:
+                best, best_c = p, c
+        out.append(best)
+    return out
+
+
+def stage_costs(space: StageSpace, batch: Batch, k: int, path: Path) -> float:
+    """Problem k's cost of `path` (what `solve` minimizes), recomputed stage by stage."""
+    pos = {o: n for n, o in enumerate(batch.options)}
+    c = 0.0
+    for o, i, j in path.stages:
+        c += (float(batch.base[pos[o], i, j]) + batch.lat[k] * float(space.time[o, i, j])
+              + float(batch.per_option[k, pos[o]]))
+    for (o, _, j), kind in zip(path.stages, path.links, strict=False):
+        c += batch.lat[k] * float(space.trans[space.options[o].type, kind, j])
+    return c
+
+
+def _dp(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
+        limits: Limits) -> list[Path | None]:
+    with np.errstate(invalid="ignore"):  # 0 x inf where a weight is zero: masked below
+        return _dp_inner(space, batch, tracked, limits)
+
+
+def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
+              limits: Limits) -> list[Path | None]:
+    L, K = space.L, batch.K
+    opts = batch.options
+    n_opt = len(opts)
+    o_type = space.opt_type[opts]
+    o_tp = space.opt_tp[opts]
+    types = sorted({int(t) for t in o_type})
+    n_t = len(types)
+    caps = np.array([space.types[t].node_cap for t in types])
+    U = int(caps.max())
+    # Options on a (type, slot) grid; empty slots point at a dummy row that is never allowed.
+    per_type = [np.flatnonzero(o_type == t) for t in types]
+    M = max(len(x) for x in per_type)
+    grid = np.full((n_t, M), n_opt)
+    for n, x in enumerate(per_type):
+        grid[n, :len(x)] = x
+    g_tp = np.append(o_tp, 1)[grid]  # (T, M)
+    u_vals = np.arange(1, U + 1)
+    state_ok = u_vals[None, :] <= caps[:, None]  # (T, U): states that exist
+    # a stage of tp k leaves its node holding u' with k <= u' <= cap
+    g_ok = (u_vals[None, None, :] >= g_tp[:, :, None]) & state_ok[:, None, :]  # (T, M, U)
+
+    time = np.concatenate([space.time[opts], np.full((1, L + 1, L + 1), np.inf)])
+    base = np.concatenate([batch.base, np.full((1, L + 1, L + 1), np.inf)])
+    per_opt = np.concatenate([batch.per_option, np.full((K, 1), np.inf)], axis=1)
+    lat, cap = batch.lat, batch.cap
+    g_time, g_base, g_per = time[grid], base[grid], per_opt[:, grid]  # (T,M,..), (K,T,M)
+
+    # Tracked resources: flattened counters plus one slot (index R) for "over the limit".
+    dims = [limits.cap(r) + 1 for r in tracked]
+    R = int(np.prod(dims)) if dims else 1
+    shift = np.tile(np.arange(R), (n_opt + 1, 1))
+    if dims:
+        strides = np.cumprod([1, *dims[:-1]]).astype(np.int64)
+        coords = (np.arange(R)[:, None] // strides[None, :]) % np.array(dims)[None, :]
+        for n in range(n_opt):
+            use = np.array([o_tp[n] if (r[0] == "total" or r[1] == o_type[n]) else 0
+                            for r in tracked])
+            new = coords + use[None, :]
+            ok = (new < np.array(dims)[None, :]).all(axis=1)
+            shift[n] = np.where(ok, new @ strides, R)
+    g_shift = shift[grid]  # (T, M, R)
+
+    # Transfer costs per problem into a stage after type t: (K, T, 2, L+1).
+    tr = space.trans[types][None]
+    tcost = np.where(tr <= cap[:, None, None, None], lat[:, None, None, None] * tr, np.inf)
+
+    # Reach: the furthest end any option may take from each start (memory and the largest cap).
+    allowed = np.isfinite(base[:-1]) & (time[:-1] <= cap.max())
+    has = allowed.any(axis=0)
+    reach = np.where(has.any(axis=1), L - np.argmax(has[:, ::-1], axis=1), -1)
+
+    # Continuing a node: state (t, u) with an option of tp k moves to u + k (if it fits).
+    tgt = u_vals[None, :, None] + g_tp[:, None, :]  # (T, U, M)
+    cont_ok = (tgt <= caps[:, None, None]) & state_ok[:, :, None] & (grid[:, None, :] < n_opt)
+    tgt_idx = np.where(cont_ok, tgt - 1, 0)
+    ti = np.arange(n_t)[:, None, None]
+    mi = np.arange(M)[None, None, :]
+    # A fresh node of the previous stage's own type needs a second node of that type.
+    multi = np.array([len(space.types[t].nodes) > 1 for t in types])
+    may_follow = ~np.eye(n_t, dtype=bool) | np.diag(multi)  # [previous type, next type]
+
+    inf = np.inf
+    F = np.full((K, L + 1, n_t, U, R + 1), inf)
+    F[:, L, :, :, :R] = np.where(state_ok, 0.0, inf)[None, :, :, None]
+    arg_j = np.zeros((K, L, n_t, M, U, R), dtype=np.int32)
+    arg_fresh = np.zeros((K, L, n_t, R), dtype=np.int32)  # [.., previous type, ..]
+    arg_cont = np.full((K, L, n_t, U, R), -1, dtype=np.int32)
+    start = np.full((K, R), inf)
+
+    for i in range(L - 1, -1, -1):
+        jhi = int(reach[i])
+        if jhi <= i:
+            continue
+        sl = slice(i + 1, jhi + 1)
+        tau = g_time[:, :, i, sl]  # (T, M, J)
+        C = g_base[None, :, :, i, sl] + lat[:, None, None, None] * tau[None] + g_per[..., None]
+        C = np.where(tau[None] <= cap[:, None, None, None], C, inf)  # (K, T, M, J)
+        Fs = F[:, sl]  # (K, J, T, U, R+1)
+        if dims:
+            sh = Fs[:, :, ti[..., None], np.arange(U)[None, None, :, None],
+                    g_shift[:, :, None, :]]  # (K, J, T, M, U, R)
+            tot = C.transpose(0, 3, 1, 2)[..., None, None] + sh
+            a = np.argmin(tot, axis=1)  # (K, T, M, U, R)
+            v = np.take_along_axis(tot, a[:, None], axis=1)[:, 0]
+        else:
+            tot = C[..., None] + Fs[..., 0].transpose(0, 2, 1, 3)[:, :, None]  # (K,T,M,J,U)
+            a = np.argmin(tot, axis=3)  # (K, T, M, U)
+            v = np.take_along_axis(tot, a[:, :, :, None], axis=3)[:, :, :, 0]
+            v, a = v[..., None], a[..., None]
+        G = np.where(g_ok[None, :, :, :, None], v, inf)  # (K, T, M, U, R)
+        arg_j[:, i] = a + i + 1
+        # A stage on a fresh node, leaving u' = k: any option after no stage or another
+        # type; after a stage of type t only where t has another node.
+        fresh = G[:, np.arange(n_t)[:, None], np.arange(M)[None, :], g_tp - 1]  # (K,T,M,R)
+        fm = np.argmin(fresh, axis=2)  # (K, T, R): best option per type
+        fv = np.take_along_axis(fresh, fm[:, :, None, :], axis=2)[:, :, 0]  # (K, T, R)
+        if i == 0:
+            ft = np.argmin(fv, axis=1)  # (K, R)
+            start = np.take_along_axis(fv, ft[:, None, :], axis=1)[:, 0]
+            arg_fresh[:, i, 0] = ft * M + np.take_along_axis(fm, ft[:, None, :], axis=1)[:, 0]
+            break
+        pv = np.where(may_follow[None, :, :, None], fv[:, None, :, :], inf)  # (K,Tp,T,R)
+        pt = np.argmin(pv, axis=2)  # (K, Tp, R)
+        fbest = np.take_along_axis(pv, pt[:, :, None, :], axis=2)[:, :, 0]  # (K, Tp, R)
+        arg_fresh[:, i] = pt * M + np.take_along_axis(fm, pt, axis=1)
+        net = fbest + tcost[:, :, NET, i][:, :, None]  # (K, T, R)
+        cand = G[:, ti, mi, tgt_idx]  # (K, T, U, M, R)
+        cand = np.where(cont_ok[None, ..., None], cand, inf) \
+            + tcost[:, :, INTRA, i][:, :, None, None, None]
+        cm = np.argmin(cand, axis=3)  # (K, T, U, R)
+        cv = np.take_along_axis(cand, cm[:, :, :, None], axis=3)[:, :, :, 0]
+        use = cv < net[:, :, None, :]
+        F[:, i, :, :, :R] = np.where(state_ok[None, :, :, None],
+                                     np.where(use, cv, net[:, :, None, :]), inf)
+        arg_cont[:, i] = np.where(use, cm, -1)
+
+    out: list[Path | None] = []
+    for k in range(K):
+        if not np.isfinite(start[k, 0]):
+            out.append(None)
+            continue
+        stages: list[tuple[int, int, int]] = []
+        links: list[int] = []
+        i, r = 0, 0
+        t, m = divmod(int(arg_fresh[k, 0, 0, r]), M)
+        u = int(g_tp[t, m])
+        while True:
+            j = int(arg_j[k, i, t, m, u - 1, r])
+            n = int(grid[t, m])
+            stages.append((opts[n], i, j))
+            r = int(g_shift[t, m, r]) if dims else 0
+            if j == L:
+                break
+            i = j
+            c = int(arg_cont[k, i, t, u - 1, r])
+            if c >= 0:
+                m, u = c, u + int(g_tp[t, c])
+                links.append(INTRA)
+            else:
+                t, m = divmod(int(arg_fresh[k, i, t, r]), M)
+                u = int(g_tp[t, m])
+                links.append(NET)
+        out.append(Path(tuple(stages), tuple(links)))
+    return out
+
+
+def make_batch(space: StageSpace, options: Sequence[int], base: np.ndarray,
+               lat: np.ndarray | float, per_option: np.ndarray | None,
+               cap: np.ndarray | float) -> Batch:
+    """A Batch with scalars broadcast to the batch size."""
+    lat_a = np.atleast_1d(np.asarray(lat, dtype=float))
+    cap_a = np.atleast_1d(np.asarray(cap, dtype=float))
+    K = max(len(lat_a), len(cap_a), 1 if per_option is None else per_option.shape[0])
+    lat_a = np.broadcast_to(lat_a, (K,)).copy()
+    cap_a = np.broadcast_to(cap_a, (K,)).copy()
+    po = (np.zeros((K, len(options))) if per_option is None
+          else np.broadcast_to(per_option, (K, len(options))).copy())
+    return Batch(list(options), base, lat_a, po, cap_a)

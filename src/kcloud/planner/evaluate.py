@@ -1,0 +1,209 @@
+"""Exact figures of one replica (a pipeline) and of a set of replicas.
+
+A micro-batch of b items runs through the stages in turn; its latency is the sum of the stage
+times and of the transfers between stages. In steady state every stage and every transfer works
+on a different micro-batch, so the pipeline completes one micro-batch per period = the largest
+stage or transfer time. A request of `batch` items spans ceil(batch / b) micro-batches and waits
+(ceil(batch / b) - 1) periods behind its own earlier micro-batches.
+
+Each device draws its busy power (cost model) while its stage works and its idle power for the
+rest of the period; energy per item is a period's energy over the items of a micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kcloud.planner.dp import Path
+from kcloud.planner.space import StageSpace
+
+
+@dataclass(frozen=True)
+class Template:
+    """One replica's pipeline with its exact modeled figures."""
+
+    space: StageSpace
+    path: Path
+    stage_time: tuple[float, ...]
+    stage_comm: tuple[float, ...]  # tensor-parallel collectives inside each stage
+    stage_mem: tuple[float, ...]  # bytes per device
+    stage_power: tuple[float, ...]  # busy power per device, W
+    transfers: tuple[float, ...]  # cut transfers between consecutive stages
+    latency_s: float  # one micro-batch through the pipeline
+    period_s: float
+    request_latency_s: float  # a request of goal.batch items, queueing included
+    throughput: float  # items per second
+    power_w: float
+    energy_per_item_j: float
+    price_per_s: float | None  # USD per second of all its devices (None: a device is unpriced)
+    devices: tuple[tuple[int, int], ...]  # (type index, devices)
+
+    @property
+    def b(self) -> int:
+        return self.space.b
+
+    @property
+    def n_devices(self) -> int:
+        return sum(n for _, n in self.devices)
+
+    @property
+    def domestic_devices(self) -> int:
+        return sum(n for t, n in self.devices if self.space.types[t].domestic)
+
+    @property
+    def cost_per_item(self) -> float | None:
+        return None if self.price_per_s is None else self.price_per_s / self.throughput
+
+    @property
+    def device_hours_per_item(self) -> float:
+        return self.n_devices / 3600.0 / self.throughput
+
+    @property
+    def comm_s(self) -> float:
+        return sum(self.transfers) + sum(self.stage_comm)
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return (self.space.b, self.path.stages, self.path.links)
+
+    def objective(self, name: str) -> float:
+        """The figure `name` optimizes, as a value to minimize."""
+        if name == "latency":
+            return self.request_latency_s
+        if name == "throughput":
+            return -self.throughput
+        if name == "energy":
+            return self.energy_per_item_j
+        c = self.cost_per_item
+        return math.inf if c is None else c
+
+    def describe(self, short: bool = False) -> str:
+        """'furiosa-rngd x4 [0:40) -> nvidia-a100-sxm-80gb x8 [40:83), micro-batch 8', or with
+        `short` consecutive stages of one kind folded: 'furiosa-rngd x2 (3 stages) -> ...'."""
+        parts: list[list[object]] = []
+        for o, i, j in self.path.stages:
+            opt = self.space.options[o]
+            kind = f"{self.space.types[opt.type].id} x{opt.tp}"
+            if short and parts and parts[-1][0] == kind:
+                parts[-1][1] = int(parts[-1][1]) + 1  # type: ignore[call-overload]
+            else:
+                parts.append([kind, 1, f"[{i}:{j})"])
+        text = [f"{k} ({n} stages)" if short and n != 1 else (k if short else f"{k} {r}")
+                for k, n, r in parts]
+        return " -> ".join(text) + f", micro-batch {self.b}"
+
+
+def queue_periods(batch: int, b: int) -> int:
+    return max(0, math.ceil(batch / b) - 1)
+
+
+def evaluate(space: StageSpace, path: Path, batch: int) -> Template:
+    times, comms, mems, powers, transfers = [], [], [], [], []
+    energy = 0.0  # busy energy of all devices per micro-batch
+    idle_w = 0.0
+    price: float | None = 0.0
+    usage: dict[int, int] = {}
+    for o, i, j in path.stages:
+        opt = space.options[o]
+        t = space.types[opt.type]
+        tau = float(space.time[o, i, j])
+        times.append(tau)
+        comms.append(float(space.comm[o, i, j]))
+        mems.append(float(space.mem[o, i, j]))
+        busy = float(space.busy_j[o, i, j])
+        powers.append(busy / tau if tau > 0 else t.device.idle_power_w.value)
+        energy += opt.tp * busy
+        idle_w += opt.tp * t.device.idle_power_w.value
+        p = t.price_per_hour
+        price = None if price is None or p is None else price + opt.tp * p / 3600.0
+        usage[opt.type] = usage.get(opt.type, 0) + opt.tp
+    for (o, _, j), kind in zip(path.stages, path.links, strict=False):
+        transfers.append(float(space.trans[space.options[o].type, kind, j]))
+    latency = sum(times) + sum(transfers)
+    period = max([*times, *transfers])
+    # energy per period: busy energy + idle power for the rest of the period
+    e_period = energy + sum(
+        space.options[o].tp * space.types[space.options[o].type].device.idle_power_w.value
+        * (period - tau) for (o, _, _), tau in zip(path.stages, times, strict=True))
+    items = space.items
+    return Template(
+        space=space, path=path, stage_time=tuple(times), stage_comm=tuple(comms),
+        stage_mem=tuple(mems), stage_power=tuple(powers), transfers=tuple(transfers),
+        latency_s=latency, period_s=period,
+        request_latency_s=latency + queue_periods(batch, space.b) * period,
+        throughput=items / period, power_w=e_period / period,
+        energy_per_item_j=e_period / items, price_per_s=price,
+        devices=tuple(sorted(usage.items())),
+    )
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Replicas: templates with their counts. Plan-level figures."""
+
+    parts: tuple[tuple[Template, int], ...]
+
+    @property
+    def throughput(self) -> float:
+        return sum(t.throughput * n for t, n in self.parts)
+
+    @property
+    def power_w(self) -> float:
+        return sum(t.power_w * n for t, n in self.parts)
+
+    @property
+    def latency_s(self) -> float:
+        return max(t.request_latency_s for t, _ in self.parts)
+
+    @property
+    def energy_per_item_j(self) -> float:
+        return self.power_w / self.throughput
+
+    @property
+    def n_devices(self) -> int:
+        return sum(t.n_devices * n for t, n in self.parts)
+
+    @property
+    def domestic_share(self) -> float:
+        d = sum(t.domestic_devices * n for t, n in self.parts)
+        return d / self.n_devices if self.n_devices else 0.0
+
+    @property
+    def cost_per_item(self) -> float | None:
+        prices = [t.price_per_s for t, _ in self.parts]
+        if any(p is None for p in prices):
+            return None
+        return sum(t.price_per_s * n for t, n in self.parts  # type: ignore[operator]
+                   ) / self.throughput
+
+    @property
+    def device_hours_per_item(self) -> float:
+        return self.n_devices / 3600.0 / self.throughput
+
+    @property
+    def comm_share(self) -> float:
+        worst = max((t for t, _ in self.parts), key=lambda t: t.request_latency_s)
+        return worst.comm_s / worst.latency_s if worst.latency_s > 0 else 0.0
+
+    def usage(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for t, n in self.parts:
+            for ty, c in t.devices:
+                out[ty] = out.get(ty, 0) + c * n
+        return out
+
+    def objective(self, name: str) -> float:
+        if name == "latency":
+            return self.latency_s
+        if name == "throughput":
+            return -self.throughput
+        if name == "energy":
+            return self.energy_per_item_j
+        c = self.cost_per_item
+        return math.inf if c is None else c
+
+
+def mix_of(templates: Sequence[Template], counts: Sequence[int]) -> Mix:
+    return Mix(tuple((t, int(n)) for t, n in zip(templates, counts, strict=True) if n > 0))

@@ -1,0 +1,211 @@
+"""A plan a person can read: the stages, why they look the way they do, and the schedule."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from kcloud.hardware.cost import MEMORY_HEADROOM
+from kcloud.planner.plan import Plan, Replica
+from kcloud.planner.search import Context
+
+
+def _signature(r: Replica) -> tuple[object, ...]:
+    return tuple((s.start, s.end, s.device_type, s.tp) for s in r.stages)
+
+
+def replica_groups(plan: Plan) -> list[tuple[list[int], Replica]]:
+    """Replicas with the same stages, grouped (indices, one of them)."""
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for k, r in enumerate(plan.replicas):
+        groups.setdefault(_signature(r), []).append(k)
+    return [(ks, plan.replicas[ks[0]]) for ks in groups.values()]
+
+
+def _usable(ctx: Context, device_type: str) -> float:
+    dev = ctx.cluster.device_types[device_type]
+    return dev.memory_bytes.value * MEMORY_HEADROOM
+
+
+def _collective_s(ctx: Context, plan: Plan, device_type: str, tp: int, i: int, j: int) -> float:
+    sp = ctx.space(plan.micro_batch)
+    for o in sp.options:
+        if sp.types[o.type].id == device_type and o.tp == tp:
+            return float(sp.comm[o.index, i, j])
+    return 0.0
+
+
+def stage_rows(ctx: Context, plan: Plan) -> list[dict[str, Any]]:
+    rows = []
+    for ks, r in replica_groups(plan):
+        label = f"{ks[0]}" if len(ks) == 1 else f"{ks[0]}..{ks[-1]} (x{len(ks)})"
+        for n, s in enumerate(r.stages):
+            usable = _usable(ctx, s.device_type)
+            rows.append({
+                "replica": label, "stage": n, "layers": f"[{s.start}, {s.end})",
+                "devices": f"{s.device_type} x{s.tp}", "precision": s.precision,
+                "time_s": s.time_s,
+                "comm_s": s.comm_s + _collective_s(ctx, plan, s.device_type, s.tp, s.start,
+                                                   s.end),
+                "memory_bytes": s.memory_bytes, "headroom": 1.0 - s.memory_bytes / usable,
+            })
+    return rows
+
+
+def stage_table(ctx: Context, plan: Plan) -> Table:
+    t = Table(title="stages (every figure modeled)", header_style="bold", title_justify="left")
+    for col, just in (("replica", "left"), ("stage", "right"), ("layers", "left"),
+                      ("devices", "left"), ("precision", "left"), ("time", "right"),
+                      ("comm", "right"), ("memory/device", "right"), ("headroom", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for row in stage_rows(ctx, plan):
+        t.add_row(row["replica"], str(row["stage"]), row["layers"], escape(row["devices"]),
+                  row["precision"], f"{row['time_s'] * 1e3:,.3f} ms",
+                  f"{row['comm_s'] * 1e3:,.3f} ms", f"{row['memory_bytes'] / 1e9:,.2f} GB",
+                  f"{row['headroom']:.0%}")
+    return t
+
+
+def _why_tp(ctx: Context, plan: Plan, device_type: str, tp: int, i: int,
+            j: int) -> tuple[str, float] | None:
+    """Why `tp` and not tp / 2 for layers [i, j): ("memory", GB needed per device at tp / 2)
+    or ("speed", how much longer a micro-batch would take at tp / 2)."""
+    if tp == 1:
+        return None
+    sp = ctx.space(plan.micro_batch)
+    opt = {(sp.types[o.type].id, o.tp): o.index for o in sp.options}
+    half = opt.get((device_type, tp // 2))
+    if half is None:
+        return None
+    if not np.isfinite(sp.time[half, i, j]):
+        return "memory", float(sp.mem[half, i, j])
+    return "speed", float(sp.time[half, i, j] / sp.time[opt[(device_type, tp)], i, j] - 1.0)
+
+
+def _tp_lines(ctx: Context, plan: Plan) -> list[str]:
+    found: dict[tuple[str, int, str], list[tuple[int, int, float]]] = {}
+    seen = set()
+    for _, r in replica_groups(plan):
+        for s in r.stages:
+            key = (s.device_type, s.tp, s.start, s.end)
+            if key in seen:
+                continue
+            seen.add(key)
+            why = _why_tp(ctx, plan, *key)
+            if why is not None:
+                found.setdefault((s.device_type, s.tp, why[0]), []).append(
+                    (s.start, s.end, why[1]))
+    out = []
+    for (dev, tp, kind), items in found.items():
+        ranges = ", ".join(f"[{i}, {j})" for i, j, _ in items[:3])
+        if len(items) > 3:
+            ranges += f" and {len(items) - 3} more"
+        if kind == "memory":
+            need = max(v for _, _, v in items)
+            out.append(f"{dev} x{tp} for layers {ranges}: at tp {tp // 2} a device would need "
+                       f"up to {need / 1e9:,.1f} GB, more than the "
+                       f"{_usable(ctx, dev) / 1e9:,.1f} GB usable (memory)")
+        else:
+            lo, hi = min(v for _, _, v in items), max(v for _, _, v in items)
+            span = f"{lo:.0%}" if hi - lo < 0.005 else f"{lo:.0%}-{hi:.0%}"
+            out.append(f"{dev} x{tp} for layers {ranges}: tp {tp // 2} would fit but take "
+                       f"{span} longer per micro-batch ({plan.objective})")
+    return out
+
+
+def reasons(ctx: Context, plan: Plan) -> list[str]:
+    out: list[str] = []
+    pred = plan.predicted
+    groups = replica_groups(plan)
+    if plan.objective == "throughput":
+        out.append(f"{len(plan.replicas)} replicas in {len(groups)} kinds, picked by an integer "
+                   "program for the most total throughput within the device counts"
+                   + (" and constraints" if _constrained(plan) else ""))
+    elif plan.objective in ("energy", "cost"):
+        n = len(plan.replicas)
+        out.append(f"{n} {'copy' if n == 1 else 'copies'} of the pipeline with the least "
+                   f"{'energy' if plan.objective == 'energy' else 'cost'} per item (copies do "
+                   "not change per-item figures; they add throughput)")
+    else:
+        out.append("one pipeline with the least request latency")
+    for ks, r in groups:
+        bn = max(range(len(r.stages)), key=lambda k: max(r.stages[k].time_s, r.stages[k].comm_s))
+        s = r.stages[bn]
+        period = max(s.time_s, s.comm_s)
+        busy = sum(x.time_s for x in r.stages) / (len(r.stages) * period)
+        what = "its transfer out" if s.comm_s > s.time_s else "it"
+        who = f"replica {ks[0]}" + (f" (and {len(ks) - 1} like it)" if len(ks) > 1 else "")
+        out.append(f"bottleneck of {who}: stage {bn} (layers [{s.start}, {s.end}) on "
+                   f"{s.device_type} x{s.tp}); {what} sets the period at "
+                   f"{period * 1e3:,.3f} ms; stages are busy {busy:.0%} of it on average")
+    out.extend(_tp_lines(ctx, plan))
+    tight = min((st for r in plan.replicas for st in r.stages),
+                key=lambda st: 1.0 - st.memory_bytes / _usable(ctx, st.device_type))
+    usable = _usable(ctx, tight.device_type)
+    out.append(f"tightest memory: {tight.device_type} (layers [{tight.start}, {tight.end})) "
+               f"holds {tight.memory_bytes / 1e9:,.2f} of {usable / 1e9:,.2f} GB usable "
+               f"({1.0 - tight.memory_bytes / usable:.0%} headroom)")
+    slots = {s.id: s for s in ctx.cluster.slots}
+    dom = sum(1 for d in plan.devices if slots[d].device.domestic)
+    out.append(f"domestic share: {dom} of {len(plan.devices)} devices "
+               f"({dom / len(plan.devices):.0%})")
+    out.append(f"communication: {pred.comm_share:.1%} of the slowest replica's micro-batch "
+               "latency (transfers between stages and tensor-parallel collectives)")
+    return out
+
+
+def _constrained(plan: Plan) -> bool:
+    g = plan.goal
+    return any(g.get(k) for k in ("power_cap_w", "max_devices", "min_domestic_share", "slo_s"))
+
+
+def schedule_lines(plan: Plan, n_micro: int = 4, width: int = 12) -> list[str]:
+    """The first replica's per-worker actions (first `n_micro` micro-batches)."""
+    sched = plan.schedule(n_micro=min(n_micro, max(1, plan.batch // plan.micro_batch)))
+    lines = []
+    for dev in plan.replicas[0].devices:
+        acts = sched[dev]
+        more = f" ... ({len(acts) - width} more)" if len(acts) > width else ""
+        lines.append(f"{dev}: {' '.join(acts[:width])}{more}")
+    return lines
+
+
+def render(ctx: Context, plan: Plan, console: Console) -> None:
+    pred = plan.predicted
+    kinds = Counter(d.split("/")[1] for d in plan.devices)
+    star = " *" if pred.estimated else ""
+    console.print(f"[bold]{escape(plan.model)}[/bold] on [bold]{escape(plan.cluster)}[/bold], "
+                  f"objective {plan.objective}: {len(plan.replicas)} replica(s) on "
+                  f"{len(plan.devices)} devices ("
+                  + ", ".join(f"{n} x {escape(k)}" for k, n in kinds.items())
+                  + f"), micro-batch {plan.micro_batch}")
+    console.print(stage_table(ctx, plan))
+    t = Table(title=f"predicted (modeled{star})", header_style="bold", title_justify="left")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    per = "token" if pred.unit == "tokens/s" else "item"
+    t.add_row("request latency", f"{pred.latency_s * 1e3:,.3f} ms")
+    t.add_row("throughput", f"{pred.throughput:,.1f} {pred.unit}")
+    t.add_row("power", f"{pred.power_w:,.0f} W")
+    t.add_row(f"energy per {per}", f"{pred.energy_per_item_j * 1e3:,.4g} mJ")
+    if pred.cost_per_item_usd is not None:
+        t.add_row(f"cost per 1M {per}s", f"${pred.cost_per_item_usd * 1e6:,.4g}")
+    t.add_row(f"device-hours per 1M {per}s", f"{pred.device_hours_per_item * 1e6:,.4g}")
+    t.add_row("communication share", f"{pred.comm_share:.1%}")
+    console.print(t)
+    console.print("[bold]why[/bold]")
+    for line in reasons(ctx, plan):
+        console.print(f"  - {escape(line)}")
+    for note in plan.notes:
+        console.print(f"  [yellow]note:[/] {escape(note)}")
+    console.print("[bold]schedule[/bold] (replica 0; F forward, R receive, S send, AR "
+                  "all-reduce)")
+    for line in schedule_lines(plan):
+        console.print(f"  {escape(line)}")
+    if pred.estimated:
+        console.print("* built on estimated catalog figures (see `kcloud devices show ID`)")

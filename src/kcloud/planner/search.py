@@ -1,0 +1,661 @@
+"""The search: pipeline templates by dynamic programming, replicas by integer programming.
+
+Plan space
+----------
+- A replica is a pipeline of stages. A stage is a contiguous range of layers on a group of `tp`
+  devices of ONE type inside ONE node, at that type's precision (the goal's, with the device's
+  visible fallback, or the type's default inference precision). tp is a power of two <= 8 that
+  divides every node's count of that type and the graph's tensor-parallel degree.
+  Consecutive stages may use different types; replicas may differ from one another.
+- One micro-batch size b per plan: the request batch for the latency objective, else every
+  power of two up to `MAX_MICRO_BATCH` (`MAX_LLM_MICRO_BATCH` for LLMs) that fits in memory.
+- Memory per device of a stage: its weights / tp plus two micro-batches in flight (activations,
+  or for an LLM the KV cache of prompt + output tokens) and, for an LLM, the chunked prefill
+  workspace; it must fit in the device's memory x `MEMORY_HEADROOM`.
+- The cut activation between consecutive stages crosses the node link when both stages are of
+  one type and share a node (the DP tracks how full the node is), else the network.
+- Figures: `kcloud.planner.evaluate` (latency, period, power, energy and cost per item).
+
+Algorithm
+---------
+Per micro-batch b and per restriction of the device types (every type together, each type
+alone, and the domestic types together when a domestic share is asked), `kcloud.planner.dp`
+solves batches of additive problems exactly over all stage chains, device limits included:
+
+- latency: the least sum of stage and transfer times.
+- throughput (the fastest single pipeline): the smallest period cap T under which a chain meets
+  the SLO; "least latency with every stage and transfer <= T" is checked for rising T (with no
+  SLO: "fewest devices under T", which also proves infeasibility when even that breaks the
+  limits of a single type). Candidate caps: every distinct stage and transfer time. The check
+  is monotone when a request is one micro-batch, so a k-ary search over the sorted candidates
+  is exact; it first runs without device limits (cheap) and, if that chain breaks them, goes
+  on above its period with them. When a request spans several micro-batches the queueing term
+  breaks monotonicity: every candidate is scanned on small instances (<= `EXACT_CANDIDATES`),
+  and the k-ary search is a heuristic on large ones.
+- energy and cost: for a fixed cap T both are additive (each stage's busy energy plus idle
+  power x T; device price x T), so every candidate T is tried on small instances and each chain
+  is re-evaluated exactly at its own period (exact); on large instances a geometric grid of
+  `GRID` caps, refined on a finer grid around the best `REFINE_TOP` (heuristic there).
+- an SLO under the energy, cost or device-count objectives is priced: latency weighted by a
+  multiplier swept over a geometric range (a Lagrangian relaxation), at up to `GRID` of the
+  caps whose cheapest chain misses the SLO; the chains kept always meet the SLO, and are
+  optimal among those some multiplier reaches.
+
+Templates for combining replicas: the fewest-device chain under each period cap of the grid
+(for every device budget the best pipeline within it, at the grid's resolution: small efficient
+replicas exist), the least-energy chains when there is a power cap, and the fastest single
+pipeline (for every micro-batch on small instances; on large ones for the micro-batches whose
+mix comes within `FASTEST_WITHIN` of the best). `kcloud.planner.ilp` then picks replica counts
+per micro-batch (throughput); for energy and cost the single best template is replicated as far
+as the constraints allow (replicas do not change per-item figures); for latency one replica.
+Under a power cap or a domestic floor the latency objective also considers the small replicas
+and keeps the fastest that meets them (a heuristic). Slots: `kcloud.planner.assign`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from kcloud.errors import KCloudError
+from kcloud.hardware.cluster import Cluster
+from kcloud.hardware.cost import Calibration, default_calibration, weight_bytes
+from kcloud.hardware.device import Device
+from kcloud.planner.dp import Batch, Limits, Path, make_batch, solve
+from kcloud.planner.evaluate import Mix, Template, evaluate, queue_periods
+from kcloud.planner.goal import Goal, InfeasibleGoal
+from kcloud.planner.ilp import best_counts
+from kcloud.planner.model import ModelGraphs
+from kcloud.planner.space import DeviceType, StageSpace, build_types
+
+MAX_MICRO_BATCH = 64
+MAX_LLM_MICRO_BATCH = 256
+EXACT_CANDIDATES = 512  # up to this many candidate period caps, every one is tried
+GRID = 24  # period caps on the geometric grid of large instances
+KARY = 8  # probes per round of the k-ary search
+CHUNK = 96  # problems per DP batch
+REFINE_TOP = 3  # large instances: (micro-batch, types) refined for energy and cost
+FASTEST_WITHIN = 0.8  # large instances: micro-batches searched for the fastest pipeline
+LAMBDAS = np.geomspace(1e-3, 1e3, 13)  # Lagrange multipliers of the SLO, relative
+
+
+@dataclass
+class Context:
+    model: ModelGraphs
+    cluster: Cluster
+    goal: Goal
+    types: list[DeviceType]
+    notes: list[str]
+    calibration: Calibration
+    limits: Limits
+    micro_batches: list[int]
+    restrictions: list[tuple[str, tuple[int, ...]]]
+    spaces: dict[int, StageSpace] = field(default_factory=dict)
+
+    def space(self, b: int) -> StageSpace:
+        sp = self.spaces.get(b)
+        if sp is None:
+            sp = StageSpace(self.model, self.types, self.cluster.network, b, self.calibration)
+            self.spaces[b] = sp
+        return sp
+
+    def options(self, b: int, types: Iterable[int]) -> list[int]:
+        ts = set(types)
+        sp = self.space(b)
+        return [o.index for o in sp.options
+                if o.type in ts and np.isfinite(sp.time[o.index]).any()]
+
+    def evaluate(self, b: int, path: Path) -> Template:
+        return evaluate(self.space(b), path, self.goal.batch)
+
+    def meets_slo(self, t: Template) -> bool:
+        return self.goal.slo_s is None or t.request_latency_s <= self.goal.slo_s * (1 + 1e-12)
+
+
+def make_context(model: ModelGraphs, cluster: Cluster, goal: Goal, *,
+                 allow: Callable[[Device], bool] | None = None,
+                 micro_batches: Iterable[int] | None = None,
+                 calibration: Calibration | None = None) -> Context:
+    names = None if allow is None else frozenset(
+        d for d, dev in cluster.device_types.items() if allow(dev))
+    types, notes = build_types(cluster, model, goal, require_price=goal.objective == "cost",
+                               allow=names)
+    if not types:
+        if goal.objective == "cost" and any(n.endswith("gives no price") for n in notes):
+            raise InfeasibleGoal("no device in the cluster has a price in the catalog",
+                                 "use --objective energy or throughput, or add prices")
+        raise InfeasibleGoal(f"no device in cluster {cluster.name} can run {model.spec}"
+                             + (f" ({'; '.join(notes)})" if notes else ""),
+                             "use another --precision or cluster")
+    limits = Limits(tuple((t.index, t.count) for t in types), goal.max_devices)
+    if micro_batches is not None:
+        mbs = sorted(set(int(b) for b in micro_batches))
+    elif goal.objective == "latency":
+        mbs = [goal.batch]
+    else:
+        top = MAX_LLM_MICRO_BATCH if model.is_llm else MAX_MICRO_BATCH
+        mbs = [1 << k for k in range(int(math.log2(top)) + 1)]
+    restrictions: list[tuple[str, tuple[int, ...]]] = []
+    if len(types) > 1:
+        restrictions.append(("all", tuple(t.index for t in types)))
+    restrictions.extend((t.id, (t.index,)) for t in types)
+    dom = tuple(t.index for t in types if t.domestic)
+    if goal.min_domestic_share > 0 and dom and 1 < len(dom) < len(types):
+        restrictions.append(("domestic", dom))
+    return Context(model, cluster, goal, types, notes, calibration or default_calibration(),
+                   limits, mbs, restrictions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched problems
+
+
+def _fits(sp: StageSpace, opts: list[int]) -> np.ndarray:
+    return np.where(np.isfinite(sp.time[opts]), 0.0, np.inf)
+
+
+def _latency_bound(sp: StageSpace, opts: list[int]) -> float:
+    """An upper bound on any chain's latency (for lexicographic tie-breaks)."""
+    t = sp.time[opts]
+    tr = sp.trans[np.isfinite(sp.trans)]
+    return sp.L * (float(t[np.isfinite(t)].max()) + (float(tr.max()) if tr.size else 0.0))
+
+
+def _run(ctx: Context, sp: StageSpace, batch: Batch, exact: bool = True,
+         price: bool = True) -> list[Path | None]:
+    out: list[Path | None] = []
+    for s in range(0, batch.K, CHUNK):
+        out.extend(solve(sp, batch.take(np.arange(s, min(s + CHUNK, batch.K))), ctx.limits,
+                         exact=exact, price=price))
+    return out
+
+
+def min_latency(ctx: Context, b: int, opts: list[int], caps: np.ndarray,
+                exact: bool = True) -> list[Path | None]:
+    sp = ctx.space(b)
+    return _run(ctx, sp, make_batch(sp, opts, _fits(sp, opts), 1.0, None, caps), exact)
+
+
+def min_devices(ctx: Context, b: int, opts: list[int], caps: np.ndarray,
+                exact: bool = True) -> list[Path | None]:
+    """Fewest devices under each cap; ties broken by latency.
+
+    Over one device type, a fewest-device chain that breaks that type's limit proves that no
+    chain fits: nothing to track or price."""
+    sp = ctx.space(b)
+    eps = 0.5 / _latency_bound(sp, opts)
+    per = sp.opt_tp[opts].astype(float)[None, :]
+    one_type = len({sp.options[o].type for o in opts}) == 1
+    return _run(ctx, sp, make_batch(sp, opts, _fits(sp, opts), eps, per, caps),
+                exact and not one_type, price=not one_type)
+
+
+def _per_item_problem(ctx: Context, sp: StageSpace, opts: list[int], kind: str,
+                      caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(base, per-option constants per cap) of the energy or cost objective."""
+    if kind == "energy":
+        tp = sp.opt_tp[opts].astype(float)
+        base = tp[:, None, None] * sp.busy_j[opts] - sp.opt_idle_w[opts][:, None, None] \
+            * sp.time[opts]
+        base = np.where(np.isfinite(sp.time[opts]), base, np.inf)
+        per = caps[:, None] * sp.opt_idle_w[opts][None, :]
+    else:
+        base = _fits(sp, opts)
+        per = caps[:, None] * sp.opt_price_s[opts][None, :]
+    return base, per
+
+
+def min_per_item(ctx: Context, b: int, opts: list[int], kind: str, caps: np.ndarray,
+                 lat: np.ndarray | float, exact: bool = True) -> list[Path | None]:
+    """Least energy (or cost) per period under each cap, latency weighted by `lat`.
+
+    Exact: device limits tracked. Otherwise (large instances) a chain over the limits is
+    dropped: the cheapest chains per item sit at looser caps, with fewer devices."""
+    sp = ctx.space(b)
+    base, per = _per_item_problem(ctx, sp, opts, kind, caps)
+    return _run(ctx, sp, make_batch(sp, opts, base, lat, per, caps), exact, price=exact)
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidate period caps
+
+
+def candidate_caps(ctx: Context, b: int, opts: list[int]) -> np.ndarray:
+    cands = ctx.space(b).candidate_periods(opts)
+    if ctx.goal.slo_s is not None:
+        q = queue_periods(ctx.goal.batch, b)
+        cands = cands[cands <= ctx.goal.slo_s / (1 + q) * (1 + 1e-12)]
+    return cands
+
+
+def grid_caps(cands: np.ndarray, n: int = GRID) -> np.ndarray:
+    """All candidates on small instances, else n of them spaced geometrically."""
+    if len(cands) <= n:
+        return cands
+    pts = np.geomspace(cands[0], cands[-1], n)
+    idx = np.unique(np.clip(np.searchsorted(cands, pts), 0, len(cands) - 1))
+    return cands[idx]
+
+
+def min_period(ctx: Context, b: int, opts: list[int]) -> Template | None:
+    """The single pipeline with the smallest period that meets the SLO (k-ary search).
+
+    The search first drops the device limits (cheap: nothing to track); if the fastest chain
+    then fits the cluster it is the answer, else the search goes on above its period with the
+    limits in force (the relaxed optimum is a lower bound)."""
+    cands = candidate_caps(ctx, b, opts)
+    if not len(cands):
+        return None
+    goal = ctx.goal
+    q = queue_periods(goal.batch, b)
+
+    def check(c: Context, idx: np.ndarray) -> list[Template | None]:
+        caps = cands[idx]
+        if goal.slo_s is None:
+            return [None if p is None else c.evaluate(b, p)
+                    for p in min_devices(c, b, opts, caps)]
+        out: list[Template | None] = []
+        for p, cap in zip(min_latency(c, b, opts, caps), caps, strict=True):
+            t = None if p is None else c.evaluate(b, p)
+            ok = t is not None and t.latency_s + q * cap <= goal.slo_s * (1 + 1e-12)
+            out.append(t if ok else None)
+        return out
+
+    monotone = goal.slo_s is None or q == 0
+    if not monotone and len(cands) <= EXACT_CANDIDATES:
+        for s in range(0, len(cands), CHUNK):
+            res = check(ctx, np.arange(s, min(s + CHUNK, len(cands))))
+            for t in res:
+                if t is not None:
+                    return t
+        return None
+    free = replace(ctx, limits=Limits())
+    found = _kary(lambda idx: check(free, idx), -1, len(cands))
+    if found is None:
+        return None
+    k, t = found
+    if not ctx.limits.violated(t.path.usage(t.space)):
+        return t
+    found = _kary(lambda idx: check(ctx, idx), k - 1, len(cands))
+    return None if found is None else found[1]
+
+
+def _kary(check: Callable[[np.ndarray], list[Template | None]], lo: int,
+          n: int) -> tuple[int, Template] | None:
+    """The first index in (lo, n) whose check passes, for a monotone check."""
+    top = check(np.array([n - 1]))[0]
+    if top is None:
+        return None
+    hi, best = n - 1, top
+    while hi - lo > 1:
+        probe = np.unique(np.linspace(lo + 1, hi - 1, min(KARY, hi - lo - 1)).round()
+                          .astype(int))
+        res = check(probe)
+        first = next((k for k, t in enumerate(res) if t is not None), None)
+        if first is None:
+            lo = int(probe[-1])
+        else:
+            hi, best = int(probe[first]), res[first]  # type: ignore[assignment]
+            lo = int(probe[first - 1]) if first > 0 else lo
+    return hi, best
+
+
+def _priced_slo(ctx: Context, b: int, caps: np.ndarray,
+                solve_with: Callable[[np.ndarray, np.ndarray], list[Path | None]],
+                seeds: list[Template | None],
+                value: Callable[[Template], float]) -> list[Template | None]:
+    """For caps whose chain misses the SLO: sweep the latency multiplier, keep the chain of
+    least `value` that meets it. `solve_with(caps, lat)` solves the weighted problems."""
+    out: list[Template | None] = [t if t is not None and ctx.meets_slo(t) else None
+                                  for t in seeds]
+    miss = [k for k, t in enumerate(seeds) if t is not None and not ctx.meets_slo(t)]
+    if not miss:
+        return out
+    if len(miss) > GRID:  # sweep at up to GRID of those caps, spread geometrically
+        keep = grid_caps(caps[miss], GRID)
+        miss = [k for k in miss if caps[k] in set(keep.tolist())][:GRID]
+    rows, lams = [], []
+    for k in miss:
+        t = seeds[k]
+        assert t is not None
+        scale = abs(value(t)) / max(t.latency_s, 1e-30)
+        for lam in LAMBDAS:
+            rows.append(k)
+            lams.append(lam * scale)
+    paths = solve_with(caps[np.array(rows)], np.array(lams))
+    for k, p in zip(rows, paths, strict=True):
+        if p is None:
+            continue
+        t = ctx.evaluate(b, p)
+        if not ctx.meets_slo(t):
+            continue
+        cur = out[k]
+        if cur is None or value(t) < value(cur):
+            out[k] = t
+    return out
+
+
+def device_family(ctx: Context, b: int, opts: list[int]) -> list[Template]:
+    """Fewest-device pipelines, one per period cap: the small efficient replicas."""
+    caps = grid_caps(candidate_caps(ctx, b, opts))
+    if not len(caps):
+        return []
+    seeds = [None if p is None else ctx.evaluate(b, p)
+             for p in min_devices(ctx, b, opts, caps, exact=False)]
+    sp = ctx.space(b)
+    per = sp.opt_tp[opts].astype(float)[None, :]
+
+    def weighted(c: np.ndarray, lam: np.ndarray) -> list[Path | None]:
+        return _run(ctx, sp, make_batch(sp, opts, _fits(sp, opts), lam, per, c), exact=False)
+
+    got = _priced_slo(ctx, b, caps, weighted, seeds, lambda t: float(t.n_devices))
+    return [t for t in got if t is not None]
+
+
+def per_item_family(ctx: Context, b: int, opts: list[int], kind: str,
+                    refine: bool = True) -> list[Template]:
+    """Least energy (or cost) pipelines, one per period cap: every candidate cap on small
+    instances, else a geometric grid (then, with `refine`, a finer grid between the two caps
+    around the best)."""
+    cands = candidate_caps(ctx, b, opts)
+    if not len(cands):
+        return []
+    exact = len(cands) <= EXACT_CANDIDATES
+    caps = cands if exact else grid_caps(cands)
+    found = _per_item_at(ctx, b, opts, kind, caps, exact)
+    if refine and not exact and found:
+        found += refine_per_item(ctx, b, opts, kind, found)
+    return found
+
+
+def refine_per_item(ctx: Context, b: int, opts: list[int], kind: str,
+                    found: list[Template]) -> list[Template]:
+    """Zoom in on the best cap: between the grid caps around it, a finer grid, until the
+    window holds few enough candidates to try every one."""
+    cands = candidate_caps(ctx, b, opts)
+    caps = grid_caps(cands)
+    out: list[Template] = []
+    best = min(found, key=lambda t: t.objective(kind))
+    for _ in range(4):
+        k = int(np.searchsorted(caps, best.period_s * (1 - 1e-12)))
+        lo, hi = caps[max(0, k - 1)], caps[min(len(caps) - 1, k + 1)]
+        window = cands[(cands >= lo) & (cands <= hi)]
+        last = len(window) <= CHUNK
+        caps = window if last else grid_caps(window, KARY)
+        got = _per_item_at(ctx, b, opts, kind, caps, False)
+        out += got
+        best = min([best, *got], key=lambda t: t.objective(kind))
+        if last:
+            break
+    return out
+
+
+def _per_item_at(ctx: Context, b: int, opts: list[int], kind: str, caps: np.ndarray,
+                 exact: bool) -> list[Template]:
+    sp = ctx.space(b)
+    eps = np.zeros(len(caps))
+    if kind == "cost":  # many chains tie on price: prefer the faster, by a negligible weight
+        eps = 1e-9 * float(np.nanmin(sp.opt_price_s[opts])) * caps / _latency_bound(sp, opts)
+    seeds = [None if p is None else ctx.evaluate(b, p)
+             for p in min_per_item(ctx, b, opts, kind, caps, eps, exact)]
+
+    def weighted(c: np.ndarray, lam: np.ndarray) -> list[Path | None]:
+        return min_per_item(ctx, b, opts, kind, c, lam, exact)
+
+    got = _priced_slo(ctx, b, caps, weighted, seeds,
+                     lambda t: t.objective(kind) * t.space.items)
+    return [t for t in got if t is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates per objective
+
+
+def dedupe(ts: Iterable[Template | None]) -> list[Template]:
+    seen: dict[tuple[object, ...], Template] = {}
+    for t in ts:
+        if t is not None and t.key not in seen:
+            seen[t.key] = t
+    return list(seen.values())
+
+
+def templates_for(ctx: Context, objective: str) -> list[Template]:
+    out: list[Template | None] = []
+    for b in ctx.micro_batches:
+        for _, tys in ctx.restrictions:
+            opts = ctx.options(b, tys)
+            if not opts:
+                continue
+            if objective == "latency":
+                p = min_latency(ctx, b, opts, np.array([np.inf]))[0]
+                t = None if p is None else ctx.evaluate(b, p)
+                out.append(t if t is not None and ctx.meets_slo(t) else None)
+                if ctx.goal.power_cap_w is not None or ctx.goal.min_domestic_share > 0:
+                    out.extend(device_family(ctx, b, opts))
+            elif objective == "throughput":
+                out.extend(device_family(ctx, b, opts))
+                if ctx.goal.power_cap_w is not None:
+                    out.extend(per_item_family(ctx, b, opts, "energy"))
+            else:
+                out.extend(per_item_family(ctx, b, opts, objective, refine=False))
+    if objective in ("energy", "cost"):
+        out.extend(_refine_best(ctx, objective, dedupe(out)))
+    if objective == "throughput":
+        out.extend(_fastest(ctx, dedupe(out)))
+    return dedupe(out)
+
+
+def _refine_best(ctx: Context, kind: str, found: list[Template]) -> list[Template]:
+    """On large instances: a finer cap grid for the best `REFINE_TOP` (micro-batch, types)."""
+    by: dict[tuple[int, tuple[int, ...]], list[Template]] = {}
+    for t in found:
+        if ctx.meets_slo(t):
+            by.setdefault((t.b, tuple(ty for ty, _ in t.devices)), []).append(t)
+    ranked = sorted(by.items(), key=lambda kv: min(t.objective(kind) for t in kv[1]))
+    out: list[Template] = []
+    for (b, used), ts in ranked[:REFINE_TOP]:
+        # the smallest restriction that holds the types these pipelines use
+        tys = min((r for _, r in ctx.restrictions if set(used) <= set(r)), key=len)
+        opts = ctx.options(b, tys)
+        if opts and len(candidate_caps(ctx, b, opts)) > EXACT_CANDIDATES:
+            out += refine_per_item(ctx, b, opts, kind, ts)
+    return out
+
+
+def _fastest(ctx: Context, family: list[Template]) -> list[Template | None]:
+    """The fastest single pipeline over every type (exact), per micro-batch.
+
+    On small instances for every micro-batch; on large ones for the micro-batches whose
+    replica mix (from the device families) comes within `FASTEST_WITHIN` of the best: the
+    fastest pipeline is one more template there, and the costliest search of all."""
+    tys = ctx.restrictions[0][1]
+    small = all(len(candidate_caps(ctx, b, ctx.options(b, tys))) <= EXACT_CANDIDATES
+                for b in ctx.micro_batches if ctx.options(b, tys))
+    bs = list(ctx.micro_batches)
+    if not small:
+        value = {}
+        for b in bs:
+            mix = choose(ctx, [t for t in family if t.b == b])
+            value[b] = mix.throughput if mix is not None else 0.0
+        top = max(value.values(), default=0.0)
+        bs = [b for b in bs if value[b] >= FASTEST_WITHIN * top and value[b] > 0] or \
+            [max(bs, key=lambda b: value[b])]
+    out: list[Template | None] = []
+    for b in bs:
+        opts = ctx.options(b, tys)
+        if opts:
+            out.append(min_period(ctx, b, opts))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing replicas
+
+
+def fits_alone(ctx: Context, t: Template) -> bool:
+    g = ctx.goal
+    if g.power_cap_w is not None and t.power_w > g.power_cap_w * (1 + 1e-12):
+        return False
+    if g.max_devices is not None and t.n_devices > g.max_devices:
+        return False
+    return t.domestic_devices >= g.min_domestic_share * t.n_devices - 1e-9
+
+
+def copies(ctx: Context, t: Template) -> int:
+    """How many copies of `t` the device counts, power cap and device budget allow."""
+    g = ctx.goal
+    n = min(ctx.types[ty].count // c for ty, c in t.devices)
+    if g.power_cap_w is not None:
+        n = min(n, int(g.power_cap_w // t.power_w))
+    if g.max_devices is not None:
+        n = min(n, g.max_devices // t.n_devices)
+    return max(n, 1)
+
+
+def choose(ctx: Context, templates: list[Template]) -> Mix | None:
+    g = ctx.goal
+    ok = [t for t in templates if ctx.meets_slo(t)]
+    if g.objective == "throughput":
+        best: Mix | None = None
+        for b in sorted({t.b for t in ok}):
+            group = [t for t in ok if t.b == b]
+            counts = best_counts(group, {t.index: t.count for t in ctx.types},
+                                 power_cap_w=g.power_cap_w, max_devices=g.max_devices,
+                                 min_domestic_share=g.min_domestic_share)
+            if counts is None:
+                continue
+            mix = Mix(tuple((t, n) for t, n in zip(group, counts, strict=True) if n > 0))
+            if not _mix_ok(ctx, mix):
+                continue
+            if best is None or mix.throughput > best.throughput * (1 + 1e-12):
+                best = mix
+        return best
+    alone = [t for t in ok if fits_alone(ctx, t)]
+    if not alone:
+        return None
+    t = min(alone, key=lambda t: (t.objective(g.objective), t.request_latency_s, t.n_devices))
+    n = 1 if g.objective == "latency" else copies(ctx, t)
+    return Mix(((t, n),))
+
+
+def _mix_ok(ctx: Context, mix: Mix) -> bool:
+    g = ctx.goal
+    use = mix.usage()
+    if any(use.get(t.index, 0) > t.count for t in ctx.types):
+        return False
+    if g.power_cap_w is not None and mix.power_w > g.power_cap_w * (1 + 1e-9):
+        return False
+    if g.max_devices is not None and mix.n_devices > g.max_devices:
+        return False
+    return mix.domestic_share >= g.min_domestic_share - 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# Infeasible goals: say which constraint, and the nearest feasible point
+
+
+def diagnose(ctx: Context) -> KCloudError:
+    g = ctx.goal
+    relaxed = Goal(objective="latency", batch=g.batch, precision=g.precision,
+                   input_tokens=g.input_tokens, output_tokens=g.output_tokens)
+    free = Context(ctx.model, ctx.cluster, relaxed, ctx.types, ctx.notes, ctx.calibration,
+                   Limits(ctx.limits.per_type), sorted({1, *ctx.micro_batches}),
+                   ctx.restrictions, ctx.spaces)
+    fastest: Template | None = None
+    for b in free.micro_batches:
+        opts = free.options(b, [t.index for t in ctx.types])
+        if not opts:
+            continue
+        p = min_latency(free, b, opts, np.array([np.inf]))[0]
+        if p is not None:
+            t = free.evaluate(b, p)
+            if fastest is None or t.request_latency_s < fastest.request_latency_s:
+                fastest = t
+    if fastest is None:
+        return _no_fit(ctx)
+    if g.max_devices is not None:
+        fewest = None
+        for b in free.micro_batches:
+            opts = free.options(b, [t.index for t in ctx.types])
+            if opts:
+                p = min_devices(free, b, opts, np.array([np.inf]))[0]
+                if p is not None:
+                    n = sum(p.usage(free.space(b)).values())
+                    fewest = n if fewest is None else min(fewest, n)
+        if fewest is not None and fewest > g.max_devices:
+            return InfeasibleGoal(f"max devices {g.max_devices} too low: the smallest plan "
+                                  f"needs {fewest} devices", f"give --max-devices {fewest} or more")
+    if g.slo_s is not None and fastest.request_latency_s > g.slo_s:
+        return InfeasibleGoal(
+            f"SLO {_ms(g.slo_s)} unreachable: best latency {_ms(fastest.request_latency_s)} "
+            f"(modeled) with plan {fastest.describe()}",
+            f"give --slo-ms {fastest.request_latency_s * 1e3 * 1.01:.4g} or more")
+    pool = [t for t in templates_for(free, "throughput") + templates_for(free, "energy")
+            if ctx.meets_slo(t)] if g.slo_s is not None else \
+        templates_for(free, "throughput") + templates_for(free, "energy")
+    if g.power_cap_w is not None and pool:
+        low = min(pool, key=lambda t: t.power_w)
+        if low.power_w > g.power_cap_w:
+            return InfeasibleGoal(
+                f"power cap {g.power_cap_w:g} W too low: the smallest plan draws "
+                f"{low.power_w:.4g} W (modeled) with {low.describe()}",
+                f"give --power-cap-w {math.ceil(low.power_w)} or more")
+    if g.min_domestic_share > 0:
+        shares = [t.domestic_devices / t.n_devices for t in pool] or [0.0]
+        best = max(shares)
+        if best < g.min_domestic_share:
+            hint = (f"give --min-domestic-share {math.floor(best * 100) / 100:g} or less"
+                    if best > 0 else "use a cluster with domestic devices that can run it")
+            return InfeasibleGoal(
+                f"domestic share {g.min_domestic_share:.0%} unreachable: the most domestic "
+                f"plan that meets the other constraints reaches {best:.0%}", hint)
+    return InfeasibleGoal("no plan meets every constraint together (each alone can be met)",
+                          "relax the SLO, power cap, device budget or domestic share")
+
+
+def _no_fit(ctx: Context) -> KCloudError:
+    need = min(weight_bytes(ctx.model.forward, t.precision) for t in ctx.types)
+    total = sum(t.count * t.device.memory_bytes.value for t in ctx.types)
+    big = max(ctx.types, key=lambda t: t.device.memory_bytes.value)
+    return InfeasibleGoal(
+        f"{ctx.model.spec} does not fit in cluster {ctx.cluster.name}: needs {need / 1e9:.1f} GB "
+        f"of weights plus activations, the cluster holds {total / 1e9:.1f} GB (largest device "
+        f"{big.id}, {big.device.memory_bytes.value / 1e9:.1f} GB; usable share "
+        f"{_headroom():.0%})", "use a lower --precision or a larger cluster")
+
+
+def _headroom() -> float:
+    from kcloud.hardware.cost import MEMORY_HEADROOM
+
+    return MEMORY_HEADROOM
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.4g} ms"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchResult:
+    ctx: Context
+    mix: Mix
+    templates: list[Template]
+
+
+def search(model: ModelGraphs, cluster: Cluster, goal: Goal, *,
+           allow: Callable[[Device], bool] | None = None,
+           micro_batches: Iterable[int] | None = None,
+           calibration: Calibration | None = None) -> SearchResult:
+    """The best mix of replicas for `goal` (raises InfeasibleGoal with the nearest point)."""
+    ctx = make_context(model, cluster, goal, allow=allow, micro_batches=micro_batches,
+                       calibration=calibration)
+    templates = templates_for(ctx, goal.objective)
+    mix = choose(ctx, templates)
+    if mix is None:
+        raise diagnose(ctx)
+    return SearchResult(ctx, mix, templates)

@@ -1,0 +1,275 @@
+"""The plan space of one replica, as cost matrices over layer ranges.
+
+An *option* is a way to run a stage: `tp` devices of one type inside one node, at that type's
+precision. For a micro-batch of `b` items, `StageSpace` holds, per option and per layer range
+[i, j), the modeled stage time, the busy energy, the tensor-parallel collective time and the
+memory per device (all from `kcloud.hardware.cost`, the same model `kcloud predict` uses), and
+per cut the time to move the cut activation over the node link or the network.
+
+`stage_matrices` is `LayerTable.stage` written over every range at once with prefix sums; the
+tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property, reduce
+
+import numpy as np
+
+from kcloud.hardware.cluster import Cluster, Link
+from kcloud.hardware.cost import (
+    MEMORY_HEADROOM,
+    Calibration,
+    LayerTable,
+    Precisions,
+    default_calibration,
+    layer_table,
+    tp_max_degree,
+)
+from kcloud.hardware.device import Device
+from kcloud.planner.goal import Goal
+from kcloud.planner.model import ModelGraphs
+from kcloud.precision import Precision
+from kcloud.predict import PREFILL_CHUNK_TOKENS, default_precision
+
+TP_DEGREES = (1, 2, 4, 8)
+INTRA, NET = 0, 1  # link kinds between consecutive stages
+
+
+@dataclass(frozen=True)
+class DeviceType:
+    """One device type of the cluster as the planner uses it."""
+
+    index: int
+    device: Device
+    precision: Precision
+    count: int  # devices of this type in the cluster
+    node_cap: int  # devices of this type every node that has it holds a multiple of
+    tps: tuple[int, ...]  # tensor-parallel degrees a stage of this type may use
+    link: Link  # inside a node (collectives, and stages placed on one node)
+    nodes: tuple[str, ...]  # the nodes that hold this type
+
+    @property
+    def id(self) -> str:
+        return self.device.id
+
+    @property
+    def price_per_hour(self) -> float | None:
+        return self.device.price_per_hour.value if self.device.price_per_hour else None
+
+    @property
+    def domestic(self) -> bool:
+        return self.device.domestic
+
+
+@dataclass(frozen=True)
+class Option:
+    index: int
+    type: int  # index into the device types
+    tp: int
+
+
+def build_types(cluster: Cluster, model: ModelGraphs, goal: Goal, *,
+                require_price: bool = False,
+                allow: frozenset[str] | None = None) -> tuple[list[DeviceType], list[str]]:
+    """The cluster's device types that can run `model` at `goal`'s precision, with notes."""
+    notes: list[str] = []
+    types: list[DeviceType] = []
+    most = tp_max_degree(model.forward)
+    for dev_id, dev in sorted(cluster.device_types.items()):
+        if allow is not None and dev_id not in allow:
+            continue
+        if goal.precision is not None:
+            used = dev.resolve_precision(goal.precision)
+            if used is None:
+                notes.append(f"{dev_id} left out: cannot run {goal.precision.value}")
+                continue
+            if used != goal.precision:
+                notes.append(f"{dev_id} has no {goal.precision.value}: runs at {used.value}")
+        else:
+            used = default_precision(dev, model.is_llm)
+        if require_price and dev.price_per_hour is None:
+            notes.append(f"{dev_id} left out of the cost objective: the catalog gives no price")
+            continue
+        per_node = [c for n in cluster.nodes for d, c in n.devices if d == dev_id]
+        node_cap = reduce(math.gcd, per_node)
+        tps = tuple(t for t in TP_DEGREES
+                    if t <= node_cap and node_cap % t == 0 and (t == 1 or most % t == 0))
+        holders = [n for n in cluster.nodes if any(d == dev_id for d, _ in n.devices)]
+        slow = min((n.link for n in holders), key=lambda link: (link.bandwidth, -link.latency))
+        link = Link(slow.bandwidth, max(n.link.latency for n in holders), slow.name)
+        types.append(DeviceType(len(types), dev, used, cluster.counts[dev_id], node_cap, tps,
+                                link, tuple(n.name for n in holders)))
+    return types, notes
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _ranges(x: np.ndarray) -> np.ndarray:
+    """R[i, j] = sum of x[i:j] (upper triangle; the rest is meaningless)."""
+    p = np.concatenate([[0.0], np.cumsum(x)])
+    return p[None, :] - p[:, None]
+
+
+def _range_max(x: np.ndarray) -> np.ndarray:
+    """M[i, j] = max of x[i:j] for j > i (0 elsewhere)."""
+    n = len(x)
+    a = np.full((n + 1, n + 1), -np.inf)
+    cols = np.arange(1, n + 1)
+    a[:, 1:] = np.where(np.arange(n + 1)[:, None] < cols[None, :], x[None, :], -np.inf)
+    out = np.maximum.accumulate(a, axis=1)
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+@dataclass(frozen=True)
+class StageMatrices:
+    """`LayerTable.stage(i, j)` for every range: [i, j] entries, j > i."""
+
+    time: np.ndarray
+    comm: np.ndarray
+    power: np.ndarray  # busy power per device, W
+    weight_bytes: np.ndarray  # per device
+
+
+def stage_matrices(t: LayerTable) -> StageMatrices:
+    w = _ranges(t.weight_bytes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        spill = np.where(w <= t.sram_half, 0.0, 1.0 - t.sram_half / np.where(w > 0, w, 1.0))
+
+    def mix(res: np.ndarray, st: np.ndarray) -> np.ndarray:
+        r = _ranges(res)
+        return r + spill * (_ranges(st) - r)
+
+    ops = mix(t.time_res, t.time_str)
+    mem = mix(t.mem_res, t.mem_str)
+    overhead = _ranges(t.kernel_s) + t.params.inference_overhead_s
+    comm = _ranges(t.comm_s)
+    total = ops + overhead + comm
+    safe = np.where(total > 0, total, 1.0)
+    u_c = np.where(total > 0, _ranges(t.busy_res) / safe, 0.0)
+    u_m = np.where(total > 0, mem / safe, 0.0)
+    k = t.params.memory_power_share
+    activity = 1.0 - (1.0 - np.minimum(u_c, 1.0)) * (1.0 - k * np.minimum(u_m, 1.0))
+    activity = np.clip(activity, 0.0, 1.0)
+    idle = t.device.idle_power_w.value
+    power = idle + (t.device.max_power_w.value - idle) * activity
+    return StageMatrices(total, comm, power, w)
+
+
+@dataclass
+class StageSpace:
+    """Costs of every stage option over every layer range, for micro-batch `b`."""
+
+    model: ModelGraphs
+    types: list[DeviceType]
+    network: Link
+    b: int
+    calibration: Calibration = field(default_factory=default_calibration)
+
+    def __post_init__(self) -> None:
+        self.options: list[Option] = []
+        for t in self.types:
+            for tp in t.tps:
+                self.options.append(Option(len(self.options), t.index, tp))
+        self.L = self.model.n_layers
+        n, o = self.L + 1, len(self.options)
+        self.time = np.full((o, n, n), np.inf)  # inf: not a stage (empty range or no fit)
+        self.busy_j = np.zeros((o, n, n))  # busy energy per device per micro-batch, J
+        self.comm = np.zeros((o, n, n))  # tensor-parallel collective time per micro-batch
+        self.mem = np.zeros((o, n, n))  # bytes per device
+        self.trans = np.full((len(self.types), 2, n), np.inf)  # [type, INTRA|NET, cut]
+        upper = np.triu(np.ones((n, n), dtype=bool), 1)
+        for opt in self.options:
+            self._fill(opt, upper)
+        for t in self.types:
+            for kind, link in ((INTRA, t.link), (NET, self.network)):
+                self.trans[t.index, kind] = self._transfer(t, link)
+
+    # -- per option ----------------------------------------------------------------------
+    def _fill(self, opt: Option, upper: np.ndarray) -> None:
+        t = self.types[opt.type]
+        dev, prec, b, tp = t.device, t.precision, self.b, opt.tp
+        params = self.calibration.params(dev)
+        link = (t.link.bandwidth, t.link.latency)
+        m = self.model
+        pre = stage_matrices(layer_table(m.forward, dev, prec, b, params, tp, link))
+        p = Precisions.of(prec)
+        if m.decode is None:
+            time, energy, comm = pre.time, pre.power * pre.time, pre.comm
+            act = 2.0 * b * _range_max(m.peak_act_elems) * p.act_bytes / tp
+        else:
+            dec = stage_matrices(layer_table(m.decode, dev, prec, b, params, tp, link))
+            n_out = m.output_tokens
+            time = pre.time + n_out * dec.time
+            energy = pre.power * pre.time + n_out * dec.power * dec.time
+            comm = pre.comm + n_out * dec.comm
+            kv = _ranges(m.kv_elems_per_token) * p.kv_bytes
+            work_tok = _range_max(m.peak_act_elems) / m.prompt_tokens * p.act_bytes
+            act = (2.0 * b * m.context_tokens * kv
+                   + min(b * m.prompt_tokens, PREFILL_CHUNK_TOKENS) * work_tok) / tp
+        mem = pre.weight_bytes + act
+        fits = upper & (mem <= dev.memory_bytes.value * MEMORY_HEADROOM)
+        self.time[opt.index] = np.where(fits, time, np.inf)
+        self.busy_j[opt.index] = np.where(fits, energy, 0.0)
+        self.comm[opt.index] = np.where(upper, comm, 0.0)
+        self.mem[opt.index] = np.where(upper, mem, 0.0)
+
+    def _transfer(self, t: DeviceType, link: Link) -> np.ndarray:
+        """Time to send the cut after layer i-1 (index i) from a stage of type `t`."""
+        m, b = self.model, self.b
+        act = Precisions.of(t.precision).act_bytes
+        out = np.full(self.L + 1, np.inf)
+        g = m.forward
+        cut = np.array([layer.cut_elems for layer in g.layers[:-1]], dtype=float)
+        sent = link.latency + cut * b / g.batch * act / link.bandwidth
+        if m.decode is not None:
+            d = m.decode
+            dcut = np.array([layer.cut_elems for layer in d.layers[:-1]], dtype=float)
+            sent = sent + m.output_tokens * (link.latency + dcut * b / d.batch * act
+                                             / link.bandwidth)
+        out[1:self.L] = sent
+        return out
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def items(self) -> int:
+        """Items one micro-batch yields (samples, or generated tokens for an LLM)."""
+        return self.b * self.model.items_per_sequence
+
+    @cached_property
+    def opt_type(self) -> np.ndarray:
+        return np.array([o.type for o in self.options], dtype=np.int64)
+
+    @cached_property
+    def opt_tp(self) -> np.ndarray:
+        return np.array([o.tp for o in self.options], dtype=np.int64)
+
+    @cached_property
+    def opt_idle_w(self) -> np.ndarray:
+        """Idle power of an option's whole device group."""
+        return np.array([self.types[o.type].device.idle_power_w.value * o.tp
+                         for o in self.options])
+
+    @cached_property
+    def opt_price_s(self) -> np.ndarray:
+        """USD per second of an option's whole device group (nan where unpriced)."""
+        out = []
+        for o in self.options:
+            p = self.types[o.type].price_per_hour
+            out.append(np.nan if p is None else p * o.tp / 3600.0)
+        return np.array(out)
+
+    @cached_property
+    def any_fit(self) -> bool:
+        return bool(np.isfinite(self.time).any())
+
+    def candidate_periods(self, options: list[int]) -> np.ndarray:
+        """Every distinct stage and transfer time: the values a pipeline's period can take."""
+        vals = [self.time[o][np.isfinite(self.time[o])] for o in options]
+        tys = sorted({self.options[o].type for o in options})
+        vals.append(self.trans[tys].ravel())
+        v = np.concatenate(vals)
+        return np.unique(v[np.isfinite(v)])
