@@ -28,7 +28,7 @@ from kcloud.hardware.cost import (
     tp_max_degree,
     weight_bytes,
 )
-from kcloud.hardware.device import Device
+from kcloud.hardware.device import Device, DeviceKind
 from kcloud.precision import Precision
 
 Scenario = Literal["offline", "single-stream"]
@@ -74,7 +74,12 @@ class Prediction:
 
 
 def default_precision(device: Device, is_llm: bool) -> Precision:
-    """The inference precision a deployment would pick: 8-bit where the device has it."""
+    """The inference precision a deployment would pick: 8-bit where the device has it.
+
+    A CPU runs K-Cloud's own runtime, which computes in fp32.
+    """
+    if device.kind is DeviceKind.CPU and device.supports(Precision.FP32):
+        return Precision.FP32
     order = (
         (Precision.FP8, Precision.INT8, Precision.BF16, Precision.FP16, Precision.FP32)
         if is_llm

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -12,6 +12,9 @@ from rich.table import Table
 from kcloud.cli import app
 from kcloud.cli._common import console, emit_json
 from kcloud.errors import KCloudError
+
+if TYPE_CHECKING:
+    from kcloud.planner.goal import Goal
 
 
 def _value(objective: str, d: dict[str, Any]) -> str:
@@ -30,29 +33,54 @@ def _pareto_path(out: Path | None) -> Path:
     return out.with_suffix(".pareto.png") if out is not None else Path("kcloud-pareto.png")
 
 
+# The options that say what a plan is for, shared by `kcloud plan` and `kcloud run`.
+ObjectiveOpt = Annotated[str, typer.Option(help="latency | throughput | energy | cost")]
+SloOpt = Annotated[float | None, typer.Option("--slo-ms", help="Bound on a request's latency")]
+BatchOpt = Annotated[int, typer.Option(help="Items per request")]
+PowerCapOpt = Annotated[float | None, typer.Option("--power-cap-w",
+                                                   help="Bound on the plan's power")]
+MaxDevicesOpt = Annotated[int | None, typer.Option("--max-devices", help="Bound on devices used")]
+DomesticOpt = Annotated[float, typer.Option(
+    "--min-domestic-share", help="Floor on the share of domestic devices, 0..1")]
+PrecisionOpt = Annotated[str | None, typer.Option(
+    help="fp32|bf16|fp16|fp8|int8|int4 (default: each device type's own)")]
+InputTokensOpt = Annotated[int | None, typer.Option(
+    "--input-tokens", help="Tokens per sample (LLM prompt)")]
+OutputTokensOpt = Annotated[int | None, typer.Option(
+    "--output-tokens", help="LLM generated tokens per request")]
+
+
+def build_goal(objective: str, slo_ms: float | None, batch: int, power_cap_w: float | None,
+               max_devices: int | None, min_domestic_share: float, precision: str | None,
+               input_tokens: int | None = None, output_tokens: int | None = None) -> Goal:
+    """The `Goal` the plan options describe (a bad value raises a one-line `KCloudError`)."""
+    from kcloud.planner.goal import Goal
+    from kcloud.precision import Precision
+
+    return Goal(
+        objective=objective, slo_s=None if slo_ms is None else slo_ms / 1e3, batch=batch,
+        power_cap_w=power_cap_w, max_devices=max_devices,
+        min_domestic_share=min_domestic_share,
+        precision=Precision.parse(precision) if precision else None,
+        input_tokens=input_tokens, output_tokens=output_tokens,
+    )
+
+
 @app.command()
 def plan(
     model: Annotated[str, typer.Option("--model", "-m",
                                        help="Zoo name, file.py:factory or .onnx")],
     cluster: Annotated[str, typer.Option("--cluster", "-c",
                                          help="Built-in cluster name or a YAML file")],
-    objective: Annotated[str, typer.Option(
-        help="latency | throughput | energy | cost")] = "throughput",
-    slo_ms: Annotated[float | None, typer.Option("--slo-ms",
-                                                 help="Bound on a request's latency")] = None,
-    batch: Annotated[int, typer.Option(help="Items per request")] = 1,
-    power_cap_w: Annotated[float | None, typer.Option("--power-cap-w",
-                                                      help="Bound on the plan's power")] = None,
-    max_devices: Annotated[int | None, typer.Option("--max-devices",
-                                                    help="Bound on devices used")] = None,
-    min_domestic_share: Annotated[float, typer.Option(
-        "--min-domestic-share", help="Floor on the share of domestic devices, 0..1")] = 0.0,
-    precision: Annotated[str | None, typer.Option(
-        help="fp32|bf16|fp16|fp8|int8|int4 (default: each device type's own)")] = None,
-    input_tokens: Annotated[int | None, typer.Option(
-        "--input-tokens", help="Tokens per sample (LLM prompt)")] = None,
-    output_tokens: Annotated[int | None, typer.Option(
-        "--output-tokens", help="LLM generated tokens per request")] = None,
+    objective: ObjectiveOpt = "throughput",
+    slo_ms: SloOpt = None,
+    batch: BatchOpt = 1,
+    power_cap_w: PowerCapOpt = None,
+    max_devices: MaxDevicesOpt = None,
+    min_domestic_share: DomesticOpt = 0.0,
+    precision: PrecisionOpt = None,
+    input_tokens: InputTokensOpt = None,
+    output_tokens: OutputTokensOpt = None,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also plan the baselines and show them beside the plan")] = False,
     pareto: Annotated[bool, typer.Option(
@@ -66,16 +94,9 @@ def plan(
     from kcloud.planner.api import make_plan, resolve
     from kcloud.planner.baselines import compare as run_compare
     from kcloud.planner.explain import render
-    from kcloud.planner.goal import Goal
-    from kcloud.precision import Precision
 
-    goal = Goal(
-        objective=objective, slo_s=None if slo_ms is None else slo_ms / 1e3, batch=batch,
-        power_cap_w=power_cap_w, max_devices=max_devices,
-        min_domestic_share=min_domestic_share,
-        precision=Precision.parse(precision) if precision else None,
-        input_tokens=input_tokens, output_tokens=output_tokens,
-    )
+    goal = build_goal(objective, slo_ms, batch, power_cap_w, max_devices, min_domestic_share,
+                      precision, input_tokens, output_tokens)
     cl = load_cluster(cluster)  # a bad cluster fails before the model is captured
     m, _ = resolve(model, cl, goal)
     out = make_plan(m, cl, goal)

@@ -3,19 +3,51 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from kcloud.cli import app
 from kcloud.cli._common import console, emit_json
+from kcloud.cli.plan import (
+    BatchOpt,
+    DomesticOpt,
+    InputTokensOpt,
+    MaxDevicesOpt,
+    ObjectiveOpt,
+    OutputTokensOpt,
+    PowerCapOpt,
+    PrecisionOpt,
+    SloOpt,
+    build_goal,
+)
 from kcloud.errors import KCloudError
+
+if TYPE_CHECKING:
+    from kcloud.planner.goal import Goal
+    from kcloud.planner.plan import Plan
 
 
 @app.command()
 def run(
-    plan_file: Annotated[Path, typer.Argument(help="Plan JSON written by `kcloud plan -o`")],
+    plan_file: Annotated[Path | None, typer.Argument(
+        help="Plan JSON written by `kcloud plan -o` (or plan here with --model/--cluster)")] =
+        None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Plan this model first: zoo name, file.py:factory or .onnx")] =
+        None,
+    cluster: Annotated[str | None, typer.Option(
+        "--cluster", "-c", help="Built-in cluster name or a YAML file (with --model)")] = None,
+    objective: ObjectiveOpt = "throughput",
+    slo_ms: SloOpt = None,
+    batch: BatchOpt = 1,
+    power_cap_w: PowerCapOpt = None,
+    max_devices: MaxDevicesOpt = None,
+    min_domestic_share: DomesticOpt = 0.0,
+    precision: PrecisionOpt = None,
+    input_tokens: InputTokensOpt = None,
+    output_tokens: OutputTokensOpt = None,
     mode: Annotated[str, typer.Option(help="real | emulated (absent devices modeled)")] =
         "emulated",
     batches: Annotated[int | None, typer.Option(
@@ -28,8 +60,8 @@ def run(
         "or a cluster address; nodes declare resources kcloud/<device-type>")] = None,
 ) -> None:
     """Run a plan: one worker per device of each stage (tensor-parallel stages sharded over
-    their group), micro-batches streamed through (measured)."""
-    from kcloud.planner.plan import Plan
+    their group), micro-batches streamed through (measured). With --model and --cluster the
+    plan is made first, as `kcloud plan` makes it."""
     from kcloud.runtime.executor import execute
 
     if mode not in ("real", "emulated"):
@@ -37,11 +69,19 @@ def run(
     if batches is not None and batches < 1:
         raise KCloudError(f"--batches must be a positive integer, got {batches}",
                           "pass --batches 1 or more")
-    plan = Plan.load(plan_file)
+    goal = None
+    if model is not None or cluster is not None:
+        goal = build_goal(objective, slo_ms, batch, power_cap_w, max_devices,
+                          min_domestic_share, precision, input_tokens, output_tokens)
+    plan, search_time_s = _plan_to_run(plan_file, model, cluster, goal)
     report = execute(plan, mode=mode, n_micro=batches, trace_path=trace,
                      ray_address=ray_address)
     if as_json:
-        emit_json(report.to_dict())
+        doc = report.to_dict()
+        if search_time_s is not None:
+            doc["plan"] = plan.to_dict()
+            doc["search_time_s"] = search_time_s
+        emit_json(doc)
         return
     m, p = report.measured, report.predicted
     ok = "[green]ok[/]" if report.reference_ok else "[red]MISMATCH[/]"
@@ -74,3 +114,33 @@ def run(
     for note in report.notes:
         console.print(f"note: {note}")
     console.print(f"timeline: {report.trace_file}")
+    if search_time_s is not None:
+        console.print(f"planned here: {len(plan.replicas)} replica(s) on {len(plan.devices)} "
+                      f"device(s) of {plan.cluster}; search time {search_time_s:.2f} s "
+                      "(measured)")
+
+
+def _plan_to_run(plan_file: Path | None, model: str | None, cluster: str | None,
+                 goal: Goal | None) -> tuple[Plan, float | None]:
+    """The plan and the search time: from its file (no search), or made here for model,
+    cluster and goal."""
+    from kcloud.planner.plan import Plan
+
+    if plan_file is not None:
+        if model is not None or cluster is not None:
+            raise KCloudError("give a plan file or --model/--cluster, not both",
+                              "drop the plan file to plan here, or drop --model/--cluster")
+        return Plan.load(plan_file), None
+    if (model is None) != (cluster is None):
+        given, missing = ("--model", "--cluster") if cluster is None else ("--cluster", "--model")
+        raise KCloudError(f"{given} needs {missing} to plan", f"add {missing}")
+    if model is None or cluster is None or goal is None:
+        raise KCloudError("nothing to run: no plan file and no --model/--cluster",
+                          "give PLAN.json, or --model M --cluster NAME")
+    from kcloud.hardware.cluster import load_cluster
+    from kcloud.planner.api import make_plan, resolve
+
+    cl = load_cluster(cluster)  # a bad cluster fails before the model is captured
+    m, _ = resolve(model, cl, goal)
+    out = make_plan(m, cl, goal)
+    return out.plan, out.search_time_s

@@ -211,12 +211,18 @@ BUILTIN: dict[str, dict[str, Any]] = {
 
 
 def local_cpu_spec(cores: int | None = None) -> dict[str, Any]:
+    """This machine's cores as devices, joined by the measured worker-to-worker link (gloo
+    over loopback, measured once and cached with the host measurement)."""
+    from kcloud.hardware.host import host_link
+
     n = cores or os.cpu_count() or 1
+    bw, lat = host_link()
+    link = {"bandwidth_gbps": bw / 1e9, "latency_us": lat * 1e6,
+            "name": "loopback (measured)"}
     return {
         "name": "local-cpu",
-        "network": {"bandwidth_gbps": 5, "latency_us": 20, "name": "loopback"},
-        "nodes": [{"name": "local", "devices": {"host-cpu:1core": n},
-                   "link": {"bandwidth_gbps": 5, "latency_us": 20, "name": "shared-memory"}}],
+        "network": link,
+        "nodes": [{"name": "local", "devices": {"host-cpu:1core": n}, "link": link}],
     }
 
 

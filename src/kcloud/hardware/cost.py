@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
@@ -99,6 +100,22 @@ CLASS_PRIORS: dict[DeviceKind, DeviceParams] = {
 
 FIT_FIELDS = ("matrix_eff", "matmul_factor", "memory_eff", "k_half")
 
+# Parameters measured on this machine, by device id: a provider returns (fields, source). They
+# override the class prior and the class calibration, and yield to a device's own calibration.
+MeasuredProvider = Callable[[], tuple[dict[str, float], str]]
+_MEASURED: dict[str, MeasuredProvider] = {}
+
+
+def register_measured_params(device_id: str, provider: MeasuredProvider) -> None:
+    """Let `provider` (called lazily, on the first cost of such a device) set its parameters."""
+    _MEASURED[device_id] = provider
+
+
+def measured_params(device_id: str) -> tuple[dict[str, float], str] | None:
+    """The measured parameters of `device_id` (without partition suffix) and their source."""
+    provider = _MEASURED.get(device_id.split(":", 1)[0])
+    return provider() if provider is not None else None
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -113,9 +130,13 @@ class Calibration:
         fitted: list[str] = []
         over = dict(self.by_class.get(device.kind.value, {}))
         dev_id = device.id.split(":", 1)[0]  # a partition shares its device's efficiencies
+        measured = measured_params(dev_id) if dev_id not in self.by_device else None
+        if measured is not None:
+            over.update(measured[0])
         dev_over = self.by_device.get(dev_id, {})
         over.update(dev_over)
-        fitted = sorted(set(self.by_class.get(device.kind.value, {})) | set(dev_over))
+        fitted = sorted(set(self.by_class.get(device.kind.value, {})) | set(dev_over)
+                        | set(measured[0] if measured else ()))
         return replace(base, **over, fitted=tuple(fitted))
 
     def to_dict(self) -> dict[str, Any]:

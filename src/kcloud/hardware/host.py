@@ -316,6 +316,7 @@ def measure_host(force: bool = False) -> HostMeasurement:
 def reset_host_cache() -> None:
     """Forget the measurement held in memory (the file cache stays)."""
     _MEMO.clear()
+    _PARAMS_MEMO.clear()
 
 
 # -- the device --------------------------------------------------------------------------------
@@ -372,16 +373,285 @@ def host_core_device(threads: int = 1) -> Device:
     return dataclasses.replace(host, partitions=(part,)).partition(part.name)
 
 
+
+# -- micro-calibration of the cost model's CPU parameters --------------------------------------
+#
+# The runtime runs every stage on one thread in eager PyTorch, so what matters is one core:
+# the share of the partition's peak that a single-thread matmul reaches (`matrix_eff`), the
+# share of its bandwidth share that it streams (`memory_eff`), the fixed cost of one eager
+# kernel call (`kernel_overhead_s`) and of one module forward (`inference_overhead_s`). They are
+# fitted by least squares on the log error of a few timed Linear ops of different shapes, each
+# predicted by the cost model itself. The link between two local workers (one-way latency and
+# bandwidth of a gloo send/recv over loopback) is measured by a round trip.
+
+PARAMS_CACHE_VERSION = 2
+# (batch, in features, out features) of the timed Linear ops: overhead-, memory- and
+# compute-dominated shapes.
+_PARAM_SHAPES: tuple[tuple[int, int, int], ...] = (
+    (1, 32, 32), (1, 128, 128), (1, 512, 2048), (1, 2048, 512), (8, 784, 512),
+    (32, 512, 2048), (32, 2048, 512), (128, 512, 512), (64, 1024, 1024),
+)
+_PARAM_BOUNDS: dict[str, tuple[float, float]] = {
+    "matrix_eff": (0.02, 1.0), "kernel_overhead_s": (1e-7, 1e-3),
+}
+_OP_BUDGET_S = 0.12  # per timed op
+_LINK_SIZES = (16, 65536)  # elements (fp32) of the round-trip messages
+
+
+@dataclass(frozen=True)
+class HostParams:
+    """Cost-model parameters of one host core and of the link between local workers."""
+
+    matrix_eff: float
+    kernel_overhead_s: float
+    inference_overhead_s: float
+    link_latency_s: float  # one way, one message
+    link_bw: float  # bytes/s, one direction
+    date: str
+    fit_error_pct: float = 0.0  # worst |predicted - measured| of the timed ops, percent
+    seconds: float = 0.0
+
+    @property
+    def source(self) -> str:
+        return f"measured on this host by kcloud micro-calibration {self.date}"
+
+    def overrides(self) -> dict[str, float]:
+        """The `DeviceParams` fields these measurements set."""
+        return {"matrix_eff": self.matrix_eff, "kernel_overhead_s": self.kernel_overhead_s,
+                "inference_overhead_s": self.inference_overhead_s}
+
+
+def params_cache_file() -> Path:
+    """The cache file of this host's fitted parameters (beside the host measurement)."""
+    path = cache_file()
+    return path.with_name(path.name.replace("host-", "host-params-", 1))
+
+
+def _best_time(fn: Any, budget_s: float, reps_max: int = 200) -> float:
+    """The lower quartile of repeated timings of `fn()` (robust to a busy machine)."""
+    fn()
+    fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < reps_max and (len(times) < 5 or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 4]
+
+
+def _linear_graph(b: int, k: int, n: int) -> Any:
+    from kcloud.graph.layergraph import Layer, LayerGraph, Op, OpClass
+
+    op = Op(OpClass.MATMUL, 2.0 * b * k * n, k * n + n, b * k, b * n, name="linear")
+    layer = Layer(0, "linear", "Linear", (op,), k * n + n, b * n)
+    return LayerGraph("host-calibration", (layer,), b, input_elems=b * k, output_elems=b * n)
+
+
+def _time_ops() -> tuple[list[tuple[int, int, int]], list[float], float]:
+    """Single-thread times of the Linear shapes, and of one empty module forward."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    out: list[float] = []
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            for b, k, n in _PARAM_SHAPES:
+                lin = torch.nn.Linear(k, n)
+                x = torch.randn(b, k)
+                out.append(_best_time(lambda lin=lin, x=x: lin(x), _OP_BUDGET_S))
+            lin = torch.nn.Linear(32, 32)
+            seq = torch.nn.Sequential(lin)
+            x = torch.randn(1, 32)
+            # a forward through a module tree beyond its one kernel
+            wrapped = _best_time(lambda: seq(x), _OP_BUDGET_S)
+            bare = _best_time(lambda: lin(x), _OP_BUDGET_S)
+    finally:
+        torch.set_num_threads(threads)
+    return list(_PARAM_SHAPES), out, max(wrapped - bare, 1e-7)
+
+
+def _link_round_trip() -> tuple[float, float]:
+    """(one-way latency s, bandwidth bytes/s) of gloo send/recv between two local ranks."""
+    import threading
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    timeout = timedelta(seconds=30)
+    times: dict[int, float] = {}
+    errors: list[BaseException] = []
+    pgs: list[Any] = [None, None]
+
+    def make(rank: int) -> None:
+        try:
+            pgs[rank] = dist.ProcessGroupGloo(store, rank, 2, timeout)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+    def ping(rank: int, size: int, reps: int) -> None:
+        pg = pgs[rank]
+        buf = [torch.zeros(size)]
+        best: list[float] = []
+        try:
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                if rank == 0:
+                    pg.send(buf, 1, 0).wait()
+                    pg.recv(buf, 1, 0).wait()
+                else:
+                    pg.recv(buf, 0, 0).wait()
+                    pg.send(buf, 0, 0).wait()
+                best.append(time.perf_counter() - t0)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        if rank == 0:
+            times[size] = min(best)  # the link's own cost, without scheduling noise
+
+    for size in _LINK_SIZES:
+        threads = [threading.Thread(target=ping, args=(r, size, 40)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+    small, large = (times[s] / 2.0 for s in _LINK_SIZES)  # one way
+    extra = (_LINK_SIZES[1] - _LINK_SIZES[0]) * 4.0
+    copy_bw = measure_host().memory_bw / 2.0  # no link is faster than a memory copy
+    bw = extra / (large - small) if large > small else copy_bw
+    return max(small, 1e-7), min(bw, copy_bw)
+
+
+def _fit(shapes: list[tuple[int, int, int]], measured: list[float],
+         inference_s: float) -> tuple[dict[str, float], float]:
+    import math
+
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    from kcloud.hardware.cost import CLASS_PRIORS, forward_cost
+
+    device = host_core_device(1)
+    base = dataclasses.replace(CLASS_PRIORS[DeviceKind.CPU], inference_overhead_s=0.0)
+    graphs = [_linear_graph(*sh) for sh in shapes]
+    names = list(_PARAM_BOUNDS)
+    lo = np.log([_PARAM_BOUNDS[n][0] for n in names])
+    hi = np.log([_PARAM_BOUNDS[n][1] for n in names])
+
+    def predict(x: np.ndarray) -> list[float]:
+        p = dataclasses.replace(base, **{n: float(math.exp(v)) for n, v in zip(names, x,
+                                                                              strict=True)})
+        return [forward_cost(g, device, Precision.FP32, g.batch, p).time_s for g in graphs]
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        return np.log(np.array(predict(x)) / np.array(measured))
+
+    x0 = np.log([getattr(base, n) for n in names])
+    sol = least_squares(residuals, np.clip(x0, lo + 1e-9, hi - 1e-9), bounds=(lo, hi),
+                        diff_step=1e-3, xtol=1e-10, ftol=1e-10, max_nfev=300)
+    fitted = {n: float(math.exp(v)) for n, v in zip(names, sol.x, strict=True)}
+    fitted["inference_overhead_s"] = inference_s
+    worst = max(abs(p / m - 1.0) for p, m in zip(predict(sol.x), measured, strict=True))
+    return fitted, 100.0 * worst
+
+
+def _run_param_calibration() -> HostParams:
+    start = time.perf_counter()
+    shapes, measured, inference_s = _time_ops()
+    fitted, worst = _fit(shapes, measured, inference_s)
+    latency, bw = _link_round_trip()
+    return HostParams(**fitted, link_latency_s=latency, link_bw=bw,
+                      date=_dt.date.today().isoformat(), fit_error_pct=round(worst, 2),
+                      seconds=round(time.perf_counter() - start, 3))
+
+
+_PARAMS_MEMO: dict[str, HostParams] = {}
+
+
+def measure_host_params(force: bool = False) -> HostParams:
+    """This host's fitted single-core cost parameters and local link figures.
+
+    Cached beside the host measurement (same key: CPU model, core count, torch version);
+    `force=True` measures again and rewrites the cache.
+    """
+    import torch
+
+    key = _cache_key(cpu_model(), host_cores(), torch.__version__)
+    path = params_cache_file()
+    memo_key = f"{path}|{key}"
+    if not force:
+        if memo_key in _PARAMS_MEMO:
+            return _PARAMS_MEMO[memo_key]
+        try:
+            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("version") == PARAMS_CACHE_VERSION and data.get("key") == key:
+                fields = {f.name for f in dataclasses.fields(HostParams)}
+                hp = HostParams(**{k: v for k, v in data.items() if k in fields})
+                _PARAMS_MEMO[memo_key] = hp
+                return hp
+        except (OSError, ValueError, TypeError):
+            pass
+    hp = _run_param_calibration()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": PARAMS_CACHE_VERSION, "key": key,
+                                   **dataclasses.asdict(hp)}, indent=2) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement next time
+    _PARAMS_MEMO[memo_key] = hp
+    return hp
+
+
+def host_link() -> tuple[float, float]:
+    """(bandwidth bytes/s, one-way latency s) of the link between two local workers."""
+    hp = measure_host_params()
+    return hp.link_bw, hp.link_latency_s
+
+
+def _host_overrides() -> tuple[dict[str, float], str]:
+    hp = measure_host_params()
+    return hp.overrides(), hp.source
+
+
+def _register() -> None:
+    from kcloud.hardware.cost import register_measured_params
+
+    register_measured_params(HOST_ID, _host_overrides)
+
+
+_register()
+
 __all__ = [
     "HOST_ID",
     "HostMeasurement",
+    "HostParams",
     "cache_dir",
     "cache_file",
     "cpu_model",
     "host_core_device",
     "host_cores",
     "host_device",
+    "host_link",
     "host_memory",
     "measure_host",
+    "measure_host_params",
+    "params_cache_file",
     "reset_host_cache",
 ]

@@ -1,0 +1,58 @@
+"""Host micro-calibration: fitted single-core parameters, their cache, and prediction vs run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kcloud.hardware import host
+from kcloud.hardware.catalog import get_device
+from kcloud.hardware.cost import default_calibration
+
+
+def test_fitted_parameters_are_physical_and_cached() -> None:
+    hp = host.measure_host_params()
+    assert 0.0 < hp.matrix_eff <= 1.0
+    assert hp.kernel_overhead_s > 0 and hp.inference_overhead_s > 0
+    assert hp.link_latency_s > 0 and hp.link_bw > 0
+    assert "measured on this host" in hp.source
+    path = host.params_cache_file()
+    assert path.is_file() and path.parent == host.cache_file().parent
+    assert json.loads(path.read_text())["matrix_eff"] == pytest.approx(hp.matrix_eff)
+    host.reset_host_cache()
+    again = host.measure_host_params()  # read back from the file, not measured again
+    assert again == hp
+
+
+def test_default_calibration_uses_host_parameters() -> None:
+    hp = host.measure_host_params()
+    params = default_calibration().params(get_device("host-cpu:1core"))
+    assert params.matrix_eff == pytest.approx(hp.matrix_eff)
+    assert params.kernel_overhead_s == pytest.approx(hp.kernel_overhead_s)
+    assert "matrix_eff" in params.fitted
+    assert host.host_link() == (hp.link_bw, hp.link_latency_s)
+
+
+@pytest.mark.skipif(host.host_cores() < 4, reason="a 2-stage run and its driver need 4+ cores "
+                    "to be timed without oversubscription")
+@pytest.mark.parametrize(("tp", "pp"), [(1, 2), (2, 1)])
+def test_predicted_latency_near_measured_on_local_cpu(tp: int, pp: int) -> None:
+    from kcloud.planner.api import resolve
+    from kcloud.planner.assign import build_plan
+    from kcloud.planner.baselines import _uniform
+    from kcloud.planner.evaluate import Mix
+    from kcloud.planner.goal import Goal
+    from kcloud.planner.search import make_context
+    from kcloud.precision import Precision
+    from kcloud.runtime.executor import execute
+
+    goal = Goal(objective="latency", batch=8, precision=Precision.FP32)
+    m, c = resolve("mlp", "local-cpu", goal)
+    ctx = make_context(m, c, goal, micro_batches=[8])
+    path = _uniform(ctx, 8, 0, tp, pp)
+    assert path is not None
+    plan = build_plan(ctx, Mix(((ctx.evaluate(8, path), 1),)))
+    report = execute(plan, mode="real", n_micro=20, trace_path=None)
+    ratio = plan.predicted.latency_s / report.measured["latency_s"]
+    assert 0.5 <= ratio <= 1.5, f"predicted / measured = {ratio:.2f}"
