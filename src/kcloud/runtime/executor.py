@@ -2,9 +2,10 @@
 
 One worker per device of each stage of each replica, one thread each. Micro-batches stream
 through each replica's pipeline: the first worker of a stage's group receives a micro-batch's
-tuple from the stage before (a header of kinds, dtypes and shapes first, then the tensors),
+tuple from the stage before (one flat frame per hop; see the wire format below),
 broadcasts it to its tensor-parallel peers, every worker runs its shard of the stage (the row
-Linears all-reduce over the group), and the first worker sends the tuple on. Data-parallel
+Linears all-reduce over the group), and the first worker sends the tuple on without waiting for it
+to arrive, so that the next micro-batch's compute overlaps the hop. Data-parallel
 replicas take consecutive slices of the batch. The driver checks the outputs against the
 single-process model, and reports measured times per stage and a timeline.
 
@@ -15,6 +16,7 @@ the plan's device types (`execute(..., ray_address=...)`); both run `run_worker`
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import queue as queue_mod
@@ -55,18 +57,29 @@ FP32_TOLERANCE = 1e-4
 
 
 # ---- wire format ---------------------------------------------------------------------------
+#
+# A tuple travels as one flat byte frame: an int64 flag, then each item (a tensor, or any other
+# value pickled into bytes) at an 8-byte aligned offset. Where the items sit follows from a
+# header of kinds, dtypes and shapes, which both ends keep: a stage's outputs have the same
+# shapes micro-batch after micro-batch, so a hop is one message, and the receiver posts the
+# next one's receive before it needs it. When the header changes (the first micro-batch, a
+# smaller last one, a pickled value of another length), the sender fills the frame the
+# receiver expects with the flag set to the new header's length, then sends the header and the
+# frame in its new layout.
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
            torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
 _TENSOR, _OBJECT = 0, 1
+_FLAG = 8  # bytes of the flag that starts every frame (and the alignment of its items)
+
+Span = tuple[int, torch.dtype, list[int], int, int]  # kind, dtype, shape, offset, bytes
 
 
-def send_tuple(values: tuple[Any, ...], dst: int) -> None:
-    """Send a tuple: its header length, the header (kind, dtype, ndim, dims per item), then
-    each item (a tensor, or any other value pickled into bytes)."""
+def _encode(values: tuple[Any, ...]) -> tuple[list[int], list[torch.Tensor]]:
+    """The header (length, then kind, dtype, ndim, dims per item) and the items as tensors."""
     header: list[int] = [len(values)]
-    payload: list[torch.Tensor] = []
+    items: list[torch.Tensor] = []
     for v in values:
         if isinstance(v, torch.Tensor) and v.dtype in _DTYPE_CODE:
             t = v.detach().to("cpu").contiguous()
@@ -74,70 +87,143 @@ def send_tuple(values: tuple[Any, ...], dst: int) -> None:
         else:
             t = torch.frombuffer(bytearray(pickle.dumps(v)), dtype=torch.uint8)
             header += [_OBJECT, _DTYPE_CODE[torch.uint8], 1, t.numel()]
-        payload.append(t)
-    h = torch.tensor(header, dtype=torch.int64)
-    dist.send(torch.tensor([h.numel()], dtype=torch.int64), dst)
-    dist.send(h, dst)
-    for t in payload:
-        if t.numel():
-            dist.send(t, dst)
+        items.append(t)
+    return header, items
 
 
-def recv_tuple(src: int) -> tuple[Any, ...]:
-    n = torch.empty(1, dtype=torch.int64)
-    dist.recv(n, src)
-    h = torch.empty(int(n.item()), dtype=torch.int64)
-    dist.recv(h, src)
-    header = h.tolist()
-    out: list[Any] = []
-    i = 1
+def _spans(header: list[int]) -> tuple[list[Span], int]:
+    """Where each item of a frame sits, and the frame's size in bytes."""
+    spans: list[Span] = []
+    i, off = 1, _FLAG
     for _ in range(header[0]):
-        kind, code, ndim = header[i], header[i + 1], header[i + 2]
+        kind, dtype, ndim = header[i], _DTYPES[header[i + 1]], header[i + 2]
         shape = header[i + 3 : i + 3 + ndim]
         i += 3 + ndim
-        t = torch.empty(shape, dtype=_DTYPES[code])
-        if t.numel():
-            dist.recv(t, src)
+        nbytes = math.prod(shape) * dtype.itemsize
+        spans.append((kind, dtype, shape, off, nbytes))
+        off += -(-nbytes // _FLAG) * _FLAG
+    return spans, off
+
+
+def _pack(items: list[torch.Tensor], spans: list[Span], size: int) -> torch.Tensor:
+    frame = torch.empty(size, dtype=torch.uint8)
+    frame[:_FLAG].view(torch.int64).zero_()
+    for t, (_, _, _, off, nbytes) in zip(items, spans, strict=True):
+        if nbytes:
+            frame[off : off + nbytes].copy_(t.reshape(-1).view(torch.uint8))
+    return frame
+
+
+def _flag(frame: torch.Tensor) -> int:
+    return int(frame[:_FLAG].view(torch.int64).item())
+
+
+def _unpack(frame: torch.Tensor, spans: list[Span]) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for kind, dtype, shape, off, nbytes in spans:
+        t = frame[off : off + nbytes].view(dtype).reshape(shape)
         out.append(t if kind == _TENSOR else pickle.loads(t.numpy().tobytes()))
     return tuple(out)
 
 
+class TupleSender:
+    """Sends tuples to one peer without blocking: a send returns once its messages are posted,
+    and the stage computes the next micro-batch while they travel. Each send first waits for
+    the previous one; `wait` waits for the last."""
+
+    def __init__(self, dst: int) -> None:
+        self.dst = dst
+        self.header: list[int] | None = None
+        self.size = _FLAG  # of the frame the receiver has posted (or will post) next
+        self.pending: list[tuple[Any, torch.Tensor]] = []  # (work, buffer it sends)
+
+    def send(self, values: tuple[Any, ...]) -> None:
+        header, items = _encode(values)
+        spans, size = _spans(header)
+        frame = _pack(items, spans, size)
+        self.wait()
+        if header != self.header:  # the frame the receiver expects, flagged; the header
+            notice = torch.zeros(self.size, dtype=torch.uint8)
+            notice[:_FLAG].view(torch.int64).fill_(len(header))
+            self._post(notice)
+            self._post(torch.tensor(header, dtype=torch.int64))
+            self.header, self.size = header, size
+        self._post(frame)
+
+    def _post(self, buf: torch.Tensor) -> None:
+        self.pending.append((dist.isend(buf, self.dst), buf))
+
+    def wait(self) -> None:
+        while self.pending:
+            work, _ = self.pending.pop(0)
+            work.wait()
+
+
+class TupleReceiver:
+    """Receives the tuples of a `TupleSender`. `recv(ahead=True)` posts the receive of the
+    next tuple before returning, in the layout of this one."""
+
+    def __init__(self, src: int) -> None:
+        self.src = src
+        self.spans: list[Span] = []
+        self.size = _FLAG
+        self.posted: tuple[Any, torch.Tensor] | None = None
+
+    def _post(self) -> None:
+        frame = torch.empty(self.size, dtype=torch.uint8)
+        self.posted = (dist.irecv(frame, self.src), frame)
+
+    def recv(self, ahead: bool = False) -> tuple[Any, ...]:
+        if self.posted is None:
+            self._post()
+        assert self.posted is not None
+        work, frame = self.posted
+        self.posted = None
+        work.wait()
+        n = _flag(frame)
+        if n:  # a new layout: its header, then the frame
+            h = torch.empty(n, dtype=torch.int64)
+            dist.recv(h, self.src)
+            self.spans, self.size = _spans(h.tolist())
+            frame = torch.empty(self.size, dtype=torch.uint8)
+            dist.recv(frame, self.src)
+        out = _unpack(frame, self.spans)
+        if ahead:
+            self._post()
+        return out
+
+
+def send_tuple(values: tuple[Any, ...], dst: int) -> None:
+    """Send one tuple and wait until it is sent (a `TupleSender` of its own)."""
+    sender = TupleSender(dst)
+    sender.send(values)
+    sender.wait()
+
+
+def recv_tuple(src: int) -> tuple[Any, ...]:
+    """Receive a tuple of `send_tuple`."""
+    return TupleReceiver(src).recv()
+
+
 def broadcast_tuple(values: tuple[Any, ...] | None, src: int, group: Any) -> tuple[Any, ...]:
-    """`values` of rank `src` on every rank of `group` (the others pass None)."""
+    """`values` of rank `src` on every rank of `group` (the others pass None): the header's
+    length, the header, then the frame."""
     if values is not None:
-        header: list[int] = [len(values)]
-        payload: list[torch.Tensor] = []
-        for v in values:
-            if isinstance(v, torch.Tensor) and v.dtype in _DTYPE_CODE:
-                t = v.detach().to("cpu").contiguous()
-                header += [_TENSOR, _DTYPE_CODE[t.dtype], t.dim(), *t.shape]
-            else:
-                t = torch.frombuffer(bytearray(pickle.dumps(v)), dtype=torch.uint8)
-                header += [_OBJECT, _DTYPE_CODE[torch.uint8], 1, t.numel()]
-            payload.append(t)
-        h = torch.tensor(header, dtype=torch.int64)
-        dist.broadcast(torch.tensor([h.numel()], dtype=torch.int64), src, group=group)
-        dist.broadcast(h, src, group=group)
-        for t in payload:
-            if t.numel():
-                dist.broadcast(t, src, group=group)
+        header, items = _encode(values)
+        spans, size = _spans(header)
+        frame = _pack(items, spans, size)
+        dist.broadcast(torch.tensor([len(header)], dtype=torch.int64), src, group=group)
+        dist.broadcast(torch.tensor(header, dtype=torch.int64), src, group=group)
+        dist.broadcast(frame, src, group=group)
         return tuple(values)
     n = torch.empty(1, dtype=torch.int64)
     dist.broadcast(n, src, group=group)
     h = torch.empty(int(n.item()), dtype=torch.int64)
     dist.broadcast(h, src, group=group)
-    header = h.tolist()
-    out: list[Any] = []
-    i = 1
-    for _ in range(header[0]):
-        kind, code, ndim = header[i], header[i + 1], header[i + 2]
-        shape = header[i + 3 : i + 3 + ndim]
-        i += 3 + ndim
-        t = torch.empty(shape, dtype=_DTYPES[code])
-        if t.numel():
-            dist.broadcast(t, src, group=group)
-        out.append(t if kind == _TENSOR else pickle.loads(t.numpy().tobytes()))
-    return tuple(out)
+    spans, size = _spans(h.tolist())
+    frame = torch.empty(size, dtype=torch.uint8)
+    dist.broadcast(frame, src, group=group)
+    return _unpack(frame, spans)
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -239,6 +325,8 @@ def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerRe
         events: list[tuple[str, int, int, int]] = []  # (action, micro-batch, start, end) ns
         outputs: list[Any] = []
         clock = time.perf_counter_ns
+        receiver = TupleReceiver(spec.prev) if spec.prev is not None and spec.leads else None
+        sender = TupleSender(spec.next) if spec.next is not None and spec.leads else None
         with torch.inference_mode():
             for m in range(spec.n_micro):
                 if spec.prev is None:
@@ -247,7 +335,8 @@ def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerRe
                 else:
                     step = f"receive of micro-batch {m}"
                     t0 = clock()
-                    got = recv_tuple(spec.prev) if spec.leads else None
+                    ahead = m + 1 < spec.n_micro  # post the next receive now
+                    got = receiver.recv(ahead) if receiver is not None else None
                     x = broadcast_tuple(got, src, group) if tp > 1 else got
                     assert x is not None
                     events.append(("R", m, t0, clock()))
@@ -262,14 +351,16 @@ def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerRe
                 events.extend(("AR", m, a, b) for a, b in ar_log)
                 if not spec.leads:
                     continue
-                if spec.next is not None:
+                if sender is not None:  # returns once posted: the next compute overlaps it
                     step = f"send of micro-batch {m}"
                     t0 = clock()
-                    send_tuple(y, spec.next)
+                    sender.send(y)
                     events.append(("S", m, t0, clock()))
                 else:
                     outputs.append(_detach(y[0]))
         step = "finish"
+        if sender is not None:
+            sender.wait()
         last = spec.next is None and spec.leads
         result: WorkerResult = ("done", spec.rank, _to_bytes(outputs) if last else None, events)
         dist.barrier()
