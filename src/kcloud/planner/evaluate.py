@@ -70,14 +70,8 @@ class Template:
 
     def objective(self, name: str) -> float:
         """The figure `name` optimizes, as a value to minimize."""
-        if name == "latency":
-            return self.request_latency_s
-        if name == "throughput":
-            return -self.throughput
-        if name == "energy":
-            return self.energy_per_item_j
-        c = self.cost_per_item
-        return math.inf if c is None else c
+        return objective_value(name, self.request_latency_s, self.throughput,
+                               self.energy_per_item_j, self.cost_per_item)
 
     def describe(self, short: bool = False) -> str:
         """'furiosa-rngd x4 [0:40) -> nvidia-a100-sxm-80gb x8 [40:83), micro-batch 8', or with
@@ -93,6 +87,18 @@ class Template:
         text = [f"{k} ({n} stages)" if short and n != 1 else (k if short else f"{k} {r}")
                 for k, n, r in parts]
         return " -> ".join(text) + f", micro-batch {self.b}"
+
+
+def objective_value(name: str, latency_s: float, throughput: float, energy_j: float,
+                    cost: float | None) -> float:
+    """The figure objective `name` optimizes, as a value to minimize."""
+    if name == "latency":
+        return latency_s
+    if name == "throughput":
+        return -throughput
+    if name == "energy":
+        return energy_j
+    return math.inf if cost is None else cost
 
 
 def queue_periods(batch: int, b: int) -> int:
@@ -195,14 +201,8 @@ class Mix:
         return out
 
     def objective(self, name: str) -> float:
-        if name == "latency":
-            return self.latency_s
-        if name == "throughput":
-            return -self.throughput
-        if name == "energy":
-            return self.energy_per_item_j
-        c = self.cost_per_item
-        return math.inf if c is None else c
+        return objective_value(name, self.latency_s, self.throughput, self.energy_per_item_j,
+                               self.cost_per_item)
 
 
 def mix_of(templates: Sequence[Template], counts: Sequence[int]) -> Mix:
