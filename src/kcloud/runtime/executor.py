@@ -632,6 +632,10 @@ def execute(
         notes.append("tensor-parallel stages: MLP and attention-head Linears sharded over "
                      "their group; norms, embeddings, convolutions and heads run replicated "
                      "on every device of the group")
+    if plan.output_tokens:
+        notes.append(f"this run executes the prompt (prefill) only; the plan's predicted "
+                     f"figures include {plan.output_tokens} decode steps per request, so "
+                     "measured and predicted are not comparable for this plan")
     timeline = {s.rank: results[s.rank][1] for s in specs}
     measured = _measured(plan, specs, timeline, n)
     trace_file = None
@@ -777,7 +781,7 @@ def _measured(plan: Plan, specs: list[WorkerSpec], timeline: dict[int, list[Any]
     unit = "samples/s"
     if plan.predicted.unit == "tokens/s" and plan.seq_len:
         items *= plan.seq_len
-        unit = "tokens/s"
+        unit = "prompt tokens/s" if plan.output_tokens else "tokens/s"
     return {"latency_s": _median(lat), "throughput": items / span if span > 0 else 0.0,
             "unit": unit, "wall_s": span, "figures": "measured"}
 
