@@ -16,13 +16,16 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kcloud.errors import CatalogError
 from kcloud.hardware.device import Device, DeviceKind, Figure, Partition
 from kcloud.precision import Precision
+
+T = TypeVar("T")
 
 HOST_ID = "host-cpu"
 ENV_CACHE_DIR = "KCLOUD_CACHE_DIR"
@@ -177,25 +180,23 @@ def cache_file() -> Path:
     return cache_dir() / f"host-{digest}.json"
 
 
-def _read_cache(path: Path, key: str) -> HostMeasurement | None:
+def _read_cache(path: Path, key: str, version: int, cls: type[T]) -> T | None:
+    """A dataclass cached as JSON at `path` for this `key` and format `version`, or None."""
     try:
         data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if data.get("version") != CACHE_VERSION or data.get("key") != key:
+    if data.get("version") != version or data.get("key") != key:
         return None
-    fields = {f.name for f in dataclasses.fields(HostMeasurement)}
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     try:
-        m = HostMeasurement(**{k: v for k, v in data.items() if k in fields})
+        return cls(**{k: v for k, v in data.items() if k in fields})
     except TypeError:
         return None
-    if not (m.fp32_flops > 0 and m.memory_bw > 0):
-        return None
-    return m
 
 
-def _write_cache(path: Path, key: str, m: HostMeasurement) -> None:
-    data = {"version": CACHE_VERSION, "key": key, **dataclasses.asdict(m)}
+def _write_cache(path: Path, key: str, version: int, value: Any) -> None:
+    data = {"version": version, "key": key, **dataclasses.asdict(value)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -203,6 +204,26 @@ def _write_cache(path: Path, key: str, m: HostMeasurement) -> None:
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs a re-measurement next time
+
+
+def _cached(path: Path, version: int, cls: type[T], memo: dict[str, T], force: bool,
+            run: Callable[[], T], valid: Callable[[T], bool] = lambda _: True) -> T:
+    """Memory memo, then the file cache (same CPU model, cores, torch), else `run()` and store."""
+    import torch
+
+    key = _cache_key(cpu_model(), host_cores(), torch.__version__)
+    memo_key = f"{path}|{key}"
+    if not force:
+        if memo_key in memo:
+            return memo[memo_key]
+        cached = _read_cache(path, key, version, cls)
+        if cached is not None and valid(cached):
+            memo[memo_key] = cached
+            return cached
+    value = run()
+    _write_cache(path, key, version, value)
+    memo[memo_key] = value
+    return value
 
 
 # -- micro-benchmark ---------------------------------------------------------------------------
@@ -295,22 +316,8 @@ def measure_host(force: bool = False) -> HostMeasurement:
     Read from the cache when a run for this CPU model, core count and torch version is there;
     `force=True` measures again and rewrites the cache.
     """
-    import torch
-
-    key = _cache_key(cpu_model(), host_cores(), torch.__version__)
-    path = cache_file()
-    memo_key = f"{path}|{key}"
-    if not force:
-        if memo_key in _MEMO:
-            return _MEMO[memo_key]
-        cached = _read_cache(path, key)
-        if cached is not None:
-            _MEMO[memo_key] = cached
-            return cached
-    m = _run_benchmark()
-    _write_cache(path, key, m)
-    _MEMO[memo_key] = m
-    return m
+    return _cached(cache_file(), CACHE_VERSION, HostMeasurement, _MEMO, force, _run_benchmark,
+                   lambda m: m.fp32_flops > 0 and m.memory_bw > 0)
 
 
 def reset_host_cache() -> None:
@@ -588,35 +595,8 @@ def measure_host_params(force: bool = False) -> HostParams:
     Cached beside the host measurement (same key: CPU model, core count, torch version);
     `force=True` measures again and rewrites the cache.
     """
-    import torch
-
-    key = _cache_key(cpu_model(), host_cores(), torch.__version__)
-    path = params_cache_file()
-    memo_key = f"{path}|{key}"
-    if not force:
-        if memo_key in _PARAMS_MEMO:
-            return _PARAMS_MEMO[memo_key]
-        try:
-            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("version") == PARAMS_CACHE_VERSION and data.get("key") == key:
-                fields = {f.name for f in dataclasses.fields(HostParams)}
-                hp = HostParams(**{k: v for k, v in data.items() if k in fields})
-                _PARAMS_MEMO[memo_key] = hp
-                return hp
-        except (OSError, ValueError, TypeError):
-            pass
-    hp = _run_param_calibration()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": PARAMS_CACHE_VERSION, "key": key,
-                                   **dataclasses.asdict(hp)}, indent=2) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs a re-measurement next time
-    _PARAMS_MEMO[memo_key] = hp
-    return hp
+    return _cached(params_cache_file(), PARAMS_CACHE_VERSION, HostParams, _PARAMS_MEMO, force,
+                   _run_param_calibration)
 
 
 def host_link() -> tuple[float, float]:
