@@ -501,13 +501,16 @@ def _link_round_trip() -> tuple[float, float]:
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    def on_both_ranks(target: Any, *args: Any) -> None:
+        threads = [threading.Thread(target=target, args=(r, *args)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    on_both_ranks(make)
 
     def ping(rank: int, size: int, reps: int) -> None:
         pg = pgs[rank]
@@ -529,13 +532,7 @@ def _link_round_trip() -> tuple[float, float]:
             times[size] = min(best)  # the link's own cost, without scheduling noise
 
     for size in _LINK_SIZES:
-        threads = [threading.Thread(target=ping, args=(r, size, 40)) for r in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        on_both_ranks(ping, size, 40)
     small, large = (times[s] / 2.0 for s in _LINK_SIZES)  # one way
     extra = (_LINK_SIZES[1] - _LINK_SIZES[0]) * 4.0
     copy_bw = measure_host().memory_bw / 2.0  # no link is faster than a memory copy
