@@ -113,3 +113,33 @@ def test_estimated_catalog_figure_marks_the_prediction():
     assert p.estimated and "memory_bw" in p.estimated_fields
     q = predict_graph(g, make_device(), "offline", calibration=Calibration())
     assert not q.estimated
+
+
+def test_serial_share_adds_memory_to_compute_instead_of_hiding_it():
+    from dataclasses import replace
+
+    g = mlp_graph(hidden=1024)
+    dev = make_device(bw=100e9, sram=None)
+    overlap = replace(PARAMS, serial_share=0.0)
+    serial = replace(PARAMS, serial_share=1.0)
+    t = layer_table(g, dev, Precision.FP16, 16, overlap)
+    compute, memory = float(t.compute.sum()), float(t.mem_str.sum())
+    both = compute + memory
+    a = forward_cost(g, dev, Precision.FP16, 16, overlap)
+    b = forward_cost(g, dev, Precision.FP16, 16, serial)
+    # with overlap an op takes the longer of its two times; without, their sum
+    assert a.time_s - a.overhead_s < both * 0.999
+    assert b.time_s - b.overhead_s == pytest.approx(both, rel=1e-9)
+
+
+def test_eager_elementwise_ops_cost_a_kernel_each():
+    from dataclasses import replace
+
+    g = mlp_graph(n_layers=3)
+    dev = make_device()
+    fused = replace(PARAMS, elementwise_kernels=0.0)
+    eager = replace(PARAMS, elementwise_kernels=1.0)
+    a = forward_cost(g, dev, Precision.FP16, 1, fused)
+    b = forward_cost(g, dev, Precision.FP16, 1, eager)
+    # one elementwise op per layer: 3 more kernels
+    assert b.overhead_s - a.overhead_s == pytest.approx(3 * PARAMS.kernel_overhead_s)

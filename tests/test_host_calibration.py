@@ -16,6 +16,7 @@ def test_fitted_parameters_are_physical_and_cached() -> None:
     assert 0.0 < hp.matrix_eff <= 1.0
     assert hp.kernel_overhead_s > 0 and hp.inference_overhead_s > 0
     assert hp.link_latency_s > 0 and hp.link_bw > 0
+    assert hp.collective_latency_s >= hp.link_latency_s
     assert "measured on this host" in hp.source
     path = host.params_cache_file()
     assert path.is_file() and path.parent == host.cache_file().parent
@@ -31,7 +32,7 @@ def test_default_calibration_uses_host_parameters() -> None:
     assert params.matrix_eff == pytest.approx(hp.matrix_eff)
     assert params.kernel_overhead_s == pytest.approx(hp.kernel_overhead_s)
     assert "matrix_eff" in params.fitted
-    assert host.host_link() == (hp.link_bw, hp.link_latency_s)
+    assert host.host_link() == (hp.link_bw, hp.link_latency_s, hp.collective_latency_s)
 
 
 @pytest.mark.skipif(host.host_cores() < 4, reason="a 2-stage run and its driver need 4+ cores "
@@ -56,3 +57,11 @@ def test_predicted_latency_near_measured_on_local_cpu(tp: int, pp: int) -> None:
     report = execute(plan, mode="real", n_micro=20, trace_path=None)
     ratio = plan.predicted.latency_s / report.measured["latency_s"]
     assert 0.5 <= ratio <= 1.5, f"predicted / measured = {ratio:.2f}"
+
+
+def test_fitted_cpu_model_reproduces_the_timed_chains() -> None:
+    hp = host.measure_host_params()
+    # nine chains from overhead- to memory- to compute-bound, seven parameters: a physical
+    # model fits them all; a wrong one (no weight streaming, no small-batch fill) misses by 2x
+    assert hp.fit_error_pct < 40.0
+    assert 0.0 <= hp.serial_share <= 1.0 and 0.0 < hp.memory_eff <= 1.0

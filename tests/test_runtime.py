@@ -208,3 +208,45 @@ def test_cli_run_real_mode_names_absent_devices(tmp_path: Path) -> None:
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert err.count("\n") == 0 and "furiosa-rngd" in err and "--mode emulated" in err
+
+
+def test_run_loads_a_local_checkpoint(tmp_path: Path) -> None:
+    from kcloud.runtime.model import load_runnable
+
+    module, _ = load_runnable("mlp", batch=2)
+    torch.manual_seed(7)
+    state = {k: torch.randn_like(v) for k, v in module.state_dict().items()}
+    ckpt = tmp_path / "mlp.pt"
+    torch.save({"state_dict": state}, ckpt)
+    plan = _plan("mlp", _layers("mlp"), [3])
+    report = execute(plan, mode="real", n_micro=2, trace_path=None, weights=ckpt, probes=1)
+    assert report.reference_ok
+    # the outputs are those of the checkpoint's weights, not of the seeded random ones
+    module.load_state_dict(state)
+    from kcloud.runtime.model import micro_batches
+
+    _, example = load_runnable("mlp", batch=2)
+    with torch.inference_mode():
+        want = module(*micro_batches(example, 1)[0])
+    assert torch.allclose(report.outputs[0], want, atol=1e-5)
+    assert report.measured["latency_probes"] == 1
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    ("not a checkpoint", "cannot read checkpoint"),
+    ({"fc.weight": "x"}, "holds no state dict"),
+    ({"input_proj.weight": torch.zeros(3, 3)}, "does not fit the model"),
+])
+def test_bad_checkpoint_is_one_line(content: object, says: str, tmp_path: Path) -> None:
+    from kcloud.runtime.model import load_checkpoint, load_runnable
+
+    ckpt = tmp_path / "bad.pt"
+    if isinstance(content, str):
+        ckpt.write_text(content)
+    else:
+        torch.save(content, ckpt)
+    module, _ = load_runnable("mlp", batch=1)
+    with pytest.raises(KCloudError) as err:
+        load_checkpoint(module, ckpt)
+    msg = str(err.value)
+    assert says in msg and "\n" not in msg

@@ -84,7 +84,9 @@ def show(
         t.add_column(col)
     for n in c.nodes:
         t.add_row(escape(n.name), escape(", ".join(f"{k} x {d}" for d, k in n.devices)),
-                  escape(f"{n.link.name or 'link'}: {_link(n.link.bandwidth, n.link.latency)}"))
+                  escape(f"{n.link.name or 'link'}: {_link(n.link.bandwidth, n.link.latency)}"
+                         + (f", all-reduce {n.link.collective_s * 1e6:,.3g} us"
+                            if n.link.collective_latency is not None else "")))
     console.print(t)
     kinds = Table(title="device types", header_style="bold", title_justify="left")
     for col in ("id", "kind", "count", "memory", "domestic"):

@@ -52,6 +52,11 @@ def run(
         "emulated",
     batches: Annotated[int | None, typer.Option(
         "--batches", help="Micro-batches per replica (default: batch / micro-batch)")] = None,
+    warmup: Annotated[int, typer.Option(
+        "--warmup", help="Untimed micro-batches through every stage before the timed ones")] = 2,
+    weights: Annotated[Path | None, typer.Option(
+        "--weights", help="Local checkpoint to load first: a state dict (.pt, .pth, .bin) "
+        "or .safetensors; default: random weights from a fixed seed")] = None,
     trace: Annotated[Path, typer.Option("--trace", help="Chrome trace file to write")] =
         Path("kcloud-trace.json"),
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout")] = False,
@@ -75,7 +80,7 @@ def run(
                           min_domestic_share, precision, input_tokens, output_tokens)
     plan, search_time_s = _plan_to_run(plan_file, model, cluster, goal)
     report = execute(plan, mode=mode, n_micro=batches, trace_path=trace,
-                     ray_address=ray_address)
+                     ray_address=ray_address, warmup=warmup, weights=weights)
     if as_json:
         doc = report.to_dict()
         if search_time_s is not None:

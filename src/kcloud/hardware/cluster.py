@@ -32,6 +32,12 @@ class Link:
     bandwidth: float  # bytes/s, one direction
     latency: float  # seconds
     name: str = ""
+    collective_latency: float | None = None  # s, one small all-reduce (None: `latency`)
+
+    @property
+    def collective_s(self) -> float:
+        """Fixed time of one collective call among devices on this link."""
+        return self.latency if self.collective_latency is None else self.collective_latency
 
     def transfer_s(self, nbytes: float) -> float:
         return self.latency + nbytes / self.bandwidth
@@ -113,7 +119,9 @@ class Cluster:
                         "latency_s": self.network.latency},
             "nodes": [{"name": n.name, "devices": dict(n.devices),
                        "link": {"name": n.link.name, "bandwidth_Bps": n.link.bandwidth,
-                                "latency_s": n.link.latency}} for n in self.nodes],
+                                "latency_s": n.link.latency,
+                                "collective_latency_s": n.link.collective_s}}
+                      for n in self.nodes],
         }
 
 
@@ -125,10 +133,12 @@ class _LinkSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     bandwidth_gbps: float = Field(gt=0)
     latency_us: float = Field(default=5.0, ge=0)
+    collective_latency_us: float | None = Field(default=None, ge=0)
     name: str = ""
 
     def build(self) -> Link:
-        return Link(self.bandwidth_gbps * 1e9, self.latency_us * 1e-6, self.name)
+        coll = None if self.collective_latency_us is None else self.collective_latency_us * 1e-6
+        return Link(self.bandwidth_gbps * 1e9, self.latency_us * 1e-6, self.name, coll)
 
 
 class _NodeSpec(BaseModel):
@@ -216,9 +226,9 @@ def local_cpu_spec(cores: int | None = None) -> dict[str, Any]:
     from kcloud.hardware.host import host_link
 
     n = cores or os.cpu_count() or 1
-    bw, lat = host_link()
+    bw, lat, coll = host_link()
     link = {"bandwidth_gbps": bw / 1e9, "latency_us": lat * 1e6,
-            "name": "loopback (measured)"}
+            "collective_latency_us": coll * 1e6, "name": "loopback (measured)"}
     return {
         "name": "local-cpu",
         "network": link,

@@ -19,6 +19,10 @@ Per op, a roofline with calibrated efficiencies:
   vector units at `vector_ratio` x the matrix peak.
 - Fixed costs: `kernel_overhead_s` per compute kernel (launch / sync / DMA setup) and
   `inference_overhead_s` per forward pass (host dispatch).
+- CPUs (eager PyTorch, one thread per stage) differ in two ways, each a parameter whose
+  accelerator default leaves the formulas above unchanged: a core packs its operands and then
+  computes on them, so memory and compute time add (`serial_share`); and every elementwise op
+  is a kernel of its own that moves its activations (`elementwise_kernels`).
 
 Power = idle + (max - idle) * activity, with activity = 1 - (1 - u_compute) * (1 - k * u_memory):
 busy matrix units draw full dynamic power, streaming memory draws a share `k` of it.
@@ -62,6 +66,13 @@ class DeviceParams:
     k_half: float  # reduction length at which a matrix op reaches half its efficiency
     sram_usable: float  # share of on-chip SRAM available for reuse
     memory_power_share: float  # dynamic power of streaming memory relative to compute
+    # Share of the shorter of an op's compute and memory times that the longer does not hide
+    # (0: DMA engines stream while the matrix units work; 1: a CPU core packs its operands,
+    # then computes on them).
+    serial_share: float = 0.0
+    # Share of elementwise ops that run as kernels of their own, reading and writing their
+    # activations (0: fused into their producers by a compiler; 1: eager execution).
+    elementwise_kernels: float = 0.0
     fitted: tuple[str, ...] = ()  # the fields that calibration fitted for this device
 
     def efficiency(self, op_class: OpClass) -> float:
@@ -95,6 +106,7 @@ CLASS_PRIORS: dict[DeviceKind, DeviceParams] = {
         matrix_eff=0.8, matmul_factor=1.0, attention_factor=0.7, memory_eff=0.8,
         vector_ratio=1 / 4, kernel_overhead_s=8e-6, inference_overhead_s=30e-6,
         sat_elems=4.0e3, k_half=16.0, sram_usable=0.5, memory_power_share=0.5,
+        serial_share=1.0, elementwise_kernels=1.0,
     ),
 }
 
@@ -177,7 +189,8 @@ class _OpArrays:
     layer_of_op: np.ndarray  # layer index of each op
     n_layers: int
     layer_weights: np.ndarray  # parameters per layer
-    layer_kernels: np.ndarray  # compute kernels per layer (elementwise ops are fused)
+    layer_kernels: np.ndarray  # compute kernels per layer (elementwise ops not counted)
+    layer_elementwise: np.ndarray  # elementwise ops per layer
     layer_comm: np.ndarray  # elements all-reduced per layer under tensor parallelism
     layer_collectives: np.ndarray  # collectives per layer under tensor parallelism
     cut_elems: np.ndarray  # elements crossing a cut after each layer
@@ -210,6 +223,9 @@ def _arrays(graph: LayerGraph) -> _OpArrays:
         layer_weights=np.array([layer.params for layer in graph.layers], dtype=np.float64),
         layer_kernels=np.array(
             [sum(1 for o in layer.ops if o.op_class is not OpClass.ELEMENTWISE)
+             for layer in graph.layers], dtype=np.float64),
+        layer_elementwise=np.array(
+            [sum(1 for o in layer.ops if o.op_class is OpClass.ELEMENTWISE)
              for layer in graph.layers], dtype=np.float64),
         layer_comm=np.array([sum(g.comm_elems for g in layer.tp) for layer in graph.layers],
                             dtype=np.float64),
@@ -361,7 +377,8 @@ def layer_table(
     budget = sram / 2
     per_sample = a.act / graph.batch / tp * prec.act_bytes
     elementwise = a.cls == _CLASS_INDEX[OpClass.ELEMENTWISE]
-    act_dram = np.where(elementwise, 0.0, batch * np.maximum(0.0, per_sample - budget))
+    act_dram = batch * np.maximum(0.0, per_sample - budget)
+    act_dram = np.where(elementwise, params.elementwise_kernels * act_dram, act_dram)
     if budget > 0:
         tile = np.maximum(1.0, np.floor(budget / np.maximum(per_sample, 1e-9)))
         passes = np.ceil(batch / np.minimum(tile, batch))
@@ -370,7 +387,11 @@ def layer_table(
     base_dram = act_dram + a.kv * scale * prec.kv_bytes
     w_dram = a.weights * prec.weight_bytes / tp * passes
     mem_res, mem_str = base_dram / bw, (base_dram + w_dram) / bw
-    t_res, t_str = np.maximum(compute, mem_res), np.maximum(compute, mem_str)
+
+    def op_time(mem: np.ndarray) -> np.ndarray:
+        return np.maximum(compute, mem) + params.serial_share * np.minimum(compute, mem)
+
+    t_res, t_str = op_time(mem_res), op_time(mem_str)
 
     n = a.n_layers
 
@@ -393,7 +414,8 @@ def layer_table(
         cbound_res=per_layer(np.where(compute >= mem_res, t_res, 0.0)),
         cbound_str=per_layer(np.where(compute >= mem_str, t_str, 0.0)),
         dram_res=per_layer(base_dram), dram_str=per_layer(base_dram + w_dram),
-        kernel_s=a.layer_kernels * params.kernel_overhead_s,
+        kernel_s=(a.layer_kernels + params.elementwise_kernels * a.layer_elementwise)
+        * params.kernel_overhead_s,
         comm_s=comm,
         flops=per_layer(a.flops * scale),
         weight_bytes=a.layer_weights * prec.weight_bytes / tp,

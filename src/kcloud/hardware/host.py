@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import queue as queue_mod
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -385,24 +386,34 @@ def host_core_device(threads: int = 1) -> Device:
 #
 # The runtime runs every stage on one thread in eager PyTorch, so what matters is one core:
 # the share of the partition's peak that a single-thread matmul reaches (`matrix_eff`), the
-# share of its bandwidth share that it streams (`memory_eff`), the fixed cost of one eager
-# kernel call (`kernel_overhead_s`) and of one module forward (`inference_overhead_s`). They are
-# fitted by least squares on the log error of a few timed Linear ops of different shapes, each
-# predicted by the cost model itself. The link between two local workers (one-way latency and
-# bandwidth of a gloo send/recv over loopback) is measured by a round trip.
+# share of its bandwidth share that it streams from DRAM (`memory_eff`), how much of the time
+# spent fetching weights the compute does not hide (`serial_share`), how much of its share of
+# the last-level cache holds weights across passes (`sram_usable`), the output size a matmul
+# needs to reach full speed (`sat_elems`: small-batch GEMMs underuse the kernels), the fixed cost of
+# one eager kernel call (`kernel_overhead_s`) and of one module forward
+# (`inference_overhead_s`). They are fitted by least squares on the log error of timed chains
+# of MLP blocks (norm, Linear, GELU, Linear), each captured and predicted by the cost model
+# itself. The chains run the way a stage runs them: layer after layer, weights not warm in the
+# cache unless they all fit, and sizes span overhead-, memory- and compute-bound work. The
+# link between two local workers (one-way latency and bandwidth of a gloo send/recv over
+# loopback, and the latency of one small all-reduce) is measured between two worker processes
+# with a little compute between messages, as the runtime's workers talk: scheduling and
+# wake-up delays of this machine are part of it.
 
-PARAMS_CACHE_VERSION = 2
-# (batch, in features, out features) of the timed Linear ops: overhead-, memory- and
-# compute-dominated shapes.
-_PARAM_SHAPES: tuple[tuple[int, int, int], ...] = (
-    (1, 32, 32), (1, 128, 128), (1, 512, 2048), (1, 2048, 512), (8, 784, 512),
-    (32, 512, 2048), (32, 2048, 512), (128, 512, 512), (64, 1024, 1024),
+PARAMS_CACHE_VERSION = 3
+# (batch, width, blocks) of the timed chains; a block holds 8 x width^2 fp32 weights.
+_CHAINS: tuple[tuple[int, int, int], ...] = (
+    (1, 32, 2), (4, 64, 4), (1, 256, 4), (8, 256, 4), (128, 256, 2), (64, 512, 2),
+    (1, 512, 8), (8, 512, 4), (32, 1024, 2),
 )
 _PARAM_BOUNDS: dict[str, tuple[float, float]] = {
-    "matrix_eff": (0.02, 1.0), "kernel_overhead_s": (1e-7, 1e-3),
+    "matrix_eff": (0.02, 1.0), "kernel_overhead_s": (1e-7, 1e-3), "memory_eff": (0.05, 1.0),
+    "serial_share": (0.01, 1.0), "sram_usable": (0.05, 2.0), "sat_elems": (1e2, 1e6),
 }
-_OP_BUDGET_S = 0.12  # per timed op
-_LINK_SIZES = (16, 65536)  # elements (fp32) of the round-trip messages
+_OP_BUDGET_S = 0.15  # per timed chain
+_LINK_SIZES = (16, 65536)  # elements (fp64) of the timed messages
+_LINK_REPS = 64  # timed messages per size
+_COLLECTIVE_SIZE = 512  # elements (fp32) of the timed all-reduce
 
 
 @dataclass(frozen=True)
@@ -412,8 +423,13 @@ class HostParams:
     matrix_eff: float
     kernel_overhead_s: float
     inference_overhead_s: float
+    memory_eff: float
+    serial_share: float
+    sram_usable: float
+    sat_elems: float
     link_latency_s: float  # one way, one message
     link_bw: float  # bytes/s, one direction
+    collective_latency_s: float  # one small all-reduce between two workers
     date: str
     fit_error_pct: float = 0.0  # worst |predicted - measured| of the timed ops, percent
     seconds: float = 0.0
@@ -425,7 +441,9 @@ class HostParams:
     def overrides(self) -> dict[str, float]:
         """The `DeviceParams` fields these measurements set."""
         return {"matrix_eff": self.matrix_eff, "kernel_overhead_s": self.kernel_overhead_s,
-                "inference_overhead_s": self.inference_overhead_s}
+                "inference_overhead_s": self.inference_overhead_s,
+                "memory_eff": self.memory_eff, "serial_share": self.serial_share,
+                "sram_usable": self.sram_usable, "sat_elems": self.sat_elems}
 
 
 def params_cache_file() -> Path:
@@ -448,96 +466,141 @@ def _best_time(fn: Any, budget_s: float, reps_max: int = 200) -> float:
     return times[len(times) // 4]
 
 
-def _linear_graph(b: int, k: int, n: int) -> Any:
-    from kcloud.graph.layergraph import Layer, LayerGraph, Op, OpClass
+def _chain(width: int, blocks: int) -> Any:
+    """`blocks` MLP blocks (norm -> Linear(w, 4w) -> GELU -> Linear(4w, w)) in a row."""
+    from torch import nn
 
-    op = Op(OpClass.MATMUL, 2.0 * b * k * n, k * n + n, b * k, b * n, name="linear")
-    layer = Layer(0, "linear", "Linear", (op,), k * n + n, b * n)
-    return LayerGraph("host-calibration", (layer,), b, input_elems=b * k, output_elems=b * n)
+    return nn.Sequential(*(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width),
+                                         nn.GELU(), nn.Linear(4 * width, width))
+                           for _ in range(blocks)))
 
 
-def _time_ops() -> tuple[list[tuple[int, int, int]], list[float], float]:
-    """Single-thread times of the Linear shapes, and of one empty module forward."""
+def _inference_overhead() -> float:
+    """The time of one module forward beyond its kernels: a module tree around one Linear."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.manual_seed(0)
-    out: list[float] = []
     try:
         torch.set_num_threads(1)
         with torch.inference_mode():
-            for b, k, n in _PARAM_SHAPES:
-                lin = torch.nn.Linear(k, n)
-                x = torch.randn(b, k)
-                out.append(_best_time(lambda lin=lin, x=x: lin(x), _OP_BUDGET_S))
             lin = torch.nn.Linear(32, 32)
             seq = torch.nn.Sequential(lin)
             x = torch.randn(1, 32)
-            # a forward through a module tree beyond its one kernel
             wrapped = _best_time(lambda: seq(x), _OP_BUDGET_S)
             bare = _best_time(lambda: lin(x), _OP_BUDGET_S)
     finally:
         torch.set_num_threads(threads)
-    return list(_PARAM_SHAPES), out, max(wrapped - bare, 1e-7)
+    return max(wrapped - bare, 1e-7)
 
 
-def _link_round_trip() -> tuple[float, float]:
-    """(one-way latency s, bandwidth bytes/s) of gloo send/recv between two local ranks."""
-    import threading
-    from datetime import timedelta
+def _typical(times: list[float], block: int = 8) -> float:
+    """The median of means over blocks of calls: the usual cost, its tails included."""
+    import statistics
 
+    blocks = [sum(times[i:i + block]) / block for i in range(0, len(times) - block + 1, block)]
+    return statistics.median(blocks or times)
+
+
+def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
+    """One of `world` one-thread worker processes, all busy at once as a run's workers are.
+
+    Ranks 0 and 1 time the link between them (send/recv round trips and small all-reduces,
+    a little compute between calls). Then every rank times the chains at the same moment, so
+    that each sees its share of the cache and the memory bandwidth. Results go to `out`."""
     import torch
     import torch.distributed as dist
 
-    store = dist.HashStore()
-    timeout = timedelta(seconds=30)
-    times: dict[int, float] = {}
-    errors: list[BaseException] = []
-    pgs: list[Any] = [None, None]
-
-    def make(rank: int) -> None:
-        try:
-            pgs[rank] = dist.ProcessGroupGloo(store, rank, 2, timeout)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    def on_both_ranks(target: Any, *args: Any) -> None:
-        threads = [threading.Thread(target=target, args=(r, *args)) for r in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-
-    on_both_ranks(make)
-
-    def ping(rank: int, size: int, reps: int) -> None:
-        pg = pgs[rank]
-        buf = [torch.zeros(size)]
-        best: list[float] = []
-        try:
-            for _ in range(reps):
+    torch.set_num_threads(1)
+    torch.manual_seed(rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=_dt.timedelta(seconds=60))
+    try:
+        result: dict[str, Any] = {"rank": rank}
+        pair = dist.new_group([0, 1])
+        if rank < 2:
+            # Between messages each rank computes for a while, as a stage does, so that the
+            # receiver waits idle: its wake-up is part of what a message costs here.
+            peer = 1 - rank
+            a, w = torch.randn(32, 512), torch.randn(512, 1024)
+            for size in _LINK_SIZES:
+                buf = torch.zeros(size, dtype=torch.float64)
+                times = []
+                for i in range(_LINK_REPS + 4):
+                    if rank == i % 2:  # sender: compute, stamp, send
+                        a @ w
+                        buf[0] = time.perf_counter()
+                        dist.send(buf, peer)
+                    else:
+                        dist.recv(buf, peer)
+                        if i >= 4:  # one host, one monotonic clock
+                            times.append(time.perf_counter() - float(buf[0]))
+                result[f"p2p{size}"] = _typical(times)
+            x = torch.zeros(_COLLECTIVE_SIZE)
+            times = []
+            for i in range(_LINK_REPS + 4):
+                a @ w
                 t0 = time.perf_counter()
-                if rank == 0:
-                    pg.send(buf, 1, 0).wait()
-                    pg.recv(buf, 1, 0).wait()
-                else:
-                    pg.recv(buf, 0, 0).wait()
-                    pg.send(buf, 0, 0).wait()
-                best.append(time.perf_counter() - t0)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-        if rank == 0:
-            times[size] = min(best)  # the link's own cost, without scheduling noise
+                dist.all_reduce(x, group=pair)
+                if i >= 4:
+                    times.append(time.perf_counter() - t0)
+            result["allreduce"] = _typical(times)
+        chains = []
+        with torch.inference_mode():
+            for b, width, n in _CHAINS:
+                chain = _chain(width, n)
+                x = torch.randn(b, width)
+                dist.barrier()
+                chains.append(_best_time(lambda chain=chain, x=x: chain(x), _OP_BUDGET_S))
+                del chain
+        result["chains"] = chains
+        out.put(result)
+    finally:
+        dist.destroy_process_group()
 
-    for size in _LINK_SIZES:
-        on_both_ranks(ping, size, 40)
-    small, large = (times[s] / 2.0 for s in _LINK_SIZES)  # one way
-    extra = (_LINK_SIZES[1] - _LINK_SIZES[0]) * 4.0
+
+def _measure_workers() -> tuple[list[float], tuple[float, float, float]]:
+    """Chain times (the median over workers) and (one-way latency s, bandwidth bytes/s,
+    small all-reduce s) of the link, from one worker process per core (2 to 8)."""
+    import socket
+    import statistics
+
+    import torch.multiprocessing as mp
+
+    world = max(2, min(host_cores(), 8))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_calibration_worker, args=(r, world, port, out), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 180.0
+    try:
+        while len(results) < world and time.monotonic() < deadline:
+            try:
+                results.append(out.get(timeout=0.5))
+            except queue_mod.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if len(results) < world:
+        raise CatalogError("the host micro-calibration's worker processes did not finish",
+                           "check that processes may start and open loopback TCP ports")
+    chains = [statistics.median(r["chains"][i] for r in results) for i in range(len(_CHAINS))]
+    pair = [r for r in results if r["rank"] < 2]
+    small, large = (statistics.mean(r[f"p2p{size}"] for r in pair) for size in _LINK_SIZES)
+    extra = (_LINK_SIZES[1] - _LINK_SIZES[0]) * 8.0
+    link = pair[0]
     copy_bw = measure_host().memory_bw / 2.0  # no link is faster than a memory copy
     bw = extra / (large - small) if large > small else copy_bw
-    return max(small, 1e-7), min(bw, copy_bw)
+    return chains, (max(small, 1e-7), min(bw, copy_bw), max(link["allreduce"], small))
 
 
 def _fit(shapes: list[tuple[int, int, int]], measured: list[float],
@@ -545,13 +608,19 @@ def _fit(shapes: list[tuple[int, int, int]], measured: list[float],
     import math
 
     import numpy as np
+    import torch
     from scipy.optimize import least_squares
 
+    from kcloud.graph.capture import capture
     from kcloud.hardware.cost import CLASS_PRIORS, forward_cost
 
     device = host_core_device(1)
     base = dataclasses.replace(CLASS_PRIORS[DeviceKind.CPU], inference_overhead_s=0.0)
-    graphs = [_linear_graph(*sh) for sh in shapes]
+    graphs = []
+    for b, w, n in shapes:
+        with torch.device("meta"):
+            chain, x = _chain(w, n), torch.empty(b, w)
+        graphs.append(capture(chain, (x,), name="host-calibration", batch=b))
     names = list(_PARAM_BOUNDS)
     lo = np.log([_PARAM_BOUNDS[n][0] for n in names])
     hi = np.log([_PARAM_BOUNDS[n][1] for n in names])
@@ -575,10 +644,10 @@ def _fit(shapes: list[tuple[int, int, int]], measured: list[float],
 
 def _run_param_calibration() -> HostParams:
     start = time.perf_counter()
-    shapes, measured, inference_s = _time_ops()
-    fitted, worst = _fit(shapes, measured, inference_s)
-    latency, bw = _link_round_trip()
+    measured, (latency, bw, collective) = _measure_workers()
+    fitted, worst = _fit(list(_CHAINS), measured, _inference_overhead())
     return HostParams(**fitted, link_latency_s=latency, link_bw=bw,
+                      collective_latency_s=collective,
                       date=_dt.date.today().isoformat(), fit_error_pct=round(worst, 2),
                       seconds=round(time.perf_counter() - start, 3))
 
@@ -596,10 +665,11 @@ def measure_host_params(force: bool = False) -> HostParams:
                    _run_param_calibration)
 
 
-def host_link() -> tuple[float, float]:
-    """(bandwidth bytes/s, one-way latency s) of the link between two local workers."""
+def host_link() -> tuple[float, float, float]:
+    """(bandwidth bytes/s, one-way latency s, small all-reduce latency s) of the link between
+    two local workers."""
     hp = measure_host_params()
-    return hp.link_bw, hp.link_latency_s
+    return hp.link_bw, hp.link_latency_s, hp.collective_latency_s
 
 
 def _host_overrides() -> tuple[dict[str, float], str]:

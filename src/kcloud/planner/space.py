@@ -99,7 +99,8 @@ def build_types(cluster: Cluster, model: ModelGraphs, goal: Goal, *,
                     if t <= node_cap and node_cap % t == 0 and (t == 1 or most % t == 0))
         holders = [n for n in cluster.nodes if any(d == dev_id for d, _ in n.devices)]
         slow = min((n.link for n in holders), key=lambda link: (link.bandwidth, -link.latency))
-        link = Link(slow.bandwidth, max(n.link.latency for n in holders), slow.name)
+        link = Link(slow.bandwidth, max(n.link.latency for n in holders), slow.name,
+                    max(n.link.collective_s for n in holders))
         types.append(DeviceType(len(types), dev, used, cluster.counts[dev_id], node_cap, tps,
                                 link, tuple(n.name for n in holders)))
     return types, notes
@@ -193,7 +194,7 @@ class StageSpace:
         t = self.types[opt.type]
         dev, prec, b, tp = t.device, t.precision, self.b, opt.tp
         params = self.calibration.params(dev)
-        link = (t.link.bandwidth, t.link.latency)
+        link = (t.link.bandwidth, t.link.collective_s)
         m = self.model
         pre = stage_matrices(layer_table(m.forward, dev, prec, b, params, tp, link))
         p = Precisions.of(prec)

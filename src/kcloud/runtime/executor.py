@@ -38,11 +38,11 @@ import torch.multiprocessing as mp
 from kcloud.errors import KCloudError
 from kcloud.planner.plan import Plan
 from kcloud.runtime import backends
-from kcloud.runtime.model import layer_graph, load_runnable, micro_batches
+from kcloud.runtime.model import layer_graph, load_checkpoint, load_runnable, micro_batches
 from kcloud.runtime.split import flat_tensors, split_model
 from kcloud.runtime.tensor_parallel import (
     CollectiveError,
-    RowParallelLinear,
+    ParallelShard,
     ShardError,
     ShardLayout,
     apply_layout,
@@ -263,6 +263,9 @@ class WorkerSpec:
     tp_groups: tuple[tuple[int, ...], ...] = ()  # every group of more than one rank, in order
     layout: ShardLayout | None = None  # how this stage is sharded over `group`
     master_addr: str = "127.0.0.1"
+    n_warmup: int = 0  # untimed micro-batches first (first-touch allocation, connections)
+    n_probe: int = 0  # requests sent one at a time through the idle pipeline (latency)
+    per_request: int = 1  # micro-batches per request
 
     @property
     def label(self) -> str:
@@ -317,7 +320,7 @@ def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerRe
                 group = pg
         if spec.layout is not None:
             for mod in stage.modules():
-                if isinstance(mod, RowParallelLinear):
+                if isinstance(mod, ParallelShard):
                     mod.group = group
         tp = len(spec.group) if spec.group else 1
         src = spec.group[0] if spec.group else spec.rank
@@ -327,36 +330,49 @@ def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerRe
         clock = time.perf_counter_ns
         receiver = TupleReceiver(spec.prev) if spec.prev is not None and spec.leads else None
         sender = TupleSender(spec.next) if spec.next is not None and spec.leads else None
+        items = schedule(spec)
+        n_msgs = sum(1 for a, _ in items if a != "B")
+        k = 0
         with torch.inference_mode():
-            for m in range(spec.n_micro):
+            for action, m in items:
+                if action == "B":  # what follows starts from an empty pipeline
+                    step = "barrier between run phases"
+                    dist.barrier()
+                    continue
+                k += 1
+                what = _micro(action, m)
+                keep = action != "W"
                 if spec.prev is None:
                     assert feed is not None
                     x = feed[m]
                 else:
-                    step = f"receive of micro-batch {m}"
+                    step = f"receive of {what}"
                     t0 = clock()
-                    ahead = m + 1 < spec.n_micro  # post the next receive now
-                    got = receiver.recv(ahead) if receiver is not None else None
+                    got = receiver.recv(k < n_msgs) if receiver is not None else None
                     x = broadcast_tuple(got, src, group) if tp > 1 else got
                     assert x is not None
-                    events.append(("R", m, t0, clock()))
-                step = f"micro-batch {m}"
+                    if action == "F":
+                        events.append(("R", m, t0, clock()))
+                step = what
                 t0 = clock()
                 ar_log.clear()
                 x = tuple(v.to(dev) if isinstance(v, torch.Tensor) else v for v in x)
                 y = stage(*x)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-                events.append(("F", m, t0, clock()))
-                events.extend(("AR", m, a, b) for a, b in ar_log)
+                if keep:
+                    events.append(("F" if action == "F" else "L", m, t0, clock()))
+                if action == "F":
+                    events.extend(("AR", m, a, b) for a, b in ar_log)
                 if not spec.leads:
                     continue
                 if sender is not None:  # returns once posted: the next compute overlaps it
-                    step = f"send of micro-batch {m}"
+                    step = f"send of {what}"
                     t0 = clock()
                     sender.send(y)
-                    events.append(("S", m, t0, clock()))
-                else:
+                    if action == "F":
+                        events.append(("S", m, t0, clock()))
+                elif action == "F":
                     outputs.append(_detach(y[0]))
         step = "finish"
         if sender is not None:
@@ -367,9 +383,29 @@ def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerRe
         dist.destroy_process_group()
         return result
     except BaseException as exc:  # reported to the driver, which stops the run
-        comm = step.startswith(("receive", "send", "finish")) or isinstance(
+        comm = step.startswith(("receive", "send", "finish", "barrier")) or isinstance(
             exc, (dist.DistBackendError, CollectiveError))
         return ("error", spec.rank, f"{step}: {_one_line(exc)}", comm)
+
+
+def _micro(action: str, m: int) -> str:
+    return {"W": "warm-up micro-batch", "L": "latency-probe micro-batch"}.get(
+        action, "micro-batch") + f" {m}"
+
+
+def schedule(spec: WorkerSpec) -> list[tuple[str, int]]:
+    """What every worker of a run does, in order: (action, micro-batch). "W": warm-up
+    (untimed), "L": the micro-batches of one request alone in the pipeline (its latency),
+    "F": the timed stream (throughput), "B": a barrier of all workers between phases."""
+    n = spec.n_micro
+    out: list[tuple[str, int]] = [("W", i % n) for i in range(spec.n_warmup)]
+    if out:
+        out.append(("B", 0))
+    per = max(1, min(spec.per_request, n))
+    for r in range(spec.n_probe):
+        out += [("L", (r * per + i) % n) for i in range(per)]
+        out.append(("B", 0))
+    return out + [("F", m) for m in range(n)]
 
 
 def _worker(spec: WorkerSpec, state: str, inputs: str | None, results: Any) -> None:
@@ -495,9 +531,16 @@ def execute(
     timeout_s: float = 600.0,
     comm_timeout_s: float = 60.0,
     ray_address: str | None = None,
+    warmup: int = 2,
+    probes: int = 3,
+    weights: str | os.PathLike[str] | None = None,
 ) -> RunReport:
     """Run `plan` with one worker per device of each stage; check against the single-process
-    model. `ray_address` ("local", "auto" or host:port) runs the workers as Ray actors."""
+    model. `ray_address` ("local", "auto" or host:port) runs the workers as Ray actors.
+    `warmup` untimed micro-batches go through every stage first, then `probes` requests (of
+    batch / micro-batch micro-batches) go one at a time through the idle pipeline to measure
+    latency, then all the micro-batches stream through to measure throughput. `weights` is a local
+    checkpoint (state dict) loaded into the model before it is split."""
     if mode not in backends.MODES:
         raise KCloudError(f"unknown mode '{mode}'", "use --mode real or --mode emulated")
     n = n_micro if n_micro is not None else max(1, plan.batch // plan.micro_batch)
@@ -506,8 +549,13 @@ def execute(
     if mode == "real":
         backends.check_real([s.device_type for r in plan.replicas for s in r.stages])
 
+    if warmup < 0:
+        raise KCloudError(f"--warmup must be 0 or more, got {warmup}", "pass --warmup 0 or more")
+    per_request = min(n, max(1, math.ceil(plan.batch / plan.micro_batch)))
     module, example = load_runnable(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
                                     phase=plan.phase)
+    if weights is not None:
+        load_checkpoint(module, weights)
     feeds = micro_batches(example, n * len(plan.replicas))
     notes: list[str] = []
     graph = None
@@ -536,7 +584,7 @@ def execute(
             if not groups:
                 layouts[ri, si] = None
                 notes.append(f"stage {si} of replica {ri} holds nothing the runtime shards "
-                             f"(convolutions, embeddings and heads run whole): it ran whole on "
+                             f"(no MLP, heads, convolution or vocabulary group): it ran whole on "
                              f"{st.devices[0]}")
                 continue
             if stage_in is None:
@@ -579,7 +627,8 @@ def execute(
                     rank=r, world=world, port=port, replica=ri, stage=si, device=slot,
                     device_type=st.device_type, backend=be.name, torch_device=be.torch_device,
                     model=plan.model, micro_batch=plan.micro_batch, seq_len=plan.seq_len,
-                    phase=plan.phase, bounds=bounds, n_micro=n,
+                    phase=plan.phase, bounds=bounds, n_micro=n, n_warmup=warmup,
+                    n_probe=probes, per_request=per_request,
                     prev=None if si == 0 else plan_groups[k - 1][0],
                     next=None if last else plan_groups[k + 1][0],
                     comm_timeout_s=comm_timeout_s, group=tuple(ranks), tp_groups=tp_groups,
@@ -629,15 +678,16 @@ def execute(
         notes.append("emulated stages computed in fp32 on the host CPU; their times (at the "
                      "plan's precision) are modeled")
     if any(lay is not None for lay in layouts.values()):
-        notes.append("tensor-parallel stages: MLP and attention-head Linears sharded over "
-                     "their group; norms, embeddings, convolutions and heads run replicated "
-                     "on every device of the group")
+        notes.append("tensor-parallel stages: MLP and attention-head Linears, convolution "
+                     "output channels, token embeddings and vocabulary heads sharded over "
+                     "their group; norms, pooling and other layers run replicated on every "
+                     "device of the group")
     if plan.output_tokens:
         notes.append(f"this run executes the prompt (prefill) only; the plan's predicted "
                      f"figures include {plan.output_tokens} decode steps per request, so "
                      "measured and predicted are not comparable for this plan")
     timeline = {s.rank: results[s.rank][1] for s in specs}
-    measured = _measured(plan, specs, timeline, n)
+    measured = _measured(plan, specs, timeline, n, per_request)
     trace_file = None
     if trace_path is not None:
         trace_file = str(write_trace(trace_path, specs, timeline, modeled))
@@ -663,7 +713,7 @@ def _actions(events: list[tuple[str, int, int, int]]) -> list[str]:
     `R<m>`, `F<m>` (`F<m>+AR` when its stage all-reduced over the group), `S<m>`."""
     reduced = {m for a, m, _, _ in events if a == "AR"}
     return [f"{a}{m}" + ("+AR" if a == "F" and m in reduced else "")
-            for a, m, _, _ in events if a != "AR"]
+            for a, m, _, _ in events if a not in ("AR", "L")]
 
 
 def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes | None],
@@ -764,26 +814,37 @@ def _reap(procs: list[Any]) -> None:
 
 
 def _measured(plan: Plan, specs: list[WorkerSpec], timeline: dict[int, list[Any]],
-              n: int) -> dict[str, Any]:
-    lat: list[float] = []
+              n: int, per_request: int) -> dict[str, Any]:
+    """Latency: the median request alone in the pipeline (the latency probes; the median
+    micro-batch of the stream when there were none). Throughput: items of the stream over
+    its span. `loaded_latency_s`: the median micro-batch in the stream, queueing included."""
+    lat: list[float] = []  # per micro-batch, in the stream
+    probe: list[float] = []  # per request, alone in the pipeline
     starts: list[int] = []
     ends: list[int] = []
     for ri, rep in enumerate(plan.replicas):
         leads = {s.stage: s.rank for s in specs if s.replica == ri and s.leads}
-        first = {m: t0 for a, m, t0, _ in timeline[leads[0]] if a == "F"}
-        last = {m: t1 for a, m, _, t1 in timeline[leads[len(rep.stages) - 1]] if a == "F"}
+        head, tail = timeline[leads[0]], timeline[leads[len(rep.stages) - 1]]
+        first = {m: t0 for a, m, t0, _ in head if a == "F"}
+        last = {m: t1 for a, m, _, t1 in tail if a == "F"}
         for m in range(n):
             lat.append((last[m] - first[m]) / 1e9)
             starts.append(first[m])
             ends.append(last[m])
+        # probe requests: consecutive runs of "L" events, per_request micro-batches each
+        p_start = [t0 for a, _, t0, _ in head if a == "L"][::per_request]
+        p_end = [t1 for a, _, _, t1 in tail if a == "L"][per_request - 1::per_request]
+        probe += [(b - a) / 1e9 for a, b in zip(p_start, p_end, strict=False)]
     span = (max(ends) - min(starts)) / 1e9
     items = plan.micro_batch * n * len(plan.replicas)
     unit = "samples/s"
     if plan.predicted.unit == "tokens/s" and plan.seq_len:
         items *= plan.seq_len
         unit = "prompt tokens/s" if plan.output_tokens else "tokens/s"
-    return {"latency_s": _median(lat), "throughput": items / span if span > 0 else 0.0,
-            "unit": unit, "wall_s": span, "figures": "measured"}
+    return {"latency_s": _median(probe) if probe else _median(lat),
+            "throughput": items / span if span > 0 else 0.0, "unit": unit, "wall_s": span,
+            "loaded_latency_s": _median(lat), "latency_probes": len(probe),
+            "figures": "measured"}
 
 
 def _stage_reports(plan: Plan, specs: list[WorkerSpec], results: dict[int, Any],

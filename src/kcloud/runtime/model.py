@@ -4,6 +4,7 @@ process (seeded), and making its micro-batches."""
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,53 @@ def load_runnable(
     if "batch" not in kwargs:
         inputs = loaders._with_batch(inputs, batch)
     return module.eval(), inputs
+
+
+def load_checkpoint(module: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load a local checkpoint into `module`: a state dict saved with `torch.save` (.pt, .pth,
+    .bin; also nested under "state_dict" or "model", with a "module." prefix from data-parallel
+    training) or a .safetensors file. Every parameter and buffer must match by name and shape;
+    tensors of another dtype are cast."""
+    p = Path(path)
+    if not p.is_file():
+        raise KCloudError(f"checkpoint {p} does not exist", "pass the path of a local file")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(p), device="cpu")
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = " ".join(str(exc).split())[:160]
+        raise KCloudError(f"cannot read checkpoint {p.name}: {text}",
+                          "save the weights with torch.save(model.state_dict(), path)") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise KCloudError(f"checkpoint {p.name} holds no state dict of tensors",
+                          "save the weights with torch.save(model.state_dict(), path)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    wrong = [f"{k} {list(state[k].shape)} (model: {list(v.shape)})" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    if missing or extra or wrong:
+        what = "; ".join(part for part in (
+            f"missing {few(missing)}" if missing else "",
+            f"unexpected {few(extra)}" if extra else "",
+            f"shape {few(wrong)}" if wrong else "") if part)
+        raise KCloudError(f"checkpoint {p.name} does not fit the model: {what}",
+                          "give the checkpoint of this model (same config and layer names)")
+    module.load_state_dict(state)
 
 
 def layer_graph(spec: str, *, batch: int, seq_len: int | None, phase: str | None) -> LayerGraph:

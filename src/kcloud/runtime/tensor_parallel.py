@@ -6,6 +6,13 @@ keep 1/tp of their input features; a row Linear sums its partial product over th
 (all-reduce) and then adds its bias once. Heads are split whole (q by heads, k and v by KV
 heads, so grouped-query attention keeps its head-to-KV-head mapping).
 
+Convolutions (a `conv` group: every nn.Conv1d/nn.Conv2d of a layer) each keep 1/tp of their
+output channels and all-gather their output along the channel dimension, so what follows them
+(BatchNorm, activations, residual adds) sees the whole tensor. A vocabulary group splits a
+token embedding by rows (each rank looks up the ids in its range, zeros elsewhere, then an
+all-reduce sums the parts) or a vocabulary head Linear by output features (then an all-gather
+along the last dimension). Their outputs are whole again, so these need no following below.
+
 The traced graph bakes sizes into view/reshape/unflatten/expand arguments (heads, hidden); the
 layout found here rewrites those constants for the local shard. It is found in the driver from
 the stage's full shapes (one shape propagation on real inputs) and follows every tensor that
@@ -13,12 +20,13 @@ carries a sharded dimension from the column outputs to the row inputs; an operat
 follow (a reduction over the sharded dimension, a split of a fused projection) leaves the stage
 unsharded, and the caller runs it whole.
 
-Everything else in a tensor-parallel stage (norms, embeddings, heads, convolutions) runs
-replicated on every rank of the group: the same input, the same output.
+Everything else in a tensor-parallel stage (norms, pooling, positional embeddings, other
+Linears) runs replicated on every rank of the group: the same input, the same output.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +43,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from kcloud.errors import KCloudError
 from kcloud.graph.layergraph import LayerGraph, TPGroup, TPStyle
 
-SHARDED_STYLES = (TPStyle.MLP, TPStyle.HEADS)
+SHARDED_STYLES = (TPStyle.MLP, TPStyle.HEADS, TPStyle.CONV, TPStyle.VOCAB)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 
 
 class ShardError(Exception):
@@ -43,7 +52,8 @@ class ShardError(Exception):
 
 
 class CollectiveError(RuntimeError):
-    """An all-reduce of a tensor-parallel group failed (a peer stopped)."""
+    """A collective (all-reduce, all-gather) of a tensor-parallel group failed (a peer
+    stopped)."""
 
 
 @dataclass(frozen=True)
@@ -56,30 +66,54 @@ class ShardLayout:
     rows: tuple[str, ...]  # split along input features; all-reduce of their output
     rewrites: tuple[tuple[str, tuple[int, ...], int], ...]  # (node, argument path, new size)
     groups: tuple[str, ...]  # what is sharded, e.g. "heads layers.0.attn.o_proj"
+    # Convolutions split along output channels and vocabulary heads along output features;
+    # each all-gathers its output.
+    gathers: tuple[str, ...] = ()
+    vocab: tuple[str, ...] = ()  # token embeddings split by rows; all-reduce of their output
 
 
 def stage_groups(graph: LayerGraph, start: int, end: int) -> list[TPGroup]:
-    """The groups of layers [start, end) that the runtime shards (MLP pairs and Linear heads;
-    nn.MultiheadAttention, convolutions and vocabularies stay replicated)."""
-    out: list[TPGroup] = []
-    for layer in graph.layers[start:end]:
-        for g in layer.tp:
-            if g.style in SHARDED_STYLES and g.row and g.column and g.row != g.column:
-                out.append(g)
-    return out
+    """The groups of layers [start, end) that the runtime shards: MLP pairs, Linear heads,
+    convolutions and vocabularies (nn.MultiheadAttention, whose projections are one module,
+    stays replicated)."""
+    return [g for layer in graph.layers[start:end] for g in layer.tp if _runs_sharded(g)]
+
+
+def _runs_sharded(g: TPGroup) -> bool:
+    if g.style not in SHARDED_STYLES:
+        return False
+    if g.style is TPStyle.CONV:
+        return bool(g.column) and not g.row
+    if g.style is TPStyle.VOCAB:
+        return len(g.column) + len(g.row) == 1
+    return bool(g.row and g.column and g.row != g.column)
 
 
 def check_degree(groups: Sequence[TPGroup], tp: int, where: str) -> None:
-    """One-line error when `tp` does not divide a group's heads or features."""
-    for g in groups:
-        if g.max_degree % tp:
-            what = "attention heads" if g.style is TPStyle.HEADS else "hidden features"
-            path = g.row[0].rsplit(".", 1)[0] if g.row else g.column[0]
-            raise KCloudError(
-                f"{where} has tensor-parallel degree {tp}, which does not divide the {what} "
-                f"of {path} (degrees dividing {g.max_degree} are possible)",
-                "re-create the plan with `kcloud plan`, or give the stage a device group of "
-                "a size that divides them")
+    """One-line error when `tp` does not divide a group's heads, features, channels or
+    vocabulary; it names the tightest such group (the one that limits the degree most)."""
+    failing = [g for g in groups if g.max_degree % tp]
+    if not failing:
+        return
+    g = min(failing, key=lambda g: g.max_degree)
+    what, path = _describe(g)
+    possible = math.gcd(*(g.max_degree for g in groups))
+    raise KCloudError(
+        f"{where} has tensor-parallel degree {tp}, which does not divide the {what} of {path} "
+        f"(degrees dividing {possible} are possible)",
+        "re-create the plan with `kcloud plan`, or give the stage a device group of a size "
+        "that divides them")
+
+
+def _describe(g: TPGroup) -> tuple[str, str]:
+    """What a group splits and where, for messages."""
+    if g.style is TPStyle.CONV:
+        more = f" (and {len(g.column) - 2} more)" if len(g.column) > 2 else ""
+        return "output channels", ", ".join(g.column[:2]) + more
+    if g.style is TPStyle.VOCAB:
+        return "vocabulary", (g.row or g.column)[0]
+    what = "attention heads" if g.style is TPStyle.HEADS else "hidden features"
+    return what, g.row[0].rsplit(".", 1)[0] if g.row else g.column[0]
 
 
 def _attr(path: str) -> str:
@@ -87,17 +121,60 @@ def _attr(path: str) -> str:
     return path.replace(".", "_")
 
 
+def _module(sub: fx.GraphModule, path: str) -> nn.Module:
+    try:
+        return sub.get_submodule(_attr(path))
+    except AttributeError:
+        raise ShardError(f"{path} is not a module of the stage") from None
+
+
+def _check_gathered(sub: fx.GraphModule, g: TPGroup, tp: int) -> tuple[list[str], list[str]]:
+    """(gathers, vocab) of a conv or vocabulary group; raises ShardError."""
+    if g.style is TPStyle.VOCAB and g.row:
+        path = g.row[0]
+        m = _module(sub, path)
+        if type(m) is not nn.Embedding:
+            raise ShardError(f"{path} is not an nn.Embedding")
+        if m.max_norm is not None:
+            raise ShardError(f"{path} renormalizes its rows (max_norm)")
+        if m.num_embeddings % tp:
+            raise ShardError(f"{path} has {m.num_embeddings} rows")
+        return [], [_attr(path)]
+    for path in g.column:
+        m = _module(sub, path)
+        if g.style is TPStyle.VOCAB:
+            if type(m) is not nn.Linear:
+                raise ShardError(f"{path} is not an nn.Linear")
+            if m.out_features % tp:
+                raise ShardError(f"{path} has {m.out_features} output features")
+            continue
+        if type(m) not in _CONV_TYPES:
+            raise ShardError(f"{path} ({type(m).__name__}) is not an nn.Conv1d or nn.Conv2d")
+        assert isinstance(m, nn.Conv1d | nn.Conv2d)
+        if m.groups != 1:
+            raise ShardError(f"{path} is a grouped convolution")
+        if m.padding_mode != "zeros":
+            raise ShardError(f"{path} pads with '{m.padding_mode}'")
+        if m.out_channels % tp:
+            raise ShardError(f"{path} has {m.out_channels} output channels")
+    return [_attr(p) for p in g.column], []
+
+
 def find_layout(sub: fx.GraphModule, args: Sequence[Any], groups: Sequence[TPGroup],
                 tp: int) -> ShardLayout:
     """The layout of `sub` (a stage's split submodule) called with `args`; raises ShardError."""
     columns: list[str] = []
     rows: list[str] = []
+    gathers: list[str] = []
+    vocab: list[str] = []
     for g in groups:
+        if g.style in (TPStyle.CONV, TPStyle.VOCAB):
+            gs, vs = _check_gathered(sub, g, tp)
+            gathers += gs
+            vocab += vs
+            continue
         for path in (*g.column, *g.row):
-            try:
-                m = sub.get_submodule(_attr(path))
-            except AttributeError:
-                raise ShardError(f"{path} is not a module of the stage") from None
+            m = _module(sub, path)
             if type(m) is not nn.Linear:
                 raise ShardError(f"{path} is not an nn.Linear")
             if path in g.column and m.out_features % tp:
@@ -106,6 +183,10 @@ def find_layout(sub: fx.GraphModule, args: Sequence[Any], groups: Sequence[TPGro
                 raise ShardError(f"{path} has {m.in_features} input features")
         columns += [_attr(p) for p in g.column]
         rows += [_attr(p) for p in g.row]
+    labels = tuple(f"{g.style.value} {(g.row or g.column)[0]}" for g in groups)
+    if not columns:  # only gathered outputs: nothing sharded to follow
+        return ShardLayout(tp=tp, columns=(), rows=(), rewrites=(), groups=labels,
+                           gathers=tuple(gathers), vocab=tuple(vocab))
     with torch.no_grad():
         ShapeProp(sub).propagate(*args)
     col_set, row_set = set(columns), set(rows)
@@ -129,8 +210,8 @@ def find_layout(sub: fx.GraphModule, args: Sequence[Any], groups: Sequence[TPGro
         if d is not None:
             sharded[node] = d
     return ShardLayout(tp=tp, columns=tuple(columns), rows=tuple(rows),
-                       rewrites=tuple(rewrites),
-                       groups=tuple(f"{g.style.value} {g.row[0]}" for g in groups))
+                       rewrites=tuple(rewrites), groups=labels, gathers=tuple(gathers),
+                       vocab=tuple(vocab))
 
 
 # ---- following the sharded dimension --------------------------------------------------------
@@ -374,55 +455,147 @@ def _view_dim(node: fx.Node, a: tuple[int, ...], b: tuple[int, ...], d: int) -> 
 # ---- applying a layout -----------------------------------------------------------------------
 
 
-class RowParallelLinear(nn.Module):
+class ParallelShard(nn.Module):
+    """A shard whose output goes through a collective over its tensor-parallel group. The
+    worker builds it before the process group exists and sets `group` afterwards; the
+    (start, end) ns of each collective go to `log`, the stage's all-reduce timeline."""
+
+    def __init__(self, group: Any, log: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.group = group
+        self.log = log
+
+    def all_reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """The sum of `y` over the group."""
+
+        def op(t: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(t, group=self.group)
+            return t
+
+        return self._collective(y, op, "all-reduce")
+
+    def all_gather(self, y: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's `y`, concatenated along `dim` in rank order."""
+
+        def op(t: torch.Tensor) -> torch.Tensor:
+            t = t.contiguous()
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size(self.group))]
+            dist.all_gather(parts, t, group=self.group)
+            return torch.cat(parts, dim)
+
+        return self._collective(y, op, "all-gather")
+
+    def _collective(self, y: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor],
+                    what: str) -> torch.Tensor:
+        if y.device.type == "cuda":
+            torch.cuda.synchronize(y.device)
+        t0 = time.perf_counter_ns()
+        try:  # the group runs over gloo: a device tensor's collective runs on the host
+            out = op(y) if y.device.type == "cpu" else op(y.to("cpu")).to(y.device)
+        except Exception as exc:
+            raise CollectiveError(f"{what} of the group failed: {exc}") from exc
+        self.log.append((t0, time.perf_counter_ns()))
+        return out
+
+
+class RowParallelLinear(ParallelShard):
     """The row half of a group: a Linear over 1/tp of the input features; the partial products
     are summed over the group, then the bias is added (once, the same on every rank)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 group: Any, log: list[tuple[int, int]]) -> None:
-        super().__init__()
+                 group: Any, log: list[tuple[int, int]],
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(group, log)
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.group = group
-        self.log = log  # (start, end) ns of each all-reduce
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        t0 = time.perf_counter_ns()
-        try:
-            if y.device.type == "cpu":
-                dist.all_reduce(y, group=self.group)
-            else:  # the group runs over gloo: reduce on the host
-                host = y.to("cpu")
-                dist.all_reduce(host, group=self.group)
-                y = host.to(y.device)
-        except Exception as exc:
-            raise CollectiveError(f"all-reduce of the group failed: {exc}") from exc
-        self.log.append((t0, time.perf_counter_ns()))
+        y = self.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
+
+
+def _shard_params(mod: ParallelShard, full: nn.Module, tp: int) -> None:
+    """Give `mod` empty parameters of 1/tp of `full`'s along dimension 0 (same names)."""
+    for name in ("weight", "bias"):
+        p = getattr(full, name, None)
+        shard = None
+        if isinstance(p, torch.Tensor):
+            shard = nn.Parameter(torch.empty(p.shape[0] // tp, *p.shape[1:], dtype=p.dtype))
+        setattr(mod, name, shard)
+
+
+class GatheredConv(ParallelShard):
+    """A convolution over 1/tp of its output channels; the outputs are gathered along the
+    channel dimension, so every rank continues with the whole tensor."""
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, tp: int, group: Any,
+                 log: list[tuple[int, int]]) -> None:
+        super().__init__(group, log)
+        _shard_params(self, conv, tp)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.spatial = len(conv.kernel_size)
+        self.op = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.op(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        return self.all_gather(y, y.dim() - self.spatial - 1)  # unbatched inputs too
+
+
+class GatheredLinear(ParallelShard):
+    """A vocabulary head over 1/tp of its output features; the outputs are gathered along the
+    last dimension."""
+
+    def __init__(self, linear: nn.Linear, tp: int, group: Any,
+                 log: list[tuple[int, int]]) -> None:
+        super().__init__(group, log)
+        _shard_params(self, linear, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.all_gather(F.linear(x, self.weight, self.bias), -1)
+
+
+class VocabParallelEmbedding(ParallelShard):
+    """A token embedding holding 1/tp of the rows: rank r looks up the ids in
+    [r * rows, (r + 1) * rows) and gives zeros for the others; the sum over the group is the
+    whole lookup."""
+
+    def __init__(self, emb: nn.Embedding, tp: int, group: Any,
+                 log: list[tuple[int, int]]) -> None:
+        super().__init__(group, log)
+        _shard_params(self, emb, tp)
+        self.rows = emb.num_embeddings // tp
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - dist.get_rank(self.group) * self.rows
+        outside = (local < 0) | (local >= self.rows)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.all_reduce(y.masked_fill(outside.unsqueeze(-1), 0))
 
 
 def apply_layout(sub: fx.GraphModule, layout: ShardLayout, group: Any,
                  log: list[tuple[int, int]]) -> None:
-    """Replace the stage's Linears with their shards and rewrite its size constants (the
-    weights are loaded afterwards from `shard_state`)."""
+    """Replace the stage's sharded modules with their shards and rewrite its size constants
+    (the weights are loaded afterwards from `shard_state`)."""
     tp = layout.tp
 
-    def put(name: str, make: Callable[[nn.Linear], nn.Module]) -> None:
+    def put(name: str, make: Callable[[Any], nn.Module]) -> None:
         old = sub.get_submodule(name)
-        assert isinstance(old, nn.Linear)
         parent, _, child = name.rpartition(".")
         setattr(sub.get_submodule(parent) if parent else sub, child, make(old))
 
     for name in layout.columns:
         put(name, lambda m: nn.Linear(m.in_features, m.out_features // tp,
-                                      bias=m.bias is not None))
+                                      bias=m.bias is not None, dtype=m.weight.dtype))
     for name in layout.rows:
         put(name, lambda m: RowParallelLinear(m.in_features // tp, m.out_features,
-                                              m.bias is not None, group, log))
+                                              m.bias is not None, group, log,
+                                              dtype=m.weight.dtype))
+    for name in layout.gathers:
+        put(name, lambda m: GatheredLinear(m, tp, group, log) if isinstance(m, nn.Linear)
+            else GatheredConv(m, tp, group, log))
+    for name in layout.vocab:
+        put(name, lambda m: VocabParallelEmbedding(m, tp, group, log))
     nodes = {n.name: n for n in sub.graph.nodes}
     for node_name, path, value in layout.rewrites:
         node = nodes[node_name]
@@ -443,7 +616,7 @@ def shard_state(state: dict[str, torch.Tensor], layout: ShardLayout, rank: int,
     """Rank `rank`'s slice of a stage's full state dict."""
     out = dict(state)
     tp = layout.tp
-    for name in layout.columns:
+    for name in (*layout.columns, *layout.gathers, *layout.vocab):  # split along dimension 0
         for p in ("weight", "bias"):
             key = f"{prefix}{name}.{p}"
             if key in out:

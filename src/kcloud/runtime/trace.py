@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-_CATEGORY = {"F": "compute", "R": "recv", "S": "send", "AR": "allreduce"}
+_CATEGORY = {"F": "compute", "L": "latency-probe compute", "R": "recv", "S": "send",
+             "AR": "allreduce"}
 
 
 def trace_events(specs: Sequence[Any], timeline: dict[int, list[tuple[str, int, int, int]]],
