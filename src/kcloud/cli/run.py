@@ -105,6 +105,13 @@ def run(
     t.add_row("predicted (modeled)", f"{p['latency_s'] * 1e3:,.3f} ms",
               f"{p['throughput']:,.1f} {p['unit']}")
     console.print(t)
+    if report.energy is not None:
+        e = report.energy
+        per = e["unit"].split("/", 1)[1]
+        console.print(f"energy (modeled: cost-model power x this run's stage times): "
+                      f"{e['energy_per_item_j'] * 1e3:,.4g} mJ/{per} at {e['power_w']:,.1f} W; "
+                      f"the plan predicted {e['predicted_energy_per_item_j'] * 1e3:,.4g} "
+                      f"mJ/{per}")
     s = Table(title="stages (time per micro-batch)", show_header=True, header_style="bold")
     for col in ("replica", "stage", "layers", "device", "backend", "time", "figures",
                 "predicted", "send"):

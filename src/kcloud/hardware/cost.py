@@ -19,10 +19,11 @@ Per op, a roofline with calibrated efficiencies:
   vector units at `vector_ratio` x the matrix peak.
 - Fixed costs: `kernel_overhead_s` per compute kernel (launch / sync / DMA setup) and
   `inference_overhead_s` per forward pass (host dispatch).
-- CPUs (eager PyTorch, one thread per stage) differ in two ways, each a parameter whose
+- CPUs (eager PyTorch, one thread per stage) differ in three ways, each a parameter whose
   accelerator default leaves the formulas above unchanged: a core packs its operands and then
-  computes on them, so memory and compute time add (`serial_share`); and every elementwise op
-  is a kernel of its own that moves its activations (`elementwise_kernels`).
+  computes on them, so memory and compute time add (`serial_share`); every elementwise op is a
+  kernel of its own that moves its activations (`elementwise_kernels`); and no op is tiled
+  with the next, so a batch's activations beyond the cache go through DRAM (`act_tiling`).
 
 Power = idle + (max - idle) * activity, with activity = 1 - (1 - u_compute) * (1 - k * u_memory):
 busy matrix units draw full dynamic power, streaming memory draws a share `k` of it.
@@ -73,6 +74,10 @@ class DeviceParams:
     # Share of elementwise ops that run as kernels of their own, reading and writing their
     # activations (0: fused into their producers by a compiler; 1: eager execution).
     elementwise_kernels: float = 0.0
+    # Whether ops are tiled over samples so that activations stay on chip (1: a compiler
+    # tiles; 0: eager execution materializes each op's whole output, so what of a batch's
+    # activations exceeds the on-chip budget goes through DRAM).
+    act_tiling: float = 1.0
     fitted: tuple[str, ...] = ()  # the fields that calibration fitted for this device
 
     def efficiency(self, op_class: OpClass) -> float:
@@ -106,7 +111,7 @@ CLASS_PRIORS: dict[DeviceKind, DeviceParams] = {
         matrix_eff=0.8, matmul_factor=1.0, attention_factor=0.7, memory_eff=0.8,
         vector_ratio=1 / 4, kernel_overhead_s=8e-6, inference_overhead_s=30e-6,
         sat_elems=4.0e3, k_half=16.0, sram_usable=0.5, memory_power_share=0.5,
-        serial_share=1.0, elementwise_kernels=1.0,
+        serial_share=1.0, elementwise_kernels=1.0, act_tiling=0.0,
     ),
 }
 
@@ -377,7 +382,8 @@ def layer_table(
     budget = sram / 2
     per_sample = a.act / graph.batch / tp * prec.act_bytes
     elementwise = a.cls == _CLASS_INDEX[OpClass.ELEMENTWISE]
-    act_dram = batch * np.maximum(0.0, per_sample - budget)
+    act_dram = (params.act_tiling * batch * np.maximum(0.0, per_sample - budget)
+                + (1.0 - params.act_tiling) * np.maximum(0.0, batch * per_sample - budget))
     act_dram = np.where(elementwise, params.elementwise_kernels * act_dram, act_dram)
     if budget > 0:
         tile = np.maximum(1.0, np.floor(budget / np.maximum(per_sample, 1e-9)))

@@ -402,17 +402,23 @@ def host_core_device(threads: int = 1) -> Device:
 
 PARAMS_CACHE_VERSION = 3
 # (batch, width, blocks) of the timed chains; a block holds 8 x width^2 fp32 weights.
-_CHAINS: tuple[tuple[int, int, int], ...] = (
-    (1, 32, 2), (4, 64, 4), (1, 256, 4), (8, 256, 4), (128, 256, 2), (64, 512, 2),
-    (1, 512, 8), (8, 512, 4), (32, 1024, 2),
+_CHAINS: tuple[tuple[str, int, int, int], ...] = (
+    ("mlp", 1, 32, 2), ("mlp", 4, 64, 4), ("mlp", 1, 256, 4), ("mlp", 8, 256, 4),
+    ("mlp", 128, 256, 2), ("mlp", 64, 512, 2), ("mlp", 1, 512, 8), ("mlp", 8, 512, 4),
+    ("mlp", 32, 1024, 2),
+    ("conv", 8, 16, 2), ("conv", 64, 16, 1), ("conv", 32, 32, 2), ("conv", 16, 64, 2),
+    ("attn", 1, 128, 2), ("attn", 8, 128, 2), ("attn", 4, 256, 2),
 )
 _PARAM_BOUNDS: dict[str, tuple[float, float]] = {
-    "matrix_eff": (0.02, 1.0), "kernel_overhead_s": (1e-7, 1e-3), "memory_eff": (0.05, 1.0),
+    "matrix_eff": (0.02, 1.5), "kernel_overhead_s": (1e-7, 1e-3), "memory_eff": (0.05, 1.0),
     "serial_share": (0.01, 1.0), "sram_usable": (0.05, 2.0), "sat_elems": (1e2, 1e6),
+    "k_half": (1.0, 1e3), "matmul_factor": (0.3, 2.0),
 }
 _OP_BUDGET_S = 0.15  # per timed chain
+_ATTN_SEQ = 64  # tokens per sample of the decoder-block chains
 _LINK_SIZES = (16, 65536)  # elements (fp64) of the timed messages
 _LINK_REPS = 64  # timed messages per size
+_LINK_IDLE_MATMULS = 8  # about 3 ms of compute on the sender before each message
 _COLLECTIVE_SIZE = 512  # elements (fp32) of the timed all-reduce
 
 
@@ -427,6 +433,8 @@ class HostParams:
     serial_share: float
     sram_usable: float
     sat_elems: float
+    k_half: float
+    matmul_factor: float
     link_latency_s: float  # one way, one message
     link_bw: float  # bytes/s, one direction
     collective_latency_s: float  # one small all-reduce between two workers
@@ -443,7 +451,8 @@ class HostParams:
         return {"matrix_eff": self.matrix_eff, "kernel_overhead_s": self.kernel_overhead_s,
                 "inference_overhead_s": self.inference_overhead_s,
                 "memory_eff": self.memory_eff, "serial_share": self.serial_share,
-                "sram_usable": self.sram_usable, "sat_elems": self.sat_elems}
+                "sram_usable": self.sram_usable, "sat_elems": self.sat_elems,
+                "k_half": self.k_half, "matmul_factor": self.matmul_factor}
 
 
 def params_cache_file() -> Path:
@@ -466,13 +475,36 @@ def _best_time(fn: Any, budget_s: float, reps_max: int = 200) -> float:
     return times[len(times) // 4]
 
 
-def _chain(width: int, blocks: int) -> Any:
-    """`blocks` MLP blocks (norm -> Linear(w, 4w) -> GELU -> Linear(4w, w)) in a row."""
+def _chain(kind: str, width: int, blocks: int) -> Any:
+    """`blocks` blocks in a row: MLP blocks (norm -> Linear(w, 4w) -> GELU -> Linear(4w, w)),
+    conv blocks (3x3 conv over `width` channels -> batch norm -> ReLU) or decoder blocks
+    (causal attention with 32-wide heads, SwiGLU MLP) over `_ATTN_SEQ` tokens."""
     from torch import nn
 
+    if kind == "attn":
+        from kcloud.graph.models.transformer import Block, TransformerConfig
+
+        cfg = TransformerConfig(n_layers=blocks, hidden=width, heads=width // 32,
+                                ffn=width * 8 // 3, vocab=2, max_seq_len=_ATTN_SEQ)
+        return nn.Sequential(*(Block(cfg) for _ in range(blocks))).eval()
+    if kind == "conv":
+        return nn.Sequential(*(nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                             nn.BatchNorm2d(width), nn.ReLU())
+                               for _ in range(blocks))).eval()
     return nn.Sequential(*(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width),
                                          nn.GELU(), nn.Linear(4 * width, width))
                            for _ in range(blocks)))
+
+
+def _chain_input(kind: str, batch: int, width: int) -> tuple[int, ...]:
+    """Input shape of a chain: features, or a feature map whose size shrinks as channels
+    grow (as in a CNN: 16 channels at 32 x 32 .. 64 at 8 x 8)."""
+    if kind == "conv":
+        side = max(4, 512 // width)
+        return (batch, width, side, side)
+    if kind == "attn":
+        return (batch, _ATTN_SEQ, width)
+    return (batch, width)
 
 
 def _inference_overhead() -> float:
@@ -518,22 +550,28 @@ def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
         result: dict[str, Any] = {"rank": rank}
         pair = dist.new_group([0, 1])
         if rank < 2:
-            # Between messages each rank computes for a while, as a stage does, so that the
-            # receiver waits idle: its wake-up is part of what a message costs here.
+            # Messages go as the runtime sends a stage's outputs (one frame per hop, the
+            # receive posted ahead), and between them the sender computes for a while, as a
+            # stage does, so that the receiver waits idle: its wake-up is part of the cost.
+            from kcloud.runtime.comm import TupleReceiver, TupleSender
+
             peer = 1 - rank
             a, w = torch.randn(32, 512), torch.randn(512, 1024)
+            sender, receiver = TupleSender(peer), TupleReceiver(peer)
             for size in _LINK_SIZES:
                 buf = torch.zeros(size, dtype=torch.float64)
                 times = []
                 for i in range(_LINK_REPS + 4):
                     if rank == i % 2:  # sender: compute, stamp, send
-                        a @ w
+                        for _ in range(_LINK_IDLE_MATMULS):
+                            a @ w
                         buf[0] = time.perf_counter()
-                        dist.send(buf, peer)
+                        sender.send((buf,))
+                        sender.wait()
                     else:
-                        dist.recv(buf, peer)
+                        (got,) = receiver.recv(ahead=i + 1 < _LINK_REPS + 4)
                         if i >= 4:  # one host, one monotonic clock
-                            times.append(time.perf_counter() - float(buf[0]))
+                            times.append(time.perf_counter() - float(got[0]))
                 result[f"p2p{size}"] = _typical(times)
             x = torch.zeros(_COLLECTIVE_SIZE)
             times = []
@@ -546,9 +584,9 @@ def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
             result["allreduce"] = _typical(times)
         chains = []
         with torch.inference_mode():
-            for b, width, n in _CHAINS:
-                chain = _chain(width, n)
-                x = torch.randn(b, width)
+            for kind, b, width, n in _CHAINS:
+                chain = _chain(kind, width, n)
+                x = torch.randn(_chain_input(kind, b, width))
                 dist.barrier()
                 chains.append(_best_time(lambda chain=chain, x=x: chain(x), _OP_BUDGET_S))
                 del chain
@@ -603,7 +641,7 @@ def _measure_workers() -> tuple[list[float], tuple[float, float, float]]:
     return chains, (max(small, 1e-7), min(bw, copy_bw), max(link["allreduce"], small))
 
 
-def _fit(shapes: list[tuple[int, int, int]], measured: list[float],
+def _fit(shapes: list[tuple[str, int, int, int]], measured: list[float],
          inference_s: float) -> tuple[dict[str, float], float]:
     import math
 
@@ -617,9 +655,9 @@ def _fit(shapes: list[tuple[int, int, int]], measured: list[float],
     device = host_core_device(1)
     base = dataclasses.replace(CLASS_PRIORS[DeviceKind.CPU], inference_overhead_s=0.0)
     graphs = []
-    for b, w, n in shapes:
+    for kind, b, w, n in shapes:
         with torch.device("meta"):
-            chain, x = _chain(w, n), torch.empty(b, w)
+            chain, x = _chain(kind, w, n), torch.empty(_chain_input(kind, b, w))
         graphs.append(capture(chain, (x,), name="host-calibration", batch=b))
     names = list(_PARAM_BOUNDS)
     lo = np.log([_PARAM_BOUNDS[n][0] for n in names])

@@ -15,10 +15,10 @@ the plan's device types (`execute(..., ray_address=...)`); both run `run_worker`
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
-import pickle
 import queue as queue_mod
 import re
 import socket
@@ -38,6 +38,7 @@ import torch.multiprocessing as mp
 from kcloud.errors import KCloudError
 from kcloud.planner.plan import Plan
 from kcloud.runtime import backends
+from kcloud.runtime.comm import TupleReceiver, TupleSender, broadcast_tuple
 from kcloud.runtime.model import layer_graph, load_checkpoint, load_runnable, micro_batches
 from kcloud.runtime.split import flat_tensors, split_model
 from kcloud.runtime.tensor_parallel import (
@@ -54,176 +55,6 @@ from kcloud.runtime.tensor_parallel import (
 from kcloud.runtime.trace import write_trace
 
 FP32_TOLERANCE = 1e-4
-
-
-# ---- wire format ---------------------------------------------------------------------------
-#
-# A tuple travels as one flat byte frame: an int64 flag, then each item (a tensor, or any other
-# value pickled into bytes) at an 8-byte aligned offset. Where the items sit follows from a
-# header of kinds, dtypes and shapes, which both ends keep: a stage's outputs have the same
-# shapes micro-batch after micro-batch, so a hop is one message, and the receiver posts the
-# next one's receive before it needs it. When the header changes (the first micro-batch, a
-# smaller last one, a pickled value of another length), the sender fills the frame the
-# receiver expects with the flag set to the new header's length, then sends the header and the
-# frame in its new layout.
-
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
-           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
-_DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
-_TENSOR, _OBJECT = 0, 1
-_FLAG = 8  # bytes of the flag that starts every frame (and the alignment of its items)
-
-Span = tuple[int, torch.dtype, list[int], int, int]  # kind, dtype, shape, offset, bytes
-
-
-def _encode(values: tuple[Any, ...]) -> tuple[list[int], list[torch.Tensor]]:
-    """The header (length, then kind, dtype, ndim, dims per item) and the items as tensors."""
-    header: list[int] = [len(values)]
-    items: list[torch.Tensor] = []
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.dtype in _DTYPE_CODE:
-            t = v.detach().to("cpu").contiguous()
-            header += [_TENSOR, _DTYPE_CODE[t.dtype], t.dim(), *t.shape]
-        else:
-            t = torch.frombuffer(bytearray(pickle.dumps(v)), dtype=torch.uint8)
-            header += [_OBJECT, _DTYPE_CODE[torch.uint8], 1, t.numel()]
-        items.append(t)
-    return header, items
-
-
-def _spans(header: list[int]) -> tuple[list[Span], int]:
-    """Where each item of a frame sits, and the frame's size in bytes."""
-    spans: list[Span] = []
-    i, off = 1, _FLAG
-    for _ in range(header[0]):
-        kind, dtype, ndim = header[i], _DTYPES[header[i + 1]], header[i + 2]
-        shape = header[i + 3 : i + 3 + ndim]
-        i += 3 + ndim
-        nbytes = math.prod(shape) * dtype.itemsize
-        spans.append((kind, dtype, shape, off, nbytes))
-        off += -(-nbytes // _FLAG) * _FLAG
-    return spans, off
-
-
-def _pack(items: list[torch.Tensor], spans: list[Span], size: int) -> torch.Tensor:
-    frame = torch.empty(size, dtype=torch.uint8)
-    frame[:_FLAG].view(torch.int64).zero_()
-    for t, (_, _, _, off, nbytes) in zip(items, spans, strict=True):
-        if nbytes:
-            frame[off : off + nbytes].copy_(t.reshape(-1).view(torch.uint8))
-    return frame
-
-
-def _flag(frame: torch.Tensor) -> int:
-    return int(frame[:_FLAG].view(torch.int64).item())
-
-
-def _unpack(frame: torch.Tensor, spans: list[Span]) -> tuple[Any, ...]:
-    out: list[Any] = []
-    for kind, dtype, shape, off, nbytes in spans:
-        t = frame[off : off + nbytes].view(dtype).reshape(shape)
-        out.append(t if kind == _TENSOR else pickle.loads(t.numpy().tobytes()))
-    return tuple(out)
-
-
-class TupleSender:
-    """Sends tuples to one peer without blocking: a send returns once its messages are posted,
-    and the stage computes the next micro-batch while they travel. Each send first waits for
-    the previous one; `wait` waits for the last."""
-
-    def __init__(self, dst: int) -> None:
-        self.dst = dst
-        self.header: list[int] | None = None
-        self.size = _FLAG  # of the frame the receiver has posted (or will post) next
-        self.pending: list[tuple[Any, torch.Tensor]] = []  # (work, buffer it sends)
-
-    def send(self, values: tuple[Any, ...]) -> None:
-        header, items = _encode(values)
-        spans, size = _spans(header)
-        frame = _pack(items, spans, size)
-        self.wait()
-        if header != self.header:  # the frame the receiver expects, flagged; the header
-            notice = torch.zeros(self.size, dtype=torch.uint8)
-            notice[:_FLAG].view(torch.int64).fill_(len(header))
-            self._post(notice)
-            self._post(torch.tensor(header, dtype=torch.int64))
-            self.header, self.size = header, size
-        self._post(frame)
-
-    def _post(self, buf: torch.Tensor) -> None:
-        self.pending.append((dist.isend(buf, self.dst), buf))
-
-    def wait(self) -> None:
-        while self.pending:
-            work, _ = self.pending.pop(0)
-            work.wait()
-
-
-class TupleReceiver:
-    """Receives the tuples of a `TupleSender`. `recv(ahead=True)` posts the receive of the
-    next tuple before returning, in the layout of this one."""
-
-    def __init__(self, src: int) -> None:
-        self.src = src
-        self.spans: list[Span] = []
-        self.size = _FLAG
-        self.posted: tuple[Any, torch.Tensor] | None = None
-
-    def _post(self) -> None:
-        frame = torch.empty(self.size, dtype=torch.uint8)
-        self.posted = (dist.irecv(frame, self.src), frame)
-
-    def recv(self, ahead: bool = False) -> tuple[Any, ...]:
-        if self.posted is None:
-            self._post()
-        assert self.posted is not None
-        work, frame = self.posted
-        self.posted = None
-        work.wait()
-        n = _flag(frame)
-        if n:  # a new layout: its header, then the frame
-            h = torch.empty(n, dtype=torch.int64)
-            dist.recv(h, self.src)
-            self.spans, self.size = _spans(h.tolist())
-            frame = torch.empty(self.size, dtype=torch.uint8)
-            dist.recv(frame, self.src)
-        out = _unpack(frame, self.spans)
-        if ahead:
-            self._post()
-        return out
-
-
-def send_tuple(values: tuple[Any, ...], dst: int) -> None:
-    """Send one tuple and wait until it is sent (a `TupleSender` of its own)."""
-    sender = TupleSender(dst)
-    sender.send(values)
-    sender.wait()
-
-
-def recv_tuple(src: int) -> tuple[Any, ...]:
-    """Receive a tuple of `send_tuple`."""
-    return TupleReceiver(src).recv()
-
-
-def broadcast_tuple(values: tuple[Any, ...] | None, src: int, group: Any) -> tuple[Any, ...]:
-    """`values` of rank `src` on every rank of `group` (the others pass None): the header's
-    length, the header, then the frame."""
-    if values is not None:
-        header, items = _encode(values)
-        spans, size = _spans(header)
-        frame = _pack(items, spans, size)
-        dist.broadcast(torch.tensor([len(header)], dtype=torch.int64), src, group=group)
-        dist.broadcast(torch.tensor(header, dtype=torch.int64), src, group=group)
-        dist.broadcast(frame, src, group=group)
-        return tuple(values)
-    n = torch.empty(1, dtype=torch.int64)
-    dist.broadcast(n, src, group=group)
-    h = torch.empty(int(n.item()), dtype=torch.int64)
-    dist.broadcast(h, src, group=group)
-    spans, size = _spans(h.tolist())
-    frame = torch.empty(size, dtype=torch.uint8)
-    dist.broadcast(frame, src, group=group)
-    return _unpack(frame, spans)
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -266,6 +97,7 @@ class WorkerSpec:
     n_warmup: int = 0  # untimed micro-batches first (first-touch allocation, connections)
     n_probe: int = 0  # requests sent one at a time through the idle pipeline (latency)
     per_request: int = 1  # micro-batches per request
+    pin_core: int | None = None  # the CPU core a local worker runs on
 
     @property
     def label(self) -> str:
@@ -297,6 +129,9 @@ def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerRe
     """The body of every worker (a process here or a Ray actor): build its stage (its shard
     of it), join the process group, stream the micro-batches. Never raises."""
     torch.set_num_threads(1)
+    if spec.pin_core is not None:  # a core of its own: no migration, its caches stay warm
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setaffinity(0, {spec.pin_core})
     step = "setup"
     try:
         module, example = load_runnable(spec.model, batch=spec.micro_batch,
@@ -494,6 +329,7 @@ class RunReport:
     outputs: list[Any] = field(default_factory=list, repr=False)
     schedule: dict[str, list[str]] = field(default_factory=dict)  # device -> actions run
     executor: str = "processes"  # "processes" | "ray"
+    energy: dict[str, Any] | None = None  # modeled power x stage times
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -506,6 +342,8 @@ class RunReport:
         }
         if self.emulated is not None:
             d["emulated"] = self.emulated
+        if self.energy is not None:
+            d["energy"] = self.energy
         return d
 
 
@@ -558,10 +396,8 @@ def execute(
         load_checkpoint(module, weights)
     feeds = micro_batches(example, n * len(plan.replicas))
     notes: list[str] = []
-    graph = None
-    if any(s.tp > 1 or mode == "emulated" for r in plan.replicas for s in r.stages):
-        graph = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
-                            phase=plan.phase)
+    graph = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
+                        phase=plan.phase)
 
     # Stages, their tensor-parallel layouts (errors before any worker starts).
     splits = []
@@ -578,7 +414,6 @@ def execute(
         for si, st in enumerate(rep.stages):
             if st.tp == 1:
                 continue
-            assert graph is not None
             groups = stage_groups(graph, st.start, st.end)
             check_degree(groups, st.tp, f"stage {si} of replica {ri}")
             if not groups:
@@ -612,6 +447,13 @@ def execute(
     world = rank
     tp_groups = tuple(tuple(g) for g in plan_groups if len(g) > 1)
     port = _free_port()
+    # Local CPU workers get a core each when there are enough (one thread per core, pinned,
+    # as CPU inference servers run); a cpu backend's slot index picks the core.
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    n_cpu = sum(st.tp for rep in plan.replicas for st in rep.stages
+                if backends.choose(st.device_type, mode, st.devices[0]).name == "cpu")
+    pin = ray_address is None and 0 < n_cpu <= len(cores)
+    next_core = 0
     k = 0
     for ri, rep in enumerate(plan.replicas):
         bounds = tuple((s.start, s.end) for s in rep.stages)
@@ -623,6 +465,9 @@ def execute(
             for ti, r in enumerate(ranks):
                 slot = st.devices[ti]
                 be = backends.choose(st.device_type, mode, slot)
+                core = None
+                if pin and be.name == "cpu":
+                    core, next_core = cores[next_core], next_core + 1
                 specs.append(WorkerSpec(
                     rank=r, world=world, port=port, replica=ri, stage=si, device=slot,
                     device_type=st.device_type, backend=be.name, torch_device=be.torch_device,
@@ -632,7 +477,7 @@ def execute(
                     prev=None if si == 0 else plan_groups[k - 1][0],
                     next=None if last else plan_groups[k + 1][0],
                     comm_timeout_s=comm_timeout_s, group=tuple(ranks), tp_groups=tp_groups,
-                    layout=layout,
+                    layout=layout, pin_core=core,
                 ))
                 states.append(_to_bytes(full if layout is None else
                                         shard_state(full, layout, ti)))
@@ -640,12 +485,18 @@ def execute(
             k += 1
 
     # The cost model's times of emulated stages (before starting workers: errors come early).
+    # ... and the power each stage's devices draw (the cost model's, for the energy figures).
     modeled: dict[int, float] = {}
+    power: dict[int, tuple[float, float]] = {}  # lead rank -> (busy W, idle W) per device
     for sp in specs:
-        if sp.backend == "emulated" and sp.leads:
-            st = plan.replicas[sp.replica].stages[sp.stage]
-            modeled[sp.rank] = _modeled_stage_time(graph, st.device_type, st.precision,
-                                                   plan.micro_batch, st.start, st.end, st.tp)
+        if not sp.leads:
+            continue
+        st = plan.replicas[sp.replica].stages[sp.stage]
+        cost, dev = _stage_cost(graph, st.device_type, st.precision, plan.micro_batch,
+                                st.start, st.end, st.tp)
+        power[sp.rank] = (cost.power_w(dev), dev.idle_power_w.value)
+        if sp.backend == "emulated":
+            modeled[sp.rank] = cost.time_s
 
     if ray_address is not None:
         from kcloud.runtime.ray_executor import run_on_ray
@@ -705,6 +556,7 @@ def execute(
     )
     if any(s.figures == "modeled" for s in stages):
         report.emulated = _emulated_figures(plan, stages, unit)
+    report.energy = _energy_figures(plan, specs, stages, power, unit)
     return report
 
 
@@ -884,8 +736,9 @@ def _stage_reports(plan: Plan, specs: list[WorkerSpec], results: dict[int, Any],
     return out
 
 
-def _modeled_stage_time(graph: Any, device_type: str, precision: str, batch: int,
-                        start: int, end: int, tp: int) -> float:
+def _stage_cost(graph: Any, device_type: str, precision: str, batch: int,
+                start: int, end: int, tp: int) -> tuple[Any, Any]:
+    """The cost model's figures of one stage (per device of its group), and the device."""
     from kcloud.hardware.catalog import get_device
     from kcloud.hardware.cost import default_calibration, layer_table
     from kcloud.precision import Precision
@@ -895,7 +748,32 @@ def _modeled_stage_time(graph: Any, device_type: str, precision: str, batch: int
     params = default_calibration().params(dev)
     used, _ = resolve_precision(dev, Precision.parse(precision))  # nearest lossless one
     table = layer_table(graph, dev, used, batch, params, tp=tp)
-    return float(table.stage(start, end).time_s)
+    return table.stage(start, end), dev
+
+
+def _energy_figures(plan: Plan, specs: list[WorkerSpec], stages: list[StageReport],
+                    power: dict[int, tuple[float, float]], unit: str) -> dict[str, Any]:
+    """Energy per item as the planner counts it, from this run's stage times: each device
+    draws the cost model's busy power while its stage works (measured time where the stage
+    ran for real, modeled where emulated) and its idle power for the rest of the period (the
+    slowest stage or send of its replica)."""
+    leads = {(s.replica, s.stage): s.rank for s in specs if s.leads}
+    items = plan.micro_batch * (plan.seq_len if "tokens" in unit and plan.seq_len else 1)
+    joules = 0.0  # per micro-batch of every replica
+    seconds = 0.0
+    for ri, _ in enumerate(plan.replicas):
+        mine = [s for s in stages if s.replica == ri]
+        period = max(max(s.time_s, s.measured_send_s) for s in mine)
+        seconds = max(seconds, period)
+        for s in mine:
+            busy_w, idle_w = power[leads[ri, s.stage]]
+            busy = min(s.time_s, period)
+            joules += s.tp * (busy_w * busy + idle_w * (period - busy))
+    per_item = joules / (items * len(plan.replicas))
+    return {"energy_per_item_j": per_item, "power_w": joules / seconds if seconds else 0.0,
+            "unit": "J/" + unit.split("/")[0].split()[-1].rstrip("s"),
+            "predicted_energy_per_item_j": plan.predicted.energy_per_item_j,
+            "figures": "modeled: cost-model power x stage times (measured where real)"}
 
 
 def _emulated_figures(plan: Plan, stages: list[StageReport], unit: str) -> dict[str, Any]:

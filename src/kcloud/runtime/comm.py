@@ -1,0 +1,167 @@
+"""Messages between workers: tuples of tensors (and other values) over torch.distributed,
+as one flat frame per hop.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# A tuple travels as one flat byte frame: an int64 flag, then each item (a tensor, or any other
+# value pickled into bytes) at an 8-byte aligned offset. Where the items sit follows from a
+# header of kinds, dtypes and shapes, which both ends keep: a stage's outputs have the same
+# shapes micro-batch after micro-batch, so a hop is one message, and the receiver posts the
+# next one's receive before it needs it. When the header changes (the first micro-batch, a
+# smaller last one, a pickled value of another length), the sender fills the frame the
+# receiver expects with the flag set to the new header's length, then sends the header and the
+# frame in its new layout.
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+_DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
+_TENSOR, _OBJECT = 0, 1
+_FLAG = 8  # bytes of the flag that starts every frame (and the alignment of its items)
+
+Span = tuple[int, torch.dtype, list[int], int, int]  # kind, dtype, shape, offset, bytes
+
+
+def _encode(values: tuple[Any, ...]) -> tuple[list[int], list[torch.Tensor]]:
+    """The header (length, then kind, dtype, ndim, dims per item) and the items as tensors."""
+    header: list[int] = [len(values)]
+    items: list[torch.Tensor] = []
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.dtype in _DTYPE_CODE:
+            t = v.detach().to("cpu").contiguous()
+            header += [_TENSOR, _DTYPE_CODE[t.dtype], t.dim(), *t.shape]
+        else:
+            t = torch.frombuffer(bytearray(pickle.dumps(v)), dtype=torch.uint8)
+            header += [_OBJECT, _DTYPE_CODE[torch.uint8], 1, t.numel()]
+        items.append(t)
+    return header, items
+
+
+def _spans(header: list[int]) -> tuple[list[Span], int]:
+    """Where each item of a frame sits, and the frame's size in bytes."""
+    spans: list[Span] = []
+    i, off = 1, _FLAG
+    for _ in range(header[0]):
+        kind, dtype, ndim = header[i], _DTYPES[header[i + 1]], header[i + 2]
+        shape = header[i + 3 : i + 3 + ndim]
+        i += 3 + ndim
+        nbytes = math.prod(shape) * dtype.itemsize
+        spans.append((kind, dtype, shape, off, nbytes))
+        off += -(-nbytes // _FLAG) * _FLAG
+    return spans, off
+
+
+def _pack(items: list[torch.Tensor], spans: list[Span], size: int) -> torch.Tensor:
+    frame = torch.empty(size, dtype=torch.uint8)
+    frame[:_FLAG].view(torch.int64).zero_()
+    for t, (_, _, _, off, nbytes) in zip(items, spans, strict=True):
+        if nbytes:
+            frame[off : off + nbytes].copy_(t.reshape(-1).view(torch.uint8))
+    return frame
+
+
+def _flag(frame: torch.Tensor) -> int:
+    return int(frame[:_FLAG].view(torch.int64).item())
+
+
+def _unpack(frame: torch.Tensor, spans: list[Span]) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for kind, dtype, shape, off, nbytes in spans:
+        t = frame[off : off + nbytes].view(dtype).reshape(shape)
+        out.append(t if kind == _TENSOR else pickle.loads(t.numpy().tobytes()))
+    return tuple(out)
+
+
+class TupleSender:
+    """Sends tuples to one peer without blocking: a send returns once its messages are posted,
+    and the stage computes the next micro-batch while they travel. Each send first waits for
+    the previous one; `wait` waits for the last."""
+
+    def __init__(self, dst: int) -> None:
+        self.dst = dst
+        self.header: list[int] | None = None
+        self.size = _FLAG  # of the frame the receiver has posted (or will post) next
+        self.pending: list[tuple[Any, torch.Tensor]] = []  # (work, buffer it sends)
+
+    def send(self, values: tuple[Any, ...]) -> None:
+        header, items = _encode(values)
+        spans, size = _spans(header)
+        frame = _pack(items, spans, size)
+        self.wait()
+        if header != self.header:  # the frame the receiver expects, flagged; the header
+            notice = torch.zeros(self.size, dtype=torch.uint8)
+            notice[:_FLAG].view(torch.int64).fill_(len(header))
+            self._post(notice)
+            self._post(torch.tensor(header, dtype=torch.int64))
+            self.header, self.size = header, size
+        self._post(frame)
+
+    def _post(self, buf: torch.Tensor) -> None:
+        self.pending.append((dist.isend(buf, self.dst), buf))
+
+    def wait(self) -> None:
+        while self.pending:
+            work, _ = self.pending.pop(0)
+            work.wait()
+
+
+class TupleReceiver:
+    """Receives the tuples of a `TupleSender`. `recv(ahead=True)` posts the receive of the
+    next tuple before returning, in the layout of this one."""
+
+    def __init__(self, src: int) -> None:
+        self.src = src
+        self.spans: list[Span] = []
+        self.size = _FLAG
+        self.posted: tuple[Any, torch.Tensor] | None = None
+
+    def _post(self) -> None:
+        frame = torch.empty(self.size, dtype=torch.uint8)
+        self.posted = (dist.irecv(frame, self.src), frame)
+
+    def recv(self, ahead: bool = False) -> tuple[Any, ...]:
+        if self.posted is None:
+            self._post()
+        assert self.posted is not None
+        work, frame = self.posted
+        self.posted = None
+        work.wait()
+        n = _flag(frame)
+        if n:  # a new layout: its header, then the frame
+            h = torch.empty(n, dtype=torch.int64)
+            dist.recv(h, self.src)
+            self.spans, self.size = _spans(h.tolist())
+            frame = torch.empty(self.size, dtype=torch.uint8)
+            dist.recv(frame, self.src)
+        out = _unpack(frame, self.spans)
+        if ahead:
+            self._post()
+        return out
+
+
+def broadcast_tuple(values: tuple[Any, ...] | None, src: int, group: Any) -> tuple[Any, ...]:
+    """`values` of rank `src` on every rank of `group` (the others pass None): the header's
+    length, the header, then the frame."""
+    if values is not None:
+        header, items = _encode(values)
+        spans, size = _spans(header)
+        frame = _pack(items, spans, size)
+        dist.broadcast(torch.tensor([len(header)], dtype=torch.int64), src, group=group)
+        dist.broadcast(torch.tensor(header, dtype=torch.int64), src, group=group)
+        dist.broadcast(frame, src, group=group)
+        return tuple(values)
+    n = torch.empty(1, dtype=torch.int64)
+    dist.broadcast(n, src, group=group)
+    h = torch.empty(int(n.item()), dtype=torch.int64)
+    dist.broadcast(h, src, group=group)
+    spans, size = _spans(h.tolist())
+    frame = torch.empty(size, dtype=torch.uint8)
+    dist.broadcast(frame, src, group=group)
+    return _unpack(frame, spans)
