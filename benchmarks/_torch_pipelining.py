@@ -4,6 +4,7 @@ forward only (no loss function, so no backward), a GPipe or 1F1B schedule.
 
 The model and its weights come from `load_runnable` (seeded: the same as K-Cloud's workers
 build) and the stages from `split_model`, so both runtimes run the same two fx submodules.
+Both keep freed memory in the process heap (`keep_heap`), as K-Cloud's workers do.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kcloud.hardware.host import keep_heap
+
 SCHEDULES = ("gpipe", "1f1b")
 
 
@@ -32,6 +35,7 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, spec: str, micro_batch: int, cut: int, n_micro: int,
             steps: int, schedule: str, results: Any) -> None:
     torch.set_num_threads(1)
+    keep_heap()
     try:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 

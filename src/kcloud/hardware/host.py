@@ -327,6 +327,26 @@ def reset_host_cache() -> None:
     _PARAMS_MEMO.clear()
 
 
+def keep_heap() -> bool:
+    """Keep freed memory in this process's heap (glibc): large blocks are not handed back to
+    the OS after every free, so a forward pass does not page-fault fresh zeroed pages for each
+    of its activations again (worth a quarter of a small CNN's time on one core). Called by
+    every worker process; a no-op where glibc is absent. True when applied."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)
+                    and libc.mallopt(m_trim_threshold, 512 * 2**20))
+    except (OSError, AttributeError):
+        return False
+
+
 # -- the device --------------------------------------------------------------------------------
 def host_device(measurement: HostMeasurement | None = None) -> Device:
     """The host CPU as a `Device` (id `host-cpu`), from `measure_host()` unless given."""
@@ -543,6 +563,7 @@ def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    keep_heap()
     torch.manual_seed(rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=_dt.timedelta(seconds=60))

@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kcloud.errors import KCloudError
+from kcloud.hardware.host import keep_heap
 from kcloud.planner.plan import Plan
 from kcloud.runtime import backends
 from kcloud.runtime.comm import TupleReceiver, TupleSender, broadcast_tuple
@@ -129,6 +130,7 @@ def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerRe
     """The body of every worker (a process here or a Ray actor): build its stage (its shard
     of it), join the process group, stream the micro-batches. Never raises."""
     torch.set_num_threads(1)
+    keep_heap()
     if spec.pin_core is not None:  # a core of its own: no migration, its caches stay warm
         with contextlib.suppress(AttributeError, OSError):
             os.sched_setaffinity(0, {spec.pin_core})
