@@ -250,3 +250,15 @@ def test_bad_checkpoint_is_one_line(content: object, says: str, tmp_path: Path) 
         load_checkpoint(module, ckpt)
     msg = str(err.value)
     assert says in msg and "\n" not in msg
+
+
+def test_run_reports_modeled_energy(tmp_path: Path) -> None:
+    plan = _plan("mlp", _layers("mlp"), [3], types=[HOST, "furiosa-rngd"])
+    r = execute(plan, mode="emulated", n_micro=2, trace_path=None, probes=1)
+    e = r.energy
+    assert e is not None and e["unit"] == "J/sample" and "modeled" in e["figures"]
+    # every device draws at least its idle power over the period of the slowest stage
+    period = max(max(s.time_s, s.measured_send_s) for s in r.stages)
+    assert e["energy_per_item_j"] * plan.micro_batch > 2 * 0.5 * period
+    assert e["estimated"] is True  # the host's power is an estimate
+    assert e["predicted_energy_per_item_j"] == plan.predicted.energy_per_item_j

@@ -73,11 +73,20 @@ def demo(
     t.add_row("throughput, measured", f"{lm['throughput']:,.0f} {lm['unit']}", "-")
     t.add_row("throughput, modeled", f"{lp['throughput']:,.0f} {lp.get('unit', lm['unit'])}",
               f"{rp['throughput']:,.0f} {rp.get('unit', lm['unit'])}")
+    le, re_ = local["run"].get("energy"), rack["run"].get("energy")
+    if le and re_:
+        per = le["unit"].split("/", 1)[1]
+        t.add_row("energy per item, modeled (power x run's stage times)",
+                  *(f"{e['energy_per_item_j'] * 1e3:,.3g} mJ/{per}"
+                    + (" *" if e.get("estimated") else "") for e in (le, re_)))
     emu = rack["run"].get("emulated")
     if emu:
         t.add_row("rack run: host numerics, NPU time modeled",
                   "-", f"{emu['latency_s'] * 1e3:,.3f} ms")
     console.print(t)
+    if (le and le.get("estimated")) or (re_ and re_.get("estimated")):
+        console.print("* built on estimated power figures (no primary source): see "
+                      "`kcloud devices show <device>`")
     console.print(f"traces: {out / 'kcloud-trace-local.json'}, {out / 'kcloud-trace-rack.json'}"
                   " (open in chrome://tracing or Perfetto)")
 

@@ -111,7 +111,8 @@ def run(
         console.print(f"energy (modeled: cost-model power x this run's stage times): "
                       f"{e['energy_per_item_j'] * 1e3:,.4g} mJ/{per} at {e['power_w']:,.1f} W; "
                       f"the plan predicted {e['predicted_energy_per_item_j'] * 1e3:,.4g} "
-                      f"mJ/{per}")
+                      f"mJ/{per}" + (" (* built on estimated power figures)"
+                                     if e.get("estimated") else ""))
     s = Table(title="stages (time per micro-batch)", show_header=True, header_style="bold")
     for col in ("replica", "stage", "layers", "device", "backend", "time", "figures",
                 "predicted", "send"):

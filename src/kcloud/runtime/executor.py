@@ -490,6 +490,7 @@ def execute(
     # ... and the power each stage's devices draw (the cost model's, for the energy figures).
     modeled: dict[int, float] = {}
     power: dict[int, tuple[float, float]] = {}  # lead rank -> (busy W, idle W) per device
+    power_estimated = False  # built on a power figure without a primary source
     for sp in specs:
         if not sp.leads:
             continue
@@ -497,6 +498,7 @@ def execute(
         cost, dev = _stage_cost(graph, st.device_type, st.precision, plan.micro_batch,
                                 st.start, st.end, st.tp)
         power[sp.rank] = (cost.power_w(dev), dev.idle_power_w.value)
+        power_estimated |= dev.max_power_w.estimated or dev.idle_power_w.estimated
         if sp.backend == "emulated":
             modeled[sp.rank] = cost.time_s
 
@@ -559,6 +561,7 @@ def execute(
     if any(s.figures == "modeled" for s in stages):
         report.emulated = _emulated_figures(plan, stages, unit)
     report.energy = _energy_figures(plan, specs, stages, power, unit)
+    report.energy["estimated"] = power_estimated
     return report
 
 
