@@ -63,10 +63,14 @@ def run(
     ray_address: Annotated[str | None, typer.Option(
         "--ray", help="Run the workers as Ray actors: 'local' (a Ray instance on this host) "
         "or a cluster address; nodes declare resources kcloud/<device-type>")] = None,
+    prompt_only: Annotated[bool, typer.Option(
+        "--prompt-only", help="LLM plans: run the prompt (prefill) only, not the generation "
+        "of the output tokens")] = False,
 ) -> None:
     """Run a plan: one worker per device of each stage (tensor-parallel stages sharded over
-    their group), micro-batches streamed through (measured). With --model and --cluster the
-    plan is made first, as `kcloud plan` makes it."""
+    their group), micro-batches streamed through (measured). Zoo LLM plans generate their
+    output tokens (greedy, a KV cache per micro-batch in every stage). With --model and
+    --cluster the plan is made first, as `kcloud plan` makes it."""
     from kcloud.runtime.executor import execute
 
     if mode not in ("real", "emulated"):
@@ -80,7 +84,8 @@ def run(
                           min_domestic_share, precision, input_tokens, output_tokens)
     plan, search_time_s = _plan_to_run(plan_file, model, cluster, goal)
     report = execute(plan, mode=mode, n_micro=batches, trace_path=trace,
-                     ray_address=ray_address, warmup=warmup, weights=weights)
+                     ray_address=ray_address, warmup=warmup, weights=weights,
+                     prompt_only=prompt_only)
     if as_json:
         doc = report.to_dict()
         if search_time_s is not None:
@@ -92,7 +97,9 @@ def run(
     ok = "[green]ok[/]" if report.reference_ok else "[red]MISMATCH[/]"
     console.print(f"{report.model}: {report.replicas} replica(s) x {report.n_micro} "
                   f"micro-batch(es) of {report.micro_batch}, mode {report.mode}")
-    console.print(f"outputs vs single process: max abs error {report.max_abs_error:.3g} {ok}")
+    generated = m.get("ttft_s") is not None
+    what = "tokens and logits" if generated else "outputs"
+    console.print(f"{what} vs single process: max abs error {report.max_abs_error:.3g} {ok}")
     t = Table(show_header=True, header_style="bold")
     t.add_column("")
     t.add_column("latency", justify="right")
@@ -105,6 +112,13 @@ def run(
     t.add_row("predicted (modeled)", f"{p['latency_s'] * 1e3:,.3f} ms",
               f"{p['throughput']:,.1f} {p['unit']}")
     console.print(t)
+    if generated:
+        tpot = (f"{m['tpot_s'] * 1e3:,.3f} ms" if m.get("tpot_s") is not None else "-")
+        ptpot = f"{p['tpot_s'] * 1e3:,.3f} ms" if p.get("tpot_s") is not None else "-"
+        console.print(f"generation of {m['output_tokens']} tokens: time to first token "
+                      f"{m['ttft_s'] * 1e3:,.3f} ms, per output token after it {tpot} "
+                      f"(measured); stage compute summed {p['ttft_s'] * 1e3:,.3f} ms and "
+                      f"{ptpot} (modeled, transfers excluded)")
     if report.energy is not None:
         e = report.energy
         per = e["unit"].split("/", 1)[1]
@@ -113,16 +127,24 @@ def run(
                       f"the plan predicted {e['predicted_energy_per_item_j'] * 1e3:,.4g} "
                       f"mJ/{per}" + (" (* built on estimated power figures)"
                                      if e.get("estimated") else ""))
-    s = Table(title="stages (time per micro-batch)", show_header=True, header_style="bold")
-    for col in ("replica", "stage", "layers", "device", "backend", "time", "figures",
-                "predicted", "send"):
-        s.add_column(col, justify="right" if col in ("time", "predicted", "send") else "left")
+    title = ("stages (time per micro-batch: its whole generation; prefill and decode step "
+             "measured vs modeled; send per hop)" if generated
+             else "stages (time per micro-batch)")
+    s = Table(title=title, show_header=True, header_style="bold")
+    cols = ["replica", "stage", "layers", "device", "backend", "time", "figures", "predicted"]
+    if generated:
+        cols += ["prefill", "decode step"]
+    for col in [*cols, "send"]:
+        s.add_column(col, justify="left" if col in cols[:5] or col == "figures" else "right")
     for st in report.stages:
-        s.add_row(str(st.replica), str(st.stage), f"{st.layers[0]}-{st.layers[1]}",
-                  st.device_type + (f" x{st.tp}" + ("" if st.sharded else " (whole)")
-                                    if st.tp > 1 else ""), st.backend,
-                  f"{st.time_s * 1e3:,.3f} ms", st.figures,
-                  f"{st.predicted_time_s * 1e3:,.3f} ms", f"{st.measured_send_s * 1e3:,.3f} ms")
+        row = [str(st.replica), str(st.stage), f"{st.layers[0]}-{st.layers[1]}",
+               st.device_type + (f" x{st.tp}" + ("" if st.sharded else " (whole)")
+                                 if st.tp > 1 else ""), st.backend,
+               f"{st.time_s * 1e3:,.3f} ms", st.figures, f"{st.predicted_time_s * 1e3:,.3f} ms"]
+        if generated:
+            row += [_vs(st.measured_prefill_s, st.predicted_prefill_s),
+                    _vs(st.measured_decode_s, st.predicted_decode_s)]
+        s.add_row(*row, f"{st.measured_send_s * 1e3:,.3f} ms")
     console.print(s)
     for note in report.notes:
         console.print(f"note: {note}")
@@ -131,6 +153,13 @@ def run(
         console.print(f"planned here: {len(plan.replicas)} replica(s) on {len(plan.devices)} "
                       f"device(s) of {plan.cluster}; search time {search_time_s:.2f} s "
                       "(measured)")
+
+
+def _vs(measured: float | None, modeled: float | None) -> str:
+    """"measured / modeled" in ms."""
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1e3:,.3f}"
+    return f"{ms(measured)} / {ms(modeled)} ms"
 
 
 def _plan_to_run(plan_file: Path | None, model: str | None, cluster: str | None,

@@ -11,12 +11,18 @@ single-process model, and reports measured times per stage and a timeline.
 
 Workers are processes on this host (`execute`), or Ray actors placed on the nodes that declare
 the plan's device types (`execute(..., ray_address=...)`); both run `run_worker`.
+
+Plans of zoo LLMs with output tokens generate them (`_generate`, `kcloud.runtime.generate`):
+each stage runs its submodules eagerly with a KV cache per micro-batch; the prompt, then one
+decode step per token, step-major over the micro-batches, the last stage's lead sending each
+greedy token back to the first stage's lead (the token hop).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import queue as queue_mod
@@ -36,10 +42,25 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kcloud.errors import KCloudError
+from kcloud.graph.models.transformer import KVCache
 from kcloud.hardware.host import keep_heap
 from kcloud.planner.plan import Plan
 from kcloud.runtime import backends
 from kcloud.runtime.comm import TupleReceiver, TupleSender, broadcast_tuple
+from kcloud.runtime.generate import (
+    GenSpec,
+    GenStage,
+    apply_eager_layout,
+    check_length,
+    eager_layout,
+    gen_schedule,
+    generates,
+    greedy,
+    layer_units,
+    reference_generate,
+    stage_state,
+    stage_units,
+)
 from kcloud.runtime.model import layer_graph, load_checkpoint, load_runnable, micro_batches
 from kcloud.runtime.split import flat_tensors, split_model
 from kcloud.runtime.tensor_parallel import (
@@ -53,7 +74,7 @@ from kcloud.runtime.tensor_parallel import (
     shard_state,
     stage_groups,
 )
-from kcloud.runtime.trace import write_trace
+from kcloud.runtime.trace import trace_events, write_trace
 
 FP32_TOLERANCE = 1e-4
 
@@ -99,6 +120,7 @@ class WorkerSpec:
     n_probe: int = 0  # requests sent one at a time through the idle pipeline (latency)
     per_request: int = 1  # micro-batches per request
     pin_core: int | None = None  # the CPU core a local worker runs on
+    gen: GenSpec | None = None  # generate (prompt, then decode steps) instead of one pass
 
     @property
     def label(self) -> str:
@@ -126,24 +148,37 @@ def _one_line(exc: BaseException) -> str:
 WorkerResult = tuple[Any, ...]
 
 
+@dataclass
+class _Where:
+    """What a worker is doing: the start of its one-line error when it fails."""
+
+    step: str = "setup"
+
+
 def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerResult:
     """The body of every worker (a process here or a Ray actor): build its stage (its shard
-    of it), join the process group, stream the micro-batches. Never raises."""
+    of it), join the process group, stream the micro-batches (or generate, for `spec.gen`).
+    Never raises."""
     torch.set_num_threads(1)
     keep_heap()
     if spec.pin_core is not None:  # a core of its own: no migration, its caches stay warm
         with contextlib.suppress(AttributeError, OSError):
             os.sched_setaffinity(0, {spec.pin_core})
-    step = "setup"
+    where = _Where()
     try:
         module, example = load_runnable(spec.model, batch=spec.micro_batch,
                                         seq_len=spec.seq_len, phase=spec.phase)
-        stage = split_model(module, example, spec.bounds).stages[spec.stage]
-        del module
         ar_log: list[tuple[int, int]] = []
-        group: Any = None
-        if spec.layout is not None:
-            apply_layout(stage.sub, spec.layout, None, ar_log)  # the group is set below
+        stage: Any
+        if spec.gen is not None:
+            stage = GenStage(module, spec.gen.units)
+            if spec.gen.layout is not None:
+                apply_eager_layout(stage, spec.gen.layout, None, ar_log)  # group set below
+        else:
+            stage = split_model(module, example, spec.bounds).stages[spec.stage]
+            if spec.layout is not None:
+                apply_layout(stage.sub, spec.layout, None, ar_log)  # the group is set below
+        del module
         stage.load_state_dict(_from_bytes(state))
         dev = torch.device(spec.torch_device)
         stage.to(dev)
@@ -151,78 +186,204 @@ def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerRe
         timeout = timedelta(seconds=spec.comm_timeout_s)
         dist.init_process_group("gloo", init_method=f"tcp://{spec.master_addr}:{spec.port}",
                                 rank=spec.rank, world_size=spec.world, timeout=timeout)
+        group: Any = None
         for ranks in spec.tp_groups:  # every rank creates every group, in the same order
             pg = dist.new_group(list(ranks), timeout=timeout, backend="gloo")
             if spec.rank in ranks:
                 group = pg
-        if spec.layout is not None:
-            for mod in stage.modules():
-                if isinstance(mod, ParallelShard):
-                    mod.group = group
-        tp = len(spec.group) if spec.group else 1
-        src = spec.group[0] if spec.group else spec.rank
+        for mod in stage.modules():
+            if isinstance(mod, ParallelShard):
+                mod.group = group
         dist.barrier()
-        events: list[tuple[str, int, int, int]] = []  # (action, micro-batch, start, end) ns
-        outputs: list[Any] = []
-        clock = time.perf_counter_ns
-        receiver = TupleReceiver(spec.prev) if spec.prev is not None and spec.leads else None
-        sender = TupleSender(spec.next) if spec.next is not None and spec.leads else None
-        items = schedule(spec)
-        n_msgs = sum(1 for a, _ in items if a != "B")
-        k = 0
-        with torch.inference_mode():
-            for action, m in items:
-                if action == "B":  # what follows starts from an empty pipeline
-                    step = "barrier between run phases"
-                    dist.barrier()
-                    continue
-                k += 1
-                what = _micro(action, m)
-                keep = action != "W"
-                if spec.prev is None:
-                    assert feed is not None
-                    x = feed[m]
-                else:
-                    step = f"receive of {what}"
-                    t0 = clock()
-                    got = receiver.recv(k < n_msgs) if receiver is not None else None
-                    x = broadcast_tuple(got, src, group) if tp > 1 else got
-                    assert x is not None
-                    if action == "F":
-                        events.append(("R", m, t0, clock()))
-                step = what
-                t0 = clock()
-                ar_log.clear()
-                x = tuple(v.to(dev) if isinstance(v, torch.Tensor) else v for v in x)
-                y = stage(*x)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                if keep:
-                    events.append(("F" if action == "F" else "L", m, t0, clock()))
-                if action == "F":
-                    events.extend(("AR", m, a, b) for a, b in ar_log)
-                if not spec.leads:
-                    continue
-                if sender is not None:  # returns once posted: the next compute overlaps it
-                    step = f"send of {what}"
-                    t0 = clock()
-                    sender.send(y)
-                    if action == "F":
-                        events.append(("S", m, t0, clock()))
-                elif action == "F":
-                    outputs.append(_detach(y[0]))
-        step = "finish"
-        if sender is not None:
-            sender.wait()
+        run = _generate if spec.gen is not None else _stream
+        outputs, events = run(spec, stage, feed, group, ar_log, dev, where)
+        where.step = "finish"
         last = spec.next is None and spec.leads
         result: WorkerResult = ("done", spec.rank, _to_bytes(outputs) if last else None, events)
         dist.barrier()
         dist.destroy_process_group()
         return result
     except BaseException as exc:  # reported to the driver, which stops the run
+        step = where.step
         comm = step.startswith(("receive", "send", "finish", "barrier")) or isinstance(
             exc, (dist.DistBackendError, CollectiveError))
         return ("error", spec.rank, f"{step}: {_one_line(exc)}", comm)
+
+
+def _stream(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
+            ar_log: list[tuple[int, int]], dev: torch.device,
+            where: _Where) -> tuple[list[Any], list[tuple[str, int, int, int]]]:
+    """One forward pass per micro-batch through the stage (`schedule`): the outputs (last
+    stage's lead) and the timed events (action, micro-batch, start, end)."""
+    tp = len(spec.group) if spec.group else 1
+    src = spec.group[0] if spec.group else spec.rank
+    events: list[tuple[str, int, int, int]] = []  # (action, micro-batch, start, end) ns
+    outputs: list[Any] = []
+    clock = time.perf_counter_ns
+    receiver = TupleReceiver(spec.prev) if spec.prev is not None and spec.leads else None
+    sender = TupleSender(spec.next) if spec.next is not None and spec.leads else None
+    items = schedule(spec)
+    n_msgs = sum(1 for a, _ in items if a != "B")
+    k = 0
+    with torch.inference_mode():
+        for action, m in items:
+            if action == "B":  # what follows starts from an empty pipeline
+                where.step = "barrier between run phases"
+                dist.barrier()
+                continue
+            k += 1
+            what = _micro(action, m)
+            keep = action != "W"
+            if spec.prev is None:
+                assert feed is not None
+                x = feed[m]
+            else:
+                where.step = f"receive of {what}"
+                t0 = clock()
+                got = receiver.recv(k < n_msgs) if receiver is not None else None
+                x = broadcast_tuple(got, src, group) if tp > 1 else got
+                assert x is not None
+                if action == "F":
+                    events.append(("R", m, t0, clock()))
+            where.step = what
+            t0 = clock()
+            ar_log.clear()
+            x = tuple(v.to(dev) if isinstance(v, torch.Tensor) else v for v in x)
+            y = stage(*x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if keep:
+                events.append(("F" if action == "F" else "L", m, t0, clock()))
+            if action == "F":
+                events.extend(("AR", m, a, b) for a, b in ar_log)
+            if not spec.leads:
+                continue
+            if sender is not None:  # returns once posted: the next compute overlaps it
+                where.step = f"send of {what}"
+                t0 = clock()
+                sender.send(y)
+                if action == "F":
+                    events.append(("S", m, t0, clock()))
+            elif action == "F":
+                outputs.append(_detach(y[0]))
+    where.step = "finish"
+    if sender is not None:
+        sender.wait()
+    return outputs, events
+
+
+GenEvent = tuple[str, int, int, int, int]  # (action, micro-batch, start ns, end ns, step)
+
+
+def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
+              ar_log: list[tuple[int, int]], dev: torch.device,
+              where: _Where) -> tuple[list[Any], list[GenEvent]]:
+    """Greedy generation through the pipeline (`gen_schedule`): step 0 of a micro-batch is
+    its prompt, each later step the token the last stage chose before, which its lead sends
+    back to the first stage's lead (the token hop). Every hop is one non-blocking frame with
+    its receive posted ahead. Returns, on the last stage's lead, (token ids [batch, steps],
+    last-position logits [steps, batch, vocab]) per micro-batch of the stream, and the timed
+    events: P (prefill) and D (decode step) computes, R/S hidden-state hops, RT/ST token hops,
+    AR collectives; LP/LD the computes of the latency probes."""
+    gen = spec.gen
+    assert gen is not None
+    tp = len(spec.group) if spec.group else 1
+    src = spec.group[0] if spec.group else spec.rank
+    first, last, lead = spec.prev is None, spec.next is None, spec.leads
+    receiver = TupleReceiver(spec.prev) if spec.prev is not None and lead else None
+    sender = TupleSender(spec.next) if spec.next is not None and lead else None
+    tok_in = TupleReceiver(gen.feedback) if first and gen.feedback is not None and lead \
+        else None
+    tok_out = TupleSender(gen.feedback) if last and gen.feedback is not None and lead \
+        else None
+    items = gen_schedule(spec.n_micro, spec.n_warmup, spec.n_probe, spec.per_request,
+                         gen.steps)
+    n_hidden = sum(1 for it in items if it[0] != "B")
+    n_tokens = sum(1 for it in items if it[0] != "B" and it[2] > 0)
+    k_hidden = k_tokens = 0
+    caches: list[dict[str, KVCache]] = []  # per slot of the micro-batches generated together
+    kept: dict[int, torch.Tensor] = {}  # slot -> next token (a one-stage pipeline)
+    tokens: dict[int, list[torch.Tensor]] = {}
+    logits: dict[int, list[torch.Tensor]] = {}
+    events: list[GenEvent] = []
+    clock = time.perf_counter_ns
+    with torch.inference_mode():
+        for kind, m, t, j in items:
+            if kind == "B":  # what follows starts from an empty pipeline, with new caches
+                where.step = "barrier between run phases"
+                dist.barrier()
+                caches = []
+                continue
+            if t == 0:
+                caches.append(stage.new_caches())
+            what = _gen_what(kind, m, t)
+            timed = kind == "F"
+            if first and t == 0:
+                assert feed is not None
+                x = feed[m][0]
+            else:
+                where.step = f"receive of {what}"
+                t0 = clock()
+                got: tuple[Any, ...] | None = None
+                if not first and receiver is not None:
+                    k_hidden += 1
+                    got = receiver.recv(k_hidden < n_hidden)
+                elif first and tok_in is not None:
+                    k_tokens += 1
+                    got = tok_in.recv(k_tokens < n_tokens)
+                elif first and lead:
+                    got = (kept.pop(j),)
+                x_in = broadcast_tuple(got, src, group) if tp > 1 else got
+                assert x_in is not None
+                x = x_in[0]
+                if timed and (not first or tok_in is not None or tp > 1):
+                    events.append(("RT" if first else "R", m, t0, clock(), t))
+            where.step = what
+            t0 = clock()
+            ar_log.clear()
+            y = stage(x.to(dev), caches[j])
+            if last:
+                lg, tok = greedy(y)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t1 = clock()
+            action = "P" if t == 0 else "D"
+            if kind != "W":
+                events.append(("L" + action if kind == "L" else action, m, t0, t1, t))
+            if timed:
+                events.extend(("AR", m, a, b, t) for a, b in ar_log)
+            if not lead:
+                continue
+            if sender is not None:  # returns once posted: the next compute overlaps it
+                where.step = f"send of {what}"
+                t0 = clock()
+                sender.send((y,))
+                if timed:
+                    events.append(("S", m, t0, clock(), t))
+                continue
+            if timed:
+                tokens.setdefault(m, []).append(_detach(tok))
+                logits.setdefault(m, []).append(_detach(lg))
+            if t + 1 < gen.steps:
+                if tok_out is not None:
+                    where.step = f"send of the token of {what}"
+                    t0 = clock()
+                    tok_out.send((tok,))
+                    if timed:
+                        events.append(("ST", m, t0, clock(), t))
+                else:
+                    kept[j] = tok
+    where.step = "finish"
+    for s in (sender, tok_out):
+        if s is not None:
+            s.wait()
+    outputs = [(torch.cat(tokens[m], 1), torch.stack(logits[m])) for m in sorted(tokens)]
+    return outputs, events
+
+
+def _gen_what(kind: str, m: int, t: int) -> str:
+    micro = _micro(kind, m)
+    return f"prefill of {micro}" if t == 0 else f"decode step {t} of {micro}"
 
 
 def _micro(action: str, m: int) -> str:
@@ -292,6 +453,11 @@ class StageReport:
     note: str = ""
     measured_allreduce_s: float = 0.0  # all-reduces per micro-batch (inside the compute)
     sharded: bool = False  # tensor-parallel sharding executed over the group
+    # Generation: a micro-batch's time covers its whole generation; these split it per step.
+    measured_prefill_s: float | None = None  # median prefill of a micro-batch
+    measured_decode_s: float | None = None  # median decode step of a micro-batch
+    predicted_prefill_s: float | None = None  # the cost model's (modeled)
+    predicted_decode_s: float | None = None  # at the plan's mean KV length (modeled)
 
     @property
     def time_s(self) -> float:
@@ -310,6 +476,11 @@ class StageReport:
             "modeled_time_s": self.modeled_time_s, "predicted_time_s": self.predicted_time_s,
             "tp": self.tp, "sharded": self.sharded,
             "measured_allreduce_s": self.measured_allreduce_s, "note": self.note,
+            **({"measured_prefill_s": self.measured_prefill_s,
+                "measured_decode_s": self.measured_decode_s,
+                "predicted_prefill_s": self.predicted_prefill_s,
+                "predicted_decode_s": self.predicted_decode_s}
+               if self.measured_prefill_s is not None else {}),
         }
 
 
@@ -332,6 +503,7 @@ class RunReport:
     schedule: dict[str, list[str]] = field(default_factory=dict)  # device -> actions run
     executor: str = "processes"  # "processes" | "ray"
     energy: dict[str, Any] | None = None  # modeled power x stage times
+    generated: bool = False  # `outputs` are generated token ids [batch, steps] per micro-batch
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -346,6 +518,8 @@ class RunReport:
             d["emulated"] = self.emulated
         if self.energy is not None:
             d["energy"] = self.energy
+        if self.generated:
+            d["generated_token_ids"] = [t.tolist() for t in self.outputs]
         return d
 
 
@@ -374,13 +548,18 @@ def execute(
     warmup: int = 2,
     probes: int = 3,
     weights: str | os.PathLike[str] | None = None,
+    prompt_only: bool = False,
 ) -> RunReport:
     """Run `plan` with one worker per device of each stage; check against the single-process
     model. `ray_address` ("local", "auto" or host:port) runs the workers as Ray actors.
     `warmup` untimed micro-batches go through every stage first, then `probes` requests (of
     batch / micro-batch micro-batches) go one at a time through the idle pipeline to measure
     latency, then all the micro-batches stream through to measure throughput. `weights` is a local
-    checkpoint (state dict) loaded into the model before it is split."""
+    checkpoint (state dict) loaded into the model before it is split.
+
+    A zoo LLM plan with output tokens generates them (greedy, a KV cache per micro-batch in
+    every stage; see `generate`): a probe or stream item is then a whole generation, and the
+    check compares the tokens and every step's logits. `prompt_only` runs the prompt alone."""
     if mode not in backends.MODES:
         raise KCloudError(f"unknown mode '{mode}'", "use --mode real or --mode emulated")
     n = n_micro if n_micro is not None else max(1, plan.batch // plan.micro_batch)
@@ -400,11 +579,28 @@ def execute(
     notes: list[str] = []
     graph = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
                         phase=plan.phase)
+    gen = generates(plan.model, plan.output_tokens, prompt_only)
+    steps = (plan.output_tokens or 0) if gen else 0
+    prompt = int(example[0].shape[1]) if gen else 0
+    units: list[list[str]] = []
+    dec_graph = None
+    if gen:
+        check_length(module, plan.model, prompt, steps)
+        units = layer_units(module, example, plan.model)
+        if len(units) != plan.n_layers:
+            raise KCloudError(
+                f"{plan.model} has {len(units)} layers here but the plan has "
+                f"{plan.n_layers}", "re-create the plan for this model with `kcloud plan`")
+        dec_graph = layer_graph(plan.model, batch=plan.micro_batch, seq_len=1, phase="decode",
+                                kv_len=prompt + steps // 2)
 
     # Stages, their tensor-parallel layouts (errors before any worker starts).
     splits = []
     layouts: dict[tuple[int, int], ShardLayout | None] = {}
     for ri, rep in enumerate(plan.replicas):
+        if gen:
+            _gen_layouts(plan, module, units, ri, graph, layouts, notes)
+            continue
         bounds = tuple((s.start, s.end) for s in rep.stages)
         split = split_model(module, example, bounds)
         if split.n_layers != plan.n_layers:
@@ -456,14 +652,24 @@ def execute(
                 if backends.choose(st.device_type, mode, st.devices[0]).name == "cpu")
     pin = ray_address is None and 0 < n_cpu <= len(cores)
     next_core = 0
+    whole_state = module.state_dict() if gen else {}
     k = 0
     for ri, rep in enumerate(plan.replicas):
         bounds = tuple((s.start, s.end) for s in rep.stages)
         for si, st in enumerate(rep.stages):
             ranks = plan_groups[k]
             layout = layouts.get((ri, si))
-            full = splits[ri].stages[si].state_dict()
             last = si == len(rep.stages) - 1
+            gspec = None
+            if gen:
+                su = stage_units(units, st.start, st.end)
+                full = stage_state(whole_state, su)
+                ends = (plan_groups[k - si][0], plan_groups[k - si + len(rep.stages) - 1][0])
+                gspec = GenSpec(steps=steps, units=su, layout=layout,
+                                feedback=None if len(rep.stages) == 1 else
+                                ends[1] if si == 0 else ends[0] if last else None)
+            else:
+                full = splits[ri].stages[si].state_dict()
             for ti, r in enumerate(ranks):
                 slot = st.devices[ti]
                 be = backends.choose(st.device_type, mode, slot)
@@ -479,10 +685,10 @@ def execute(
                     prev=None if si == 0 else plan_groups[k - 1][0],
                     next=None if last else plan_groups[k + 1][0],
                     comm_timeout_s=comm_timeout_s, group=tuple(ranks), tp_groups=tp_groups,
-                    layout=layout, pin_core=core,
+                    layout=None if gen else layout, pin_core=core, gen=gspec,
                 ))
-                states.append(_to_bytes(full if layout is None else
-                                        shard_state(full, layout, ti)))
+                states.append(_to_bytes(full if layout is None else shard_state(
+                    full, layout, ti, prefix="" if gen else "sub.")))
                 inputs.append(_to_bytes(feeds[ri * n:(ri + 1) * n]) if si == 0 else None)
             k += 1
 
@@ -490,6 +696,7 @@ def execute(
     # ... and the power each stage's devices draw (the cost model's, for the energy figures).
     modeled: dict[int, float] = {}
     power: dict[int, tuple[float, float]] = {}  # lead rank -> (busy W, idle W) per device
+    step_costs: dict[int, tuple[float, float]] = {}  # lead rank -> (prefill, decode step) s
     power_estimated = False  # built on a power figure without a primary source
     for sp in specs:
         if not sp.leads:
@@ -499,8 +706,13 @@ def execute(
                                 st.start, st.end, st.tp)
         power[sp.rank] = (cost.power_w(dev), dev.idle_power_w.value)
         power_estimated |= dev.max_power_w.estimated or dev.idle_power_w.estimated
-        if sp.backend == "emulated":
-            modeled[sp.rank] = cost.time_s
+        if dec_graph is not None:
+            dec, _ = _stage_cost(dec_graph, st.device_type, st.precision, plan.micro_batch,
+                                 st.start, st.end, st.tp)
+            step_costs[sp.rank] = (cost.time_s, dec.time_s)
+        if sp.backend == "emulated":  # a generation: its prefill, then steps - 1 decode steps
+            modeled[sp.rank] = cost.time_s + (
+                (steps - 1) * step_costs[sp.rank][1] if gen else 0.0)
 
     if ray_address is not None:
         from kcloud.runtime.ray_executor import run_on_ray
@@ -519,33 +731,56 @@ def execute(
         assert data is not None
         outputs.extend(_from_bytes(data))
     err = 0.0
+    same_tokens = True
     with torch.inference_mode():
         for x, got in zip(feeds, outputs, strict=True):
-            ref = module(*x)
-            for a, b in zip(flat_tensors(ref), flat_tensors(got), strict=True):
+            if gen:  # the same tokens, and every step's logits close
+                ref_tokens, ref_logits = reference_generate(module, x[0], steps)
+                same_tokens &= torch.equal(ref_tokens, got[0])
+                pairs = [(ref_logits, got[1])]
+            else:
+                pairs = list(zip(flat_tensors(module(*x)), flat_tensors(got), strict=True))
+            for a, b in pairs:
                 if a.shape != b.shape:
                     err = float("inf")
                 elif a.numel():
                     err = max(err, float((a.float() - b.float()).abs().max()))
+    if gen:
+        outputs = [got[0] for got in outputs]  # the generated token ids per micro-batch
 
-    stages = _stage_reports(plan, specs, results, modeled)
+    stages = (_gen_stage_reports(plan, specs, results, modeled, step_costs, steps) if gen
+              else _stage_reports(plan, specs, results, modeled))
     if modeled:
         notes.append("emulated stages computed in fp32 on the host CPU; their times (at the "
                      "plan's precision) are modeled")
-    if any(lay is not None for lay in layouts.values()):
+    if gen and any(lay is not None for lay in layouts.values()):
+        notes.append("tensor-parallel stages (generation): attention split by heads and KV "
+                     "heads (o_proj summed over the group), MLP by hidden features, token "
+                     "embeddings and the vocabulary head by vocabulary; norms run replicated "
+                     "on every device of the group")
+    elif any(lay is not None for lay in layouts.values()):
         notes.append("tensor-parallel stages: MLP and attention-head Linears, convolution "
                      "output channels, token embeddings and vocabulary heads sharded over "
                      "their group; norms, pooling and other layers run replicated on every "
                      "device of the group")
-    if plan.output_tokens:
+    if gen:
+        notes.append(f"generated {steps} tokens per sequence (greedy): the prompt's prefill "
+                     f"gives the first, then {steps - 1} decode steps, each stage keeping a "
+                     "KV cache per micro-batch; the plan's figures count the prefill plus "
+                     f"{steps} decode steps per request; throughput counts generated tokens, "
+                     "as the plan's does")
+    elif plan.output_tokens:
         notes.append(f"this run executes the prompt (prefill) only; the plan's predicted "
                      f"figures include {plan.output_tokens} decode steps per request, so "
                      "measured and predicted are not comparable for this plan")
     timeline = {s.rank: results[s.rank][1] for s in specs}
-    measured = _measured(plan, specs, timeline, n, per_request)
+    measured = (_gen_measured(plan, specs, timeline, n, per_request, steps) if gen
+                else _measured(plan, specs, timeline, n, per_request))
     trace_file = None
     if trace_path is not None:
-        trace_file = str(write_trace(trace_path, specs, timeline, modeled))
+        trace_file = str(_write_gen_trace(trace_path, specs, timeline, modeled, step_costs)
+                         if gen
+                         else write_trace(trace_path, specs, timeline, modeled))
     unit = measured["unit"]
     pred = plan.predicted
     report = RunReport(
@@ -555,12 +790,19 @@ def execute(
         predicted={"latency_s": pred.latency_s, "throughput": pred.throughput,
                    "unit": pred.unit, "figures": "modeled"},
         stages=stages, trace_file=trace_file, notes=notes, outputs=outputs,
-        schedule={s.device: _actions(timeline[s.rank]) for s in specs},
-        executor="ray" if ray_address is not None else "processes",
+        schedule={s.device: (_gen_actions if gen else _actions)(timeline[s.rank])
+                  for s in specs},
+        executor="ray" if ray_address is not None else "processes", generated=gen,
     )
+    if gen:
+        report.reference_ok = same_tokens and err < FP32_TOLERANCE
+        report.measured["tokens_match"] = same_tokens
+        report.predicted.update(_gen_predicted(plan, specs, step_costs))
+    items = plan.micro_batch * steps if gen else None
+    hops = steps if gen else 1
     if any(s.figures == "modeled" for s in stages):
-        report.emulated = _emulated_figures(plan, stages, unit)
-    report.energy = _energy_figures(plan, specs, stages, power, unit)
+        report.emulated = _emulated_figures(plan, stages, unit, items, hops)
+    report.energy = _energy_figures(plan, specs, stages, power, unit, items, hops)
     report.energy["estimated"] = power_estimated
     return report
 
@@ -571,6 +813,187 @@ def _actions(events: list[tuple[str, int, int, int]]) -> list[str]:
     reduced = {m for a, m, _, _ in events if a == "AR"}
     return [f"{a}{m}" + ("+AR" if a == "F" and m in reduced else "")
             for a, m, _, _ in events if a not in ("AR", "L")]
+
+
+# ---- generation: layouts, figures, trace -----------------------------------------------------
+
+
+def _gen_layouts(plan: Plan, module: torch.nn.Module, units: list[list[str]], ri: int,
+                 graph: Any, layouts: dict[tuple[int, int], ShardLayout | None],
+                 notes: list[str]) -> None:
+    """The eager tensor-parallel layouts of replica `ri`'s stages (errors before any worker
+    starts; a stage that cannot be split runs whole, with a note)."""
+    for si, st in enumerate(plan.replicas[ri].stages):
+        if st.tp == 1:
+            continue
+        where = f"stage {si} of replica {ri}"
+        check_degree(stage_groups(graph, st.start, st.end), st.tp, where)
+        try:
+            lay = eager_layout(GenStage(module, stage_units(units, st.start, st.end)), st.tp)
+        except ShardError as exc:
+            layouts[ri, si] = None
+            notes.append(f"{where} cannot be sharded ({exc}): it ran whole on {st.devices[0]}")
+            continue
+        if not (lay.columns or lay.gathers or lay.vocab):
+            layouts[ri, si] = None
+            notes.append(f"{where} holds nothing the runtime shards (no attention, MLP or "
+                         f"vocabulary): it ran whole on {st.devices[0]}")
+            continue
+        layouts[ri, si] = lay
+
+
+def _gen_stage_reports(plan: Plan, specs: list[WorkerSpec], results: dict[int, Any],
+                       modeled: dict[int, float], step_costs: dict[int, tuple[float, float]],
+                       steps: int) -> list[StageReport]:
+    """One report per stage of a generation run: compute per micro-batch (its whole
+    generation), per prefill and per decode step; hops per step."""
+    out: list[StageReport] = []
+    for s in specs:
+        if not s.leads:
+            continue
+        st = plan.replicas[s.replica].stages[s.stage]
+        ev = results[s.rank][1]
+
+        def durs(*actions: str, ev: list[Any] = ev) -> list[float]:
+            return [(t1 - t0) / 1e9 for a, _, t0, t1, _ in ev if a in actions]
+
+        def per_micro(*actions: str, ev: list[Any] = ev) -> float:
+            tot: dict[int, float] = {}
+            for a, m, t0, t1, _ in ev:
+                if a in actions:
+                    tot[m] = tot.get(m, 0.0) + (t1 - t0) / 1e9
+            return _median(list(tot.values()))
+
+        sharded = s.gen is not None and s.gen.layout is not None
+        note = ""
+        if st.tp > 1:
+            note = (f"sharded over {len(s.group)} workers" if sharded
+                    else f"tensor-parallel sharding not executed; ran whole on {st.devices[0]}")
+        mt = modeled.get(s.rank)
+        pre, dec = step_costs[s.rank]
+        out.append(StageReport(
+            replica=s.replica, stage=s.stage, layers=(st.start, st.end),
+            device_type=st.device_type, devices=st.devices, backend=s.backend,
+            figures="modeled" if mt is not None else "measured",
+            measured_compute_s=per_micro("P", "D"), measured_recv_s=_median(durs("R", "RT")),
+            measured_send_s=_median(durs("S", "ST")), modeled_time_s=mt,
+            predicted_time_s=st.time_s, tp=st.tp, note=note,
+            measured_allreduce_s=per_micro("AR"), sharded=sharded,
+            measured_prefill_s=_median(durs("P")),
+            measured_decode_s=_median(durs("D")) if steps > 1 else None,
+            predicted_prefill_s=pre, predicted_decode_s=dec,
+        ))
+    return out
+
+
+def _gen_measured(plan: Plan, specs: list[WorkerSpec], timeline: dict[int, list[Any]],
+                  n: int, per_request: int, steps: int) -> dict[str, Any]:
+    """A generation's figures. A request runs from the first stage's prefill start to its
+    last token on the last stage; `ttft_s` to its first token, `tpot_s` per token after
+    that. Latency figures: the median probe request alone in the pipeline (the median
+    micro-batch of the stream when there were none); `loaded_*`: the median micro-batch in the
+    stream, queueing included. Throughput: generated tokens of the stream over its span."""
+    lat: list[float] = []  # per micro-batch, in the stream
+    ttft: list[float] = []
+    tpot: list[float] = []
+    p_lat: list[float] = []  # per request, alone in the pipeline
+    p_ttft: list[float] = []
+    p_tpot: list[float] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    per = max(1, min(per_request, n))
+    for ri, rep in enumerate(plan.replicas):
+        leads = {s.stage: s.rank for s in specs if s.replica == ri and s.leads}
+        head, tail = timeline[leads[0]], timeline[leads[len(rep.stages) - 1]]
+        begin = {m: t0 for a, m, t0, _, _ in head if a == "P"}
+        first = {m: t1 for a, m, _, t1, _ in tail if a == "P"}
+        done = {m: t1 for a, m, _, t1, t in tail if a in ("P", "D") and t == steps - 1}
+        for m in range(n):
+            lat.append((done[m] - begin[m]) / 1e9)
+            ttft.append((first[m] - begin[m]) / 1e9)
+            if steps > 1:
+                tpot.append((done[m] - first[m]) / 1e9 / (steps - 1))
+            starts.append(begin[m])
+            ends.append(done[m])
+        p_begin = [t0 for a, _, t0, _, _ in head if a == "LP"][::per]
+        p_first = [t1 for a, _, _, t1, _ in tail if a == "LP"]
+        p_done = [t1 for a, _, _, t1, t in tail if a in ("LP", "LD") and t == steps - 1]
+        for r, b in enumerate(p_begin):
+            f, d = max(p_first[r * per:(r + 1) * per]), max(p_done[r * per:(r + 1) * per])
+            p_lat.append((d - b) / 1e9)
+            p_ttft.append((f - b) / 1e9)
+            if steps > 1:
+                p_tpot.append((d - f) / 1e9 / (steps - 1))
+    span = (max(ends) - min(starts)) / 1e9
+    tokens = plan.micro_batch * n * len(plan.replicas) * steps
+    probed = bool(p_lat)
+    return {"latency_s": _median(p_lat if probed else lat),
+            "ttft_s": _median(p_ttft if probed else ttft),
+            "tpot_s": _median(p_tpot if probed else tpot) if steps > 1 else None,
+            "throughput": tokens / span if span > 0 else 0.0, "unit": "output tokens/s",
+            "wall_s": span, "generated_tokens": tokens, "output_tokens": steps,
+            "loaded_latency_s": _median(lat), "loaded_ttft_s": _median(ttft),
+            "loaded_tpot_s": _median(tpot) if steps > 1 else None,
+            "latency_probes": len(p_lat), "figures": "measured"}
+
+
+def _gen_predicted(plan: Plan, specs: list[WorkerSpec],
+                   step_costs: dict[int, tuple[float, float]]) -> dict[str, Any]:
+    """The cost model's time to first token and per output token, from its stage times
+    (the slowest replica; transfers excluded)."""
+    ttft = tpot = 0.0
+    for ri, _ in enumerate(plan.replicas):
+        mine = [step_costs[s.rank] for s in specs if s.replica == ri and s.leads]
+        ttft = max(ttft, sum(p for p, _ in mine))
+        tpot = max(tpot, sum(d for _, d in mine))
+    return {"ttft_s": ttft, "tpot_s": tpot,
+            "ttft_tpot_figures": "modeled: the stages' prefill and decode-step compute summed, "
+                                 "transfers excluded"}
+
+
+def _gen_name(action: str, m: int, step: int) -> str:
+    """`P<m>` (prefill), `D<m>.<step>` (decode step), hops `R`/`S` (hidden state) and
+    `RT`/`ST` (token) as `<action><m>.<step>`; `L` prefixes a latency probe's."""
+    return f"{action}{m}" if action in ("P", "LP") else f"{action}{m}.{step}"
+
+
+def _gen_actions(events: list[tuple[str, int, int, int, int]]) -> list[str]:
+    """A generating worker's actions in the order it ran them (the stream's), computes
+    marked `+AR` when its stage all-reduced over the group."""
+    reduced = {(m, t) for a, m, _, _, t in events if a == "AR"}
+    return [_gen_name(a, m, t) + ("+AR" if a in ("P", "D") and (m, t) in reduced else "")
+            for a, m, _, _, t in events if a not in ("AR", "LP", "LD")]
+
+
+_GEN_TRACE = {"P": ("F", "prefill compute"), "D": ("F", "decode compute"),
+              "LP": ("L", "latency-probe prefill compute"),
+              "LD": ("L", "latency-probe decode compute"), "R": ("R", "recv"),
+              "S": ("S", "send"), "RT": ("R", "recv token"), "ST": ("S", "send token"),
+              "AR": ("AR", "allreduce")}
+
+
+def _write_gen_trace(path: str | os.PathLike[str], specs: list[WorkerSpec],
+                     timeline: dict[int, list[Any]], modeled: dict[int, float],
+                     step_costs: dict[int, tuple[float, float]]) -> Path:
+    """The Chrome trace of a generation run: `trace_events`' rows and spans, named and
+    labelled per step (prefill or decode, its step); an emulated stage's computes carry the
+    cost model's time of their step."""
+    plain = {r: [(_GEN_TRACE[a][0], m, t0, t1) for a, m, t0, t1, _ in ev]
+             for r, ev in timeline.items()}
+    events = trace_events(specs, plain, {})
+    spans = iter((s.rank, e) for s in specs for e in timeline.get(s.rank, []))
+    for e in events:
+        if e["ph"] != "X":
+            continue
+        rank, (a, m, _, _, t) = next(spans)
+        e["name"] = _gen_name(a, m, t)
+        e["cat"] = _GEN_TRACE[a][1]
+        e["args"].update(step=t, phase="prefill" if t == 0 else "decode")
+        if rank in modeled and a in ("P", "D") and rank in step_costs:
+            e["args"]["modeled_time_s"] = step_costs[rank][0 if a == "P" else 1]
+    p = Path(path)
+    p.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}) + "\n")
+    return p
 
 
 def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes | None],
@@ -757,18 +1180,21 @@ def _stage_cost(graph: Any, device_type: str, precision: str, batch: int,
 
 
 def _energy_figures(plan: Plan, specs: list[WorkerSpec], stages: list[StageReport],
-                    power: dict[int, tuple[float, float]], unit: str) -> dict[str, Any]:
+                    power: dict[int, tuple[float, float]], unit: str,
+                    items: int | None = None, hops: int = 1) -> dict[str, Any]:
     """Energy per item as the planner counts it, from this run's stage times: each device
     draws the cost model's busy power while its stage works (measured time where the stage
     ran for real, modeled where emulated) and its idle power for the rest of the period (the
-    slowest stage or send of its replica)."""
+    slowest stage or send of its replica). `items` per micro-batch (default: its samples or
+    prompt tokens); `hops`: sends per micro-batch (a generation's steps)."""
     leads = {(s.replica, s.stage): s.rank for s in specs if s.leads}
-    items = plan.micro_batch * (plan.seq_len if "tokens" in unit and plan.seq_len else 1)
+    if items is None:
+        items = plan.micro_batch * (plan.seq_len if "tokens" in unit and plan.seq_len else 1)
     joules = 0.0  # per micro-batch of every replica
     seconds = 0.0
     for ri, _ in enumerate(plan.replicas):
         mine = [s for s in stages if s.replica == ri]
-        period = max(max(s.time_s, s.measured_send_s) for s in mine)
+        period = max(max(s.time_s, hops * s.measured_send_s) for s in mine)
         seconds = max(seconds, period)
         for s in mine:
             busy_w, idle_w = power[leads[ri, s.stage]]
@@ -781,16 +1207,19 @@ def _energy_figures(plan: Plan, specs: list[WorkerSpec], stages: list[StageRepor
             "figures": "modeled: cost-model power x stage times (measured where real)"}
 
 
-def _emulated_figures(plan: Plan, stages: list[StageReport], unit: str) -> dict[str, Any]:
+def _emulated_figures(plan: Plan, stages: list[StageReport], unit: str,
+                      items: int | None = None, hops: int = 1) -> dict[str, Any]:
     """Pipeline figures with each stage at its own time (measured where real, modeled where
-    emulated), plus its measured send and receive times."""
+    emulated), plus its measured send and receive times (`hops` sends per micro-batch: a
+    generation's steps); `items` per micro-batch as in `_energy_figures`."""
     lat = 0.0
     thr = 0.0
+    if items is None:
+        items = plan.micro_batch * (plan.seq_len if unit == "tokens/s" and plan.seq_len else 1)
     for ri, _ in enumerate(plan.replicas):
         mine = [s for s in stages if s.replica == ri]
-        lat = max(lat, sum(s.time_s + s.measured_send_s for s in mine))
-        slowest = max(max(s.time_s, s.measured_send_s) for s in mine)
-        items = plan.micro_batch * (plan.seq_len if unit == "tokens/s" and plan.seq_len else 1)
+        lat = max(lat, sum(s.time_s + hops * s.measured_send_s for s in mine))
+        slowest = max(max(s.time_s, hops * s.measured_send_s) for s in mine)
         thr += items / slowest if slowest > 0 else 0.0
     return {"latency_s": lat, "throughput": thr, "unit": unit,
             "figures": "measured real stages + modeled emulated stages"}

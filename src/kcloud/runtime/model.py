@@ -101,10 +101,13 @@ def load_checkpoint(module: nn.Module, path: str | os.PathLike[str]) -> None:
     module.load_state_dict(state)
 
 
-def layer_graph(spec: str, *, batch: int, seq_len: int | None, phase: str | None) -> LayerGraph:
-    """The LayerGraph the cost model prices (the same cut as the runtime's stages)."""
-    ph = phase if phase == "prefill" else None
-    return loaders.load_model_spec(spec, batch=batch, seq_len=seq_len, phase=ph)
+def layer_graph(spec: str, *, batch: int, seq_len: int | None, phase: str | None,
+                kv_len: int | None = None) -> LayerGraph:
+    """The LayerGraph the cost model prices (the same cut as the runtime's stages); an LLM's
+    decode step (phase "decode", one token over `kv_len` cached) prices generation."""
+    ph = phase if phase in ("prefill", "decode") else None
+    return loaders.load_model_spec(spec, batch=batch, seq_len=seq_len, phase=ph,
+                                   kv_len=kv_len if ph == "decode" else None)
 
 
 def micro_batches(example: tuple[Any, ...], n: int, seed: int = 1) -> list[tuple[Any, ...]]:

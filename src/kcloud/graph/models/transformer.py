@@ -4,6 +4,11 @@ Attention uses F.scaled_dot_product_attention. For one decode step the module is
 KV cache per layer (non-persistent buffers `k_cache`, `v_cache` of kv_len past tokens); the new
 token's K/V are appended and attention runs over kv_len + 1 positions. Weights are the same
 for every phase, so a state_dict moves between a prefill and a decode module.
+
+Eager generation (not traced) sets a `KVCache` on each Attention and on the Embeddings of a
+prefill-phase module: every call then appends the new tokens' K/V and attends over all tokens
+cached so far, positions continuing from the cached length. With no cache set (the default,
+and always while tracing) the modules compute exactly what they did before.
 """
 
 from __future__ import annotations
@@ -54,6 +59,29 @@ class TransformerConfig:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim
 
 
+class KVCache:
+    """Keys and values of the tokens one sequence has seen, growing call by call (eager
+    generation). Set on an Embeddings it only counts tokens: the position of the next one."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0  # tokens seen so far
+
+    def advance(self, n: int) -> int:
+        """Count `n` new tokens; the position of the first of them."""
+        past = self.length
+        self.length += n
+        return past
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new tokens' K/V ([batch, kv_heads, new, head_dim]); all of them so far."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        self.length = self.k.size(2)
+        return self.k, self.v
+
+
 def _norm(cfg: TransformerConfig) -> nn.Module:
     if cfg.norm == "rms":
         return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
@@ -68,11 +96,15 @@ class Embeddings(nn.Module):
         self.pos = nn.Embedding(cfg.max_seq_len, cfg.hidden) if cfg.rotary_dim is None else None
         self.typ = nn.Embedding(cfg.type_vocab, cfg.hidden) if cfg.type_vocab else None
         self.norm = _norm(cfg) if cfg.embed_norm else None
+        self.kv: KVCache | None = None  # eager generation: positions continue from its count
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        offset = self.offset
+        if self.kv is not None:
+            offset += self.kv.advance(int(input_ids.size(1)))
         h = self.tok(input_ids)
         if self.pos is not None or self.typ is not None:
-            positions = torch.arange(input_ids.size(1), device=input_ids.device) + self.offset
+            positions = torch.arange(input_ids.size(1), device=input_ids.device) + offset
             if self.pos is not None:
                 h = h + self.pos(positions)
             if self.typ is not None:
@@ -106,6 +138,7 @@ class Attention(nn.Module):
             shape = (batch, self.kv_heads, kv_len, self.head_dim)
             self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
             self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+        self.kv: KVCache | None = None  # eager generation (prefill-phase modules only)
 
     def _rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = self.rotary_dim // 2
@@ -119,16 +152,33 @@ class Attention(nn.Module):
         q = self.q_proj(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
         k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        past = 0 if self.kv is None else self.kv.length
         if self.rotary_dim:
-            positions = torch.arange(x.size(1), device=x.device) + self.offset
+            positions = torch.arange(x.size(1), device=x.device) + (self.offset + past)
             angles = positions.unsqueeze(-1).float() * self.inv_freq
             cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if self.kv is not None:
+            return self.o_proj(self._attend_cached(q, k, v, past).transpose(1, 2).flatten(2))
         if self.has_cache:
             k = torch.cat([self.k_cache, k], dim=2)
             v = torch.cat([self.v_cache, v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.gqa)
         return self.o_proj(y.transpose(1, 2).flatten(2))
+
+    def _attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       past: int) -> torch.Tensor:
+        """Attention of the new tokens over the cache plus themselves: new token i sits at
+        position past + i and sees every key up to it (a single new token sees them all)."""
+        assert self.kv is not None
+        k, v = self.kv.append(k, v)
+        new = q.size(2)
+        if not self.causal or new == 1:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=self.gqa)
+        if past == 0:  # the prompt: the same causal attention as the traced prefill
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
+        mask = torch.ones(new, past + new, dtype=torch.bool, device=q.device).tril(past)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
 
 
 class GatedMLP(nn.Module):
