@@ -420,7 +420,7 @@ def host_core_device(threads: int = 1) -> Device:
 # with a little compute between messages, as the runtime's workers talk: scheduling and
 # wake-up delays of this machine are part of it.
 
-PARAMS_CACHE_VERSION = 3
+PARAMS_CACHE_VERSION = 4
 # (batch, width, blocks) of the timed chains; a block holds 8 x width^2 fp32 weights.
 _CHAINS: tuple[tuple[str, int, int, int], ...] = (
     ("mlp", 1, 32, 2), ("mlp", 4, 64, 4), ("mlp", 1, 256, 4), ("mlp", 8, 256, 4),
@@ -481,8 +481,9 @@ def params_cache_file() -> Path:
     return path.with_name(path.name.replace("host-", "host-params-", 1))
 
 
-def _best_time(fn: Any, budget_s: float, reps_max: int = 200) -> float:
-    """The lower quartile of repeated timings of `fn()` (robust to a busy machine)."""
+def _median_time(fn: Any, budget_s: float, reps_max: int = 200) -> float:
+    """The median of repeated timings of `fn()`: the typical time, as the runtime reports
+    its stages' times (a lower quartile would make the model optimistic on a noisy host)."""
     fn()
     fn()
     times: list[float] = []
@@ -492,7 +493,7 @@ def _best_time(fn: Any, budget_s: float, reps_max: int = 200) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     times.sort()
-    return times[len(times) // 4]
+    return times[len(times) // 2]
 
 
 def _chain(kind: str, width: int, blocks: int) -> Any:
@@ -538,8 +539,8 @@ def _inference_overhead() -> float:
             lin = torch.nn.Linear(32, 32)
             seq = torch.nn.Sequential(lin)
             x = torch.randn(1, 32)
-            wrapped = _best_time(lambda: seq(x), _OP_BUDGET_S)
-            bare = _best_time(lambda: lin(x), _OP_BUDGET_S)
+            wrapped = _median_time(lambda: seq(x), _OP_BUDGET_S)
+            bare = _median_time(lambda: lin(x), _OP_BUDGET_S)
     finally:
         torch.set_num_threads(threads)
     return max(wrapped - bare, 1e-7)
@@ -609,7 +610,7 @@ def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
                 chain = _chain(kind, width, n)
                 x = torch.randn(_chain_input(kind, b, width))
                 dist.barrier()
-                chains.append(_best_time(lambda chain=chain, x=x: chain(x), _OP_BUDGET_S))
+                chains.append(_median_time(lambda chain=chain, x=x: chain(x), _OP_BUDGET_S))
                 del chain
         result["chains"] = chains
         out.put(result)
