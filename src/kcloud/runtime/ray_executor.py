@@ -19,7 +19,8 @@ from dataclasses import replace
 from typing import Any
 
 from kcloud.errors import KCloudError
-from kcloud.runtime.executor import WorkerResult, WorkerSpec, failure, run_worker
+from kcloud.runtime.executor import failure
+from kcloud.runtime.worker import WorkerResult, WorkerSpec, run_worker
 
 RESOURCE_PREFIX = "kcloud/"
 

@@ -1,0 +1,394 @@
+"""What every worker runs, a process on this host or a Ray actor: build its stage (its shard
+of it), join the process group, then stream micro-batches through its stage (`_stream`) or
+generate tokens (`_generate`), timing every action. The driver side is `executor`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kcloud.graph.models.transformer import KVCache
+from kcloud.hardware.host import keep_heap
+from kcloud.runtime.comm import TupleReceiver, TupleSender, broadcast_tuple
+from kcloud.runtime.generate import (
+    GenSpec,
+    GenStage,
+    apply_eager_layout,
+    gen_schedule,
+    greedy,
+)
+from kcloud.runtime.model import load_runnable
+from kcloud.runtime.split import split_model
+from kcloud.runtime.tensor_parallel import (
+    CollectiveError,
+    ParallelShard,
+    ShardLayout,
+    apply_layout,
+)
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+# ---- workers -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    rank: int
+    world: int
+    port: int
+    replica: int
+    stage: int
+    device: str  # cluster slot
+    device_type: str
+    backend: str
+    torch_device: str
+    model: str
+    micro_batch: int
+    seq_len: int | None
+    phase: str | None
+    bounds: tuple[tuple[int, int], ...]
+    n_micro: int
+    prev: int | None  # first rank of the stage before (None: first stage)
+    next: int | None  # first rank of the stage after (None: last stage)
+    comm_timeout_s: float
+    group: tuple[int, ...] = ()  # ranks of this stage's tensor-parallel group (first leads)
+    tp_groups: tuple[tuple[int, ...], ...] = ()  # every group of more than one rank, in order
+    layout: ShardLayout | None = None  # how this stage is sharded over `group`
+    master_addr: str = "127.0.0.1"
+    n_warmup: int = 0  # untimed micro-batches first (first-touch allocation, connections)
+    n_probe: int = 0  # requests sent one at a time through the idle pipeline (latency)
+    per_request: int = 1  # micro-batches per request
+    pin_core: int | None = None  # the CPU core a local worker runs on
+    gen: GenSpec | None = None  # generate (prompt, then decode steps) instead of one pass
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.stage} of replica {self.replica} on {self.device}"
+
+    @property
+    def tp_rank(self) -> int:
+        return self.group.index(self.rank) if self.group else 0
+
+    @property
+    def leads(self) -> bool:
+        """The first worker of its group: receives, sends and returns the outputs."""
+        return self.tp_rank == 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = re.sub(r"\s+", " ", str(exc)).strip()
+    if len(text) > 240:
+        text = text[:237] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# A worker's result: ("done", rank, outputs (bytes) or None, events) or
+# ("error", rank, "where: what", caused by communication).
+WorkerResult = tuple[Any, ...]
+
+
+@dataclass
+class _Where:
+    """What a worker is doing: the start of its one-line error when it fails."""
+
+    step: str = "setup"
+
+
+def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerResult:
+    """The body of every worker (a process here or a Ray actor): build its stage (its shard
+    of it), join the process group, stream the micro-batches (or generate, for `spec.gen`).
+    Never raises."""
+    torch.set_num_threads(1)
+    keep_heap()
+    if spec.pin_core is not None:  # a core of its own: no migration, its caches stay warm
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setaffinity(0, {spec.pin_core})
+    where = _Where()
+    try:
+        module, example = load_runnable(spec.model, batch=spec.micro_batch,
+                                        seq_len=spec.seq_len, phase=spec.phase)
+        ar_log: list[tuple[int, int]] = []
+        stage: Any
+        if spec.gen is not None:
+            stage = GenStage(module, spec.gen.units)
+            if spec.gen.layout is not None:
+                apply_eager_layout(stage, spec.gen.layout, None, ar_log)  # group set below
+        else:
+            stage = split_model(module, example, spec.bounds).stages[spec.stage]
+            if spec.layout is not None:
+                apply_layout(stage.sub, spec.layout, None, ar_log)  # the group is set below
+        del module
+        stage.load_state_dict(_from_bytes(state))
+        dev = torch.device(spec.torch_device)
+        stage.to(dev)
+        feed = _from_bytes(inputs) if inputs is not None else None
+        timeout = timedelta(seconds=spec.comm_timeout_s)
+        dist.init_process_group("gloo", init_method=f"tcp://{spec.master_addr}:{spec.port}",
+                                rank=spec.rank, world_size=spec.world, timeout=timeout)
+        group: Any = None
+        for ranks in spec.tp_groups:  # every rank creates every group, in the same order
+            pg = dist.new_group(list(ranks), timeout=timeout, backend="gloo")
+            if spec.rank in ranks:
+                group = pg
+        for mod in stage.modules():
+            if isinstance(mod, ParallelShard):
+                mod.group = group
+        dist.barrier()
+        run = _generate if spec.gen is not None else _stream
+        outputs, events = run(spec, stage, feed, group, ar_log, dev, where)
+        where.step = "finish"
+        last = spec.next is None and spec.leads
+        result: WorkerResult = ("done", spec.rank, _to_bytes(outputs) if last else None, events)
+        dist.barrier()
+        dist.destroy_process_group()
+        return result
+    except BaseException as exc:  # reported to the driver, which stops the run
+        step = where.step
+        comm = step.startswith(("receive", "send", "finish", "barrier")) or isinstance(
+            exc, (dist.DistBackendError, CollectiveError))
+        return ("error", spec.rank, f"{step}: {_one_line(exc)}", comm)
+
+
+def _stream(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
+            ar_log: list[tuple[int, int]], dev: torch.device,
+            where: _Where) -> tuple[list[Any], list[tuple[str, int, int, int]]]:
+    """One forward pass per micro-batch through the stage (`schedule`): the outputs (last
+    stage's lead) and the timed events (action, micro-batch, start, end)."""
+    tp = len(spec.group) if spec.group else 1
+    src = spec.group[0] if spec.group else spec.rank
+    events: list[tuple[str, int, int, int]] = []  # (action, micro-batch, start, end) ns
+    outputs: list[Any] = []
+    clock = time.perf_counter_ns
+    receiver = TupleReceiver(spec.prev) if spec.prev is not None and spec.leads else None
+    sender = TupleSender(spec.next) if spec.next is not None and spec.leads else None
+    items = schedule(spec)
+    n_msgs = sum(1 for a, _ in items if a != "B")
+    k = 0
+    with torch.inference_mode():
+        for action, m in items:
+            if action == "B":  # what follows starts from an empty pipeline
+                where.step = "barrier between run phases"
+                dist.barrier()
+                continue
+            k += 1
+            what = _micro(action, m)
+            keep = action != "W"
+            if spec.prev is None:
+                assert feed is not None
+                x = feed[m]
+            else:
+                where.step = f"receive of {what}"
+                t0 = clock()
+                got = receiver.recv(k < n_msgs) if receiver is not None else None
+                x = broadcast_tuple(got, src, group) if tp > 1 else got
+                assert x is not None
+                if action == "F":
+                    events.append(("R", m, t0, clock()))
+            where.step = what
+            t0 = clock()
+            ar_log.clear()
+            x = tuple(v.to(dev) if isinstance(v, torch.Tensor) else v for v in x)
+            y = stage(*x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if keep:
+                events.append(("F" if action == "F" else "L", m, t0, clock()))
+            if action == "F":
+                events.extend(("AR", m, a, b) for a, b in ar_log)
+            if not spec.leads:
+                continue
+            if sender is not None:  # returns once posted: the next compute overlaps it
+                where.step = f"send of {what}"
+                t0 = clock()
+                sender.send(y)
+                if action == "F":
+                    events.append(("S", m, t0, clock()))
+            elif action == "F":
+                outputs.append(_detach(y[0]))
+    where.step = "finish"
+    if sender is not None:
+        sender.wait()
+    return outputs, events
+
+
+GenEvent = tuple[str, int, int, int, int]  # (action, micro-batch, start ns, end ns, step)
+
+
+def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
+              ar_log: list[tuple[int, int]], dev: torch.device,
+              where: _Where) -> tuple[list[Any], list[GenEvent]]:
+    """Greedy generation through the pipeline (`gen_schedule`): step 0 of a micro-batch is
+    its prompt, each later step the token the last stage chose before, which its lead sends
+    back to the first stage's lead (the token hop). Every hop is one non-blocking frame with
+    its receive posted ahead. Returns, on the last stage's lead, (token ids [batch, steps],
+    last-position logits [steps, batch, vocab]) per micro-batch of the stream, and the timed
+    events: P (prefill) and D (decode step) computes, R/S hidden-state hops, RT/ST token hops,
+    AR collectives; LP/LD the computes of the latency probes."""
+    gen = spec.gen
+    assert gen is not None
+    tp = len(spec.group) if spec.group else 1
+    src = spec.group[0] if spec.group else spec.rank
+    first, last, lead = spec.prev is None, spec.next is None, spec.leads
+    receiver = TupleReceiver(spec.prev) if spec.prev is not None and lead else None
+    sender = TupleSender(spec.next) if spec.next is not None and lead else None
+    tok_in = TupleReceiver(gen.feedback) if first and gen.feedback is not None and lead \
+        else None
+    tok_out = TupleSender(gen.feedback) if last and gen.feedback is not None and lead \
+        else None
+    items = gen_schedule(spec.n_micro, spec.n_warmup, spec.n_probe, spec.per_request,
+                         gen.steps)
+    n_hidden = sum(1 for it in items if it[0] != "B")
+    n_tokens = sum(1 for it in items if it[0] != "B" and it[2] > 0)
+    k_hidden = k_tokens = 0
+    caches: list[dict[str, KVCache]] = []  # per slot of the micro-batches generated together
+    kept: dict[int, torch.Tensor] = {}  # slot -> next token (a one-stage pipeline)
+    tokens: dict[int, list[torch.Tensor]] = {}
+    logits: dict[int, list[torch.Tensor]] = {}
+    events: list[GenEvent] = []
+    clock = time.perf_counter_ns
+    with torch.inference_mode():
+        for kind, m, t, j in items:
+            if kind == "B":  # what follows starts from an empty pipeline, with new caches
+                where.step = "barrier between run phases"
+                dist.barrier()
+                caches = []
+                continue
+            if t == 0:
+                caches.append(stage.new_caches())
+            what = _gen_what(kind, m, t)
+            timed = kind == "F"
+            if first and t == 0:
+                assert feed is not None
+                x = feed[m][0]
+            else:
+                where.step = f"receive of {what}"
+                t0 = clock()
+                got: tuple[Any, ...] | None = None
+                if not first and receiver is not None:
+                    k_hidden += 1
+                    got = receiver.recv(k_hidden < n_hidden)
+                elif first and tok_in is not None:
+                    k_tokens += 1
+                    got = tok_in.recv(k_tokens < n_tokens)
+                elif first and lead:
+                    got = (kept.pop(j),)
+                x_in = broadcast_tuple(got, src, group) if tp > 1 else got
+                assert x_in is not None
+                x = x_in[0]
+                if timed and (not first or tok_in is not None or tp > 1):
+                    events.append(("RT" if first else "R", m, t0, clock(), t))
+            where.step = what
+            t0 = clock()
+            ar_log.clear()
+            y = stage(x.to(dev), caches[j])
+            if last:
+                lg, tok = greedy(y)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t1 = clock()
+            action = "P" if t == 0 else "D"
+            if kind != "W":
+                events.append(("L" + action if kind == "L" else action, m, t0, t1, t))
+            if timed:
+                events.extend(("AR", m, a, b, t) for a, b in ar_log)
+            if not lead:
+                continue
+            if sender is not None:  # returns once posted: the next compute overlaps it
+                where.step = f"send of {what}"
+                t0 = clock()
+                sender.send((y,))
+                if timed:
+                    events.append(("S", m, t0, clock(), t))
+                continue
+            if timed:
+                tokens.setdefault(m, []).append(_detach(tok))
+                logits.setdefault(m, []).append(_detach(lg))
+            if t + 1 < gen.steps:
+                if tok_out is not None:
+                    where.step = f"send of the token of {what}"
+                    t0 = clock()
+                    tok_out.send((tok,))
+                    if timed:
+                        events.append(("ST", m, t0, clock(), t))
+                else:
+                    kept[j] = tok
+    where.step = "finish"
+    for s in (sender, tok_out):
+        if s is not None:
+            s.wait()
+    outputs = [(torch.cat(tokens[m], 1), torch.stack(logits[m])) for m in sorted(tokens)]
+    return outputs, events
+
+
+def _gen_what(kind: str, m: int, t: int) -> str:
+    micro = _micro(kind, m)
+    return f"prefill of {micro}" if t == 0 else f"decode step {t} of {micro}"
+
+
+def _micro(action: str, m: int) -> str:
+    return {"W": "warm-up micro-batch", "L": "latency-probe micro-batch"}.get(
+        action, "micro-batch") + f" {m}"
+
+
+def schedule(spec: WorkerSpec) -> list[tuple[str, int]]:
+    """What every worker of a run does, in order: (action, micro-batch). "W": warm-up
+    (untimed), "L": the micro-batches of one request alone in the pipeline (its latency),
+    "F": the timed stream (throughput), "B": a barrier of all workers between phases."""
+    n = spec.n_micro
+    out: list[tuple[str, int]] = [("W", i % n) for i in range(spec.n_warmup)]
+    if out:
+        out.append(("B", 0))
+    per = max(1, min(spec.per_request, n))
+    for r in range(spec.n_probe):
+        out += [("L", (r * per + i) % n) for i in range(per)]
+        out.append(("B", 0))
+    return out + [("F", m) for m in range(n)]
+
+
+def _worker(spec: WorkerSpec, state: str, inputs: str | None, results: Any) -> None:
+    """A worker process: weights and inputs from files, its result to the driver's queue."""
+    os.environ["MASTER_ADDR"] = spec.master_addr
+    os.environ["MASTER_PORT"] = str(spec.port)
+    try:
+        res = run_worker(spec, Path(state).read_bytes(),
+                         Path(inputs).read_bytes() if inputs is not None else None)
+    except BaseException as exc:
+        res = ("error", spec.rank, f"setup: {_one_line(exc)}", False)
+    results.put(res)
+    if res[0] == "error":
+        results.close()
+        results.join_thread()
+        sys.exit(1)
+
+
+def _detach(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().to("cpu")
+    if isinstance(v, (tuple, list)):
+        return type(v)(_detach(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _detach(x) for k, x in v.items()}
+    return v
+
+
