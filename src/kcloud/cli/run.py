@@ -54,6 +54,9 @@ def run(
         "--batches", help="Micro-batches per replica (default: batch / micro-batch)")] = None,
     warmup: Annotated[int, typer.Option(
         "--warmup", help="Untimed micro-batches through every stage before the timed ones")] = 2,
+    probes: Annotated[int | None, typer.Option(
+        "--probes", help="Requests sent alone through the idle pipeline to measure latency "
+        "(default 3; 1 for a generation)")] = None,
     weights: Annotated[Path | None, typer.Option(
         "--weights", help="Local checkpoint to load first: a state dict (.pt, .pth, .bin) "
         "or .safetensors; default: random weights from a fixed seed")] = None,
@@ -84,7 +87,7 @@ def run(
                           min_domestic_share, precision, input_tokens, output_tokens)
     plan, search_time_s = _plan_to_run(plan_file, model, cluster, goal)
     report = execute(plan, mode=mode, n_micro=batches, trace_path=trace,
-                     ray_address=ray_address, warmup=warmup, weights=weights,
+                     ray_address=ray_address, warmup=warmup, probes=probes, weights=weights,
                      prompt_only=prompt_only)
     if as_json:
         doc = report.to_dict()

@@ -185,15 +185,16 @@ def execute(
     comm_timeout_s: float = 60.0,
     ray_address: str | None = None,
     warmup: int = 2,
-    probes: int = 3,
+    probes: int | None = None,
     weights: str | os.PathLike[str] | None = None,
     prompt_only: bool = False,
 ) -> RunReport:
     """Run `plan` with one worker per device of each stage; check against the single-process
     model. `ray_address` ("local", "auto" or host:port) runs the workers as Ray actors.
     `warmup` untimed micro-batches go through every stage first, then `probes` requests (of
-    batch / micro-batch micro-batches) go one at a time through the idle pipeline to measure
-    latency, then all the micro-batches stream through to measure throughput. `weights` is a local
+    batch / micro-batch micro-batches; default 3, or 1 for a generation) go one at a time
+    through the idle pipeline to measure latency, then all the micro-batches stream through to
+    measure throughput. `weights` is a local
     checkpoint (state dict) loaded into the model before it is split.
 
     A zoo LLM plan with output tokens generates them (greedy, a KV cache per micro-batch in
@@ -223,6 +224,10 @@ def execute(
     prompt = int(example[0].shape[1]) if gen else 0
     units: list[list[str]] = []
     dec_graph = None
+    if probes is None:
+        probes = 1 if gen else 3
+    if probes < 0:
+        raise KCloudError(f"--probes must be 0 or more, got {probes}", "pass --probes 0 or more")
     if gen:
         check_length(module, plan.model, prompt, steps)
         units = layer_units(module, example, plan.model)

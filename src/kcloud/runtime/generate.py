@@ -244,6 +244,7 @@ def apply_eager_layout(stage: GenStage, layout: ShardLayout, group: Any,
 # stream, "B" a barrier of all workers; step 0 is the prefill, steps 1.. decode one token each;
 # slot: the micro-batch's place among those generated together (its KV cache).
 Item = tuple[str, int, int, int]
+WARMUP_STEPS = 3  # steps of a warm-up generation
 
 
 def gen_schedule(n_micro: int, n_warmup: int, n_probe: int, per_request: int,
@@ -253,12 +254,12 @@ def gen_schedule(n_micro: int, n_warmup: int, n_probe: int, per_request: int,
     pipeline while each waits for its previous token: the warm-up micro-batches (untimed),
     then each probe request alone in the pipeline (its latency), then the stream."""
 
-    def together(kind: str, ms: list[int]) -> list[Item]:
-        return [(kind, m, t, j) for t in range(steps) for j, m in enumerate(ms)]
+    def together(kind: str, ms: list[int], n_steps: int = steps) -> list[Item]:
+        return [(kind, m, t, j) for t in range(n_steps) for j, m in enumerate(ms)]
 
     out: list[Item] = []
-    if n_warmup:
-        out += together("W", [i % n_micro for i in range(n_warmup)])
+    if n_warmup:  # the prefill and a few decode steps warm both kinds of kernels
+        out += together("W", [i % n_micro for i in range(n_warmup)], min(steps, WARMUP_STEPS))
         out.append(("B", 0, 0, 0))
     per = max(1, min(per_request, n_micro))
     for r in range(n_probe):

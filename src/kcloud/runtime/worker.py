@@ -23,6 +23,7 @@ from kcloud.graph.models.transformer import KVCache
 from kcloud.hardware.host import keep_heap
 from kcloud.runtime.comm import TupleReceiver, TupleSender, broadcast_tuple
 from kcloud.runtime.generate import (
+    WARMUP_STEPS,
     GenSpec,
     GenStage,
     apply_eager_layout,
@@ -324,7 +325,7 @@ def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
             if timed:
                 tokens.setdefault(m, []).append(_detach(tok))
                 logits.setdefault(m, []).append(_detach(lg))
-            if t + 1 < gen.steps:
+            if t + 1 < (min(gen.steps, WARMUP_STEPS) if kind == "W" else gen.steps):
                 if tok_out is not None:
                     where.step = f"send of the token of {what}"
                     t0 = clock()

@@ -64,6 +64,8 @@ class KVCache:
     generation). Set on an Embeddings it only counts tokens: the position of the next one."""
 
     def __init__(self) -> None:
+        # Buffers of room for `capacity` tokens, of which the first `length` are filled; the
+        # room doubles when full, so a generation copies its cache O(log n) times, not per token.
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.length = 0  # tokens seen so far
@@ -76,10 +78,20 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the new tokens' K/V ([batch, kv_heads, new, head_dim]); all of them so far."""
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        self.length = self.k.size(2)
-        return self.k, self.v
+        past, new = (0 if self.k is None else self.length), k.size(2)
+        need = past + new
+        if self.k is None or self.v is None or need > self.k.size(2):
+            room = max(need, 2 * (self.k.size(2) if self.k is not None else 0), 16)
+            grown_k = k.new_empty(*k.shape[:2], room, k.shape[3])
+            grown_v = v.new_empty(*v.shape[:2], room, v.shape[3])
+            if self.k is not None and self.v is not None and past:
+                grown_k[:, :, :past] = self.k[:, :, :past]
+                grown_v[:, :, :past] = self.v[:, :, :past]
+            self.k, self.v = grown_k, grown_v
+        self.k[:, :, past:need] = k
+        self.v[:, :, past:need] = v
+        self.length = need
+        return self.k[:, :, :need], self.v[:, :, :need]
 
 
 def _norm(cfg: TransformerConfig) -> nn.Module:
