@@ -41,6 +41,10 @@ def test_plan_and_run_in_one_step(tmp_path: Path) -> None:
     (["run", "--model", "mlp", "--cluster", "local-cpu", "--slo-ms", "-1"], "SLO"),
     (["run", "--model", "mlp", "--cluster", "nowhere"], "unknown cluster"),
     (["run", "--model", "mlp", "--cluster", "local-cpu", "--mode", "fake"], "unknown mode"),
+    (["run", "--model", "tiny-gpt", "--cluster", "local-cpu", "--input-tokens", "200",
+      "--output-tokens", "100"], "exceed the context of tiny-gpt"),
+    (["run", "--model", "mlp", "--cluster", "local-cpu", "--probes", "-1", "--mode", "real"],
+     "--probes must be 0 or more"),
 ])
 def test_bad_input_is_one_line(args: list[str], says: str, tmp_path: Path) -> None:
     proc = _kcloud(args, tmp_path)

@@ -395,6 +395,7 @@ def predict(
     tp: int = 1,
 ) -> Prediction:
     """Predict `model` (zoo name, file.py:factory or .onnx) on one device (or `tp` of them)."""
+    from kcloud.graph import zoo
     from kcloud.graph.loaders import load_model_spec
     from kcloud.hardware.catalog import get_device
 
@@ -407,6 +408,7 @@ def predict(
                              calibration=calibration, tp=tp)
     prompt = input_tokens or seq_len or DEFAULT_LLM_INPUT
     out = output_tokens or DEFAULT_LLM_OUTPUT
+    zoo.check_generation(model, prompt, out)
     prefill = load_model_spec(model, batch=1, seq_len=prompt, phase="prefill", kv_len=None)
     decode = load_model_spec(model, batch=1, seq_len=1, phase="decode",
                              kv_len=prompt + out // 2)
