@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from kcloud.graph.layergraph import LayerGraph, OpClass
+from kcloud.graph.layergraph import LayerGraph, OpClass, TPStyle
 from kcloud.hardware.device import Device, DeviceKind
 from kcloud.precision import Precision
 
@@ -234,7 +234,10 @@ def _arrays(graph: LayerGraph) -> _OpArrays:
              for layer in graph.layers], dtype=np.float64),
         layer_comm=np.array([sum(g.comm_elems for g in layer.tp) for layer in graph.layers],
                             dtype=np.float64),
-        layer_collectives=np.array([len(layer.tp) for layer in graph.layers], dtype=np.float64),
+        # one collective per group, except convolution groups: one all-gather per conv
+        layer_collectives=np.array(
+            [sum(len(g.column) if g.style is TPStyle.CONV else 1 for g in layer.tp)
+             for layer in graph.layers], dtype=np.float64),
         cut_elems=np.array([layer.cut_elems for layer in graph.layers], dtype=np.float64),
         total_weights=float(graph.total_params),
         peak_act_per_sample=float(act.max() / graph.batch) if len(ops) else 0.0,
