@@ -25,3 +25,19 @@ def test_ray_worker_fault_stops_run(tmp_path: Path) -> None:
     assert "RuntimeError: device fault" in msg
     assert time.monotonic() - t0 < 90  # Ray's own start included
     assert not ray.is_initialized()  # the local instance it started is stopped
+
+
+def test_ray_pipeline_generates_the_reference_tokens() -> None:
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'kcloud[ray]')")
+    import torch
+
+    from tests.test_generate import _plan as gen_plan
+    from tests.test_generate import _reference
+
+    plan = gen_plan([(0, 1), (3, 1)])
+    r = execute(plan, mode="real", n_micro=2, trace_path=None, warmup=1, probes=1,
+                ray_address="local")
+    assert r.executor == "ray" and r.reference_ok and r.measured["tokens_match"]
+    for got, ref in zip(r.outputs, _reference(plan, 2), strict=True):
+        assert torch.equal(got, ref)
+    assert not ray.is_initialized()
