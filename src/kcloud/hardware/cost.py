@@ -19,11 +19,12 @@ Per op, a roofline with calibrated efficiencies:
   vector units at `vector_ratio` x the matrix peak.
 - Fixed costs: `kernel_overhead_s` per compute kernel (launch / sync / DMA setup) and
   `inference_overhead_s` per forward pass (host dispatch).
-- CPUs (eager PyTorch, one thread per stage) differ in three ways, each a parameter whose
+- CPUs (eager PyTorch, one thread per stage) differ in four ways, each a parameter whose
   accelerator default leaves the formulas above unchanged: a core packs its operands and then
   computes on them, so memory and compute time add (`serial_share`); every elementwise op is a
   kernel of its own that moves its activations (`elementwise_kernels`); and no op is tiled
-  with the next, so a batch's activations beyond the cache go through DRAM (`act_tiling`).
+  with the next, so a batch's activations beyond the cache go through DRAM (`act_tiling`); and
+  every node of the graph is a Python dispatch (`node_overhead_s`).
 
 Power = idle + (max - idle) * activity, with activity = 1 - (1 - u_compute) * (1 - k * u_memory):
 busy matrix units draw full dynamic power, streaming memory draws a share `k` of it.
@@ -74,6 +75,10 @@ class DeviceParams:
     # Share of elementwise ops that run as kernels of their own, reading and writing their
     # activations (0: fused into their producers by a compiler; 1: eager execution).
     elementwise_kernels: float = 0.0
+    # Fixed time per node of the traced graph (a module, function or method call: views,
+    # reshapes and small ops included) when the model runs eagerly from Python; a compiled
+    # graph (accelerators) has none.
+    node_overhead_s: float = 0.0
     # Whether ops are tiled over samples so that activations stay on chip (1: a compiler
     # tiles; 0: eager execution materializes each op's whole output, so what of a batch's
     # activations exceeds the on-chip budget goes through DRAM).
@@ -111,7 +116,7 @@ CLASS_PRIORS: dict[DeviceKind, DeviceParams] = {
         matrix_eff=0.8, matmul_factor=1.0, attention_factor=0.7, memory_eff=0.8,
         vector_ratio=1 / 4, kernel_overhead_s=8e-6, inference_overhead_s=30e-6,
         sat_elems=4.0e3, k_half=16.0, sram_usable=0.5, memory_power_share=0.5,
-        serial_share=1.0, elementwise_kernels=1.0, act_tiling=0.0,
+        serial_share=1.0, elementwise_kernels=1.0, act_tiling=0.0, node_overhead_s=2e-6,
     ),
 }
 
@@ -196,6 +201,7 @@ class _OpArrays:
     layer_weights: np.ndarray  # parameters per layer
     layer_kernels: np.ndarray  # compute kernels per layer (elementwise ops not counted)
     layer_elementwise: np.ndarray  # elementwise ops per layer
+    layer_nodes: np.ndarray  # traced graph nodes per layer (eager dispatches)
     layer_comm: np.ndarray  # elements all-reduced per layer under tensor parallelism
     layer_collectives: np.ndarray  # collectives per layer under tensor parallelism
     cut_elems: np.ndarray  # elements crossing a cut after each layer
@@ -229,6 +235,7 @@ def _arrays(graph: LayerGraph) -> _OpArrays:
         layer_kernels=np.array(
             [sum(1 for o in layer.ops if o.op_class is not OpClass.ELEMENTWISE)
              for layer in graph.layers], dtype=np.float64),
+        layer_nodes=np.array([len(layer.nodes) for layer in graph.layers], dtype=np.float64),
         layer_elementwise=np.array(
             [sum(1 for o in layer.ops if o.op_class is OpClass.ELEMENTWISE)
              for layer in graph.layers], dtype=np.float64),
@@ -424,7 +431,7 @@ def layer_table(
         cbound_str=per_layer(np.where(compute >= mem_str, t_str, 0.0)),
         dram_res=per_layer(base_dram), dram_str=per_layer(base_dram + w_dram),
         kernel_s=(a.layer_kernels + params.elementwise_kernels * a.layer_elementwise)
-        * params.kernel_overhead_s,
+        * params.kernel_overhead_s + a.layer_nodes * params.node_overhead_s,
         comm_s=comm,
         flops=per_layer(a.flops * scale),
         weight_bytes=a.layer_weights * prec.weight_bytes / tp,

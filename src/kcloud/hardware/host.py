@@ -420,7 +420,7 @@ def host_core_device(threads: int = 1) -> Device:
 # with a little compute between messages, as the runtime's workers talk: scheduling and
 # wake-up delays of this machine are part of it.
 
-PARAMS_CACHE_VERSION = 5
+PARAMS_CACHE_VERSION = 6
 # (batch, width, blocks) of the timed chains; a block holds 8 x width^2 fp32 weights.
 _CHAINS: tuple[tuple[str, int, int, int], ...] = (
     ("mlp", 1, 32, 2), ("mlp", 4, 64, 4), ("mlp", 1, 256, 4), ("mlp", 8, 256, 4),
@@ -428,11 +428,12 @@ _CHAINS: tuple[tuple[str, int, int, int], ...] = (
     ("mlp", 32, 1024, 2),
     ("conv", 8, 16, 2), ("conv", 64, 16, 1), ("conv", 32, 32, 2), ("conv", 16, 64, 2),
     ("attn", 1, 128, 2), ("attn", 8, 128, 2), ("attn", 4, 256, 2),
+    ("step", 1, 128, 4), ("step", 16, 256, 2),
 )
 _PARAM_BOUNDS: dict[str, tuple[float, float]] = {
     "matrix_eff": (0.02, 1.5), "kernel_overhead_s": (1e-7, 1e-3), "memory_eff": (0.05, 1.0),
     "serial_share": (0.01, 1.0), "sram_usable": (0.05, 2.0), "sat_elems": (1e2, 1e6),
-    "k_half": (1.0, 1e3), "matmul_factor": (0.3, 2.0),
+    "k_half": (1.0, 1e3), "matmul_factor": (0.3, 2.0), "node_overhead_s": (1e-8, 1e-4),
 }
 _OP_BUDGET_S = 0.15  # per timed chain
 _ATTN_SEQ = 64  # tokens per sample of the decoder-block chains
@@ -455,6 +456,7 @@ class HostParams:
     sat_elems: float
     k_half: float
     matmul_factor: float
+    node_overhead_s: float
     link_latency_s: float  # one way, one message
     link_bw: float  # bytes/s, one direction
     collective_latency_s: float  # one small all-reduce between two workers
@@ -472,7 +474,8 @@ class HostParams:
                 "inference_overhead_s": self.inference_overhead_s,
                 "memory_eff": self.memory_eff, "serial_share": self.serial_share,
                 "sram_usable": self.sram_usable, "sat_elems": self.sat_elems,
-                "k_half": self.k_half, "matmul_factor": self.matmul_factor}
+                "k_half": self.k_half, "matmul_factor": self.matmul_factor,
+                "node_overhead_s": self.node_overhead_s}
 
 
 def params_cache_file() -> Path:
@@ -499,10 +502,11 @@ def _median_time(fn: Any, budget_s: float, reps_max: int = 200) -> float:
 def _chain(kind: str, width: int, blocks: int) -> Any:
     """`blocks` blocks in a row: MLP blocks (norm -> Linear(w, 4w) -> GELU -> Linear(4w, w)),
     conv blocks (3x3 conv over `width` channels -> batch norm -> ReLU) or decoder blocks
-    (causal attention with 32-wide heads, SwiGLU MLP) over `_ATTN_SEQ` tokens."""
+    (causal attention with 32-wide heads, SwiGLU MLP) over `_ATTN_SEQ` tokens ("attn") or
+    one token ("step")."""
     from torch import nn
 
-    if kind == "attn":
+    if kind in ("attn", "step"):
         from kcloud.graph.models.transformer import Block, TransformerConfig
 
         cfg = TransformerConfig(n_layers=blocks, hidden=width, heads=width // 32,
@@ -525,6 +529,8 @@ def _chain_input(kind: str, batch: int, width: int) -> tuple[int, ...]:
         return (batch, width, side, side)
     if kind == "attn":
         return (batch, _ATTN_SEQ, width)
+    if kind == "step":  # one token per sample: dispatch-bound, like a decode step
+        return (batch, 1, width)
     return (batch, width)
 
 
