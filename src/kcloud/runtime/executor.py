@@ -21,6 +21,7 @@ greedy token back to the first stage's lead (the token hop).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -62,6 +63,7 @@ from kcloud.runtime.tensor_parallel import (
 )
 from kcloud.runtime.trace import trace_events, write_trace
 from kcloud.runtime.worker import (
+    WorkerResult,
     WorkerSpec,
     _from_bytes,
     _to_bytes,
@@ -392,8 +394,7 @@ def execute(
     if gen:
         outputs = [got[0] for got in outputs]  # the generated token ids per micro-batch
 
-    stages = (_gen_stage_reports(plan, specs, results, modeled, step_costs, steps) if gen
-              else _stage_reports(plan, specs, results, modeled))
+    stages = _stage_reports(plan, specs, results, modeled, step_costs if gen else None, steps)
     if modeled:
         notes.append("emulated stages computed in fp32 on the host CPU; their times (at the "
                      "plan's precision) are modeled")
@@ -484,50 +485,6 @@ def _gen_layouts(plan: Plan, module: torch.nn.Module, units: list[list[str]], ri
                          f"vocabulary): it ran whole on {st.devices[0]}")
             continue
         layouts[ri, si] = lay
-
-
-def _gen_stage_reports(plan: Plan, specs: list[WorkerSpec], results: dict[int, Any],
-                       modeled: dict[int, float], step_costs: dict[int, tuple[float, float]],
-                       steps: int) -> list[StageReport]:
-    """One report per stage of a generation run: compute per micro-batch (its whole
-    generation), per prefill and per decode step; hops per step."""
-    out: list[StageReport] = []
-    for s in specs:
-        if not s.leads:
-            continue
-        st = plan.replicas[s.replica].stages[s.stage]
-        ev = results[s.rank][1]
-
-        def durs(*actions: str, ev: list[Any] = ev) -> list[float]:
-            return [(t1 - t0) / 1e9 for a, _, t0, t1, _ in ev if a in actions]
-
-        def per_micro(*actions: str, ev: list[Any] = ev) -> float:
-            tot: dict[int, float] = {}
-            for a, m, t0, t1, _ in ev:
-                if a in actions:
-                    tot[m] = tot.get(m, 0.0) + (t1 - t0) / 1e9
-            return _median(list(tot.values()))
-
-        sharded = s.gen is not None and s.gen.layout is not None
-        note = ""
-        if st.tp > 1:
-            note = (f"sharded over {len(s.group)} workers" if sharded
-                    else f"tensor-parallel sharding not executed; ran whole on {st.devices[0]}")
-        mt = modeled.get(s.rank)
-        pre, dec = step_costs[s.rank]
-        out.append(StageReport(
-            replica=s.replica, stage=s.stage, layers=(st.start, st.end),
-            device_type=st.device_type, devices=st.devices, backend=s.backend,
-            figures="modeled" if mt is not None else "measured",
-            measured_compute_s=per_micro("P", "D"), measured_recv_s=_median(durs("R", "RT")),
-            measured_send_s=_median(durs("S", "ST")), modeled_time_s=mt,
-            predicted_time_s=st.time_s, tp=st.tp, note=note,
-            measured_allreduce_s=per_micro("AR"), sharded=sharded,
-            measured_prefill_s=_median(durs("P")),
-            measured_decode_s=_median(durs("D")) if steps > 1 else None,
-            predicted_prefill_s=pre, predicted_decode_s=dec,
-        ))
-    return out
 
 
 def _gen_measured(plan: Plan, specs: list[WorkerSpec], timeline: dict[int, list[Any]],
@@ -640,6 +597,61 @@ def _write_gen_trace(path: str | os.PathLike[str], specs: list[WorkerSpec],
     return p
 
 
+class Results:
+    """What the workers of a run report, and when a failure ends it: once one worker fails,
+    the others get half a second for their own messages (a failure's cause comes before the
+    communication errors it causes in its peers), then the run stops."""
+
+    GRACE_S = 0.5
+
+    def __init__(self, specs: list[WorkerSpec], timeout_s: float) -> None:
+        self.specs = specs
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.done: dict[int, tuple[bytes | None, list[Any]]] = {}
+        self.errors: list[tuple[int, str, bool]] = []
+        self.died: dict[int, str] = {}  # rank -> how its worker ended
+        self.failed_at: float | None = None
+
+    def take(self, res: WorkerResult) -> None:
+        """A worker's result: ("done", rank, outputs, events) or ("error", rank, text, comm)."""
+        if res[0] == "done":
+            self.done[res[1]] = (res[2], res[3])
+        else:
+            self.errors.append((res[1], res[2], res[3]))
+            self.failed()
+
+    def lost(self, rank: int, how: str) -> None:
+        """A worker that ended without a result."""
+        self.died[rank] = how
+        self.failed()
+
+    def failed(self) -> None:
+        self.failed_at = self.failed_at or time.monotonic()
+
+    def reported(self, rank: int) -> bool:
+        return rank in self.done or any(e[0] == rank for e in self.errors)
+
+    def over(self) -> bool:
+        """Whether to stop waiting (every worker done, or a failure's grace has passed);
+        raises past the run's time limit."""
+        now = time.monotonic()
+        if len(self.done) == len(self.specs):
+            return True
+        if self.failed_at is not None and now - self.failed_at > self.GRACE_S:
+            return True
+        if now > self.deadline:
+            raise KCloudError(f"the run did not finish within {self.timeout_s:.0f} s",
+                              "run fewer micro-batches (--batches) or check the stages")
+        return False
+
+    def outcome(self) -> dict[int, tuple[bytes | None, list[Any]]]:
+        """Every worker's result, or the run's one-line error."""
+        if len(self.done) < len(self.specs):
+            raise failure(self.specs, self.errors, self.done, self.died)
+        return self.done
+
+
 def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes | None],
                  timeout_s: float) -> dict[int, tuple[bytes | None, list[Any]]]:
     ctx = mp.get_context("spawn")
@@ -658,39 +670,18 @@ def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[byte
     procs = [ctx.Process(target=_worker, args=a, daemon=True,
                          name=f"kcloud-stage-r{a[0].replica}s{a[0].stage}t{a[0].tp_rank}")
              for a in args]
-    done: dict[int, tuple[bytes | None, list[Any]]] = {}
-    errors: list[tuple[int, str, bool]] = []
-    failed_at: float | None = None
+    got = Results(specs, timeout_s)
     try:
         for p in procs:
             p.start()
-        deadline = time.monotonic() + timeout_s
-        while len(done) < len(specs):
-            try:
-                msg = results.get(timeout=0.1)
-            except queue_mod.Empty:
-                msg = None
-            if msg is not None:
-                if msg[0] == "done":
-                    done[msg[1]] = (msg[2], msg[3])
-                else:
-                    errors.append((msg[1], msg[2], msg[3]))
-                    failed_at = failed_at or time.monotonic()
+        while not got.over():
+            with contextlib.suppress(queue_mod.Empty):
+                got.take(results.get(timeout=0.1))
             for s, p in zip(specs, procs, strict=True):
-                if p.exitcode not in (None, 0) and s.rank not in done and \
-                        not any(e[0] == s.rank for e in errors) and failed_at is None:
-                    failed_at = time.monotonic()  # give its message a moment to arrive
-            now = time.monotonic()
-            if failed_at is not None and now - failed_at > 0.5:
-                break
-            if now > deadline:
-                raise KCloudError(f"the run did not finish within {timeout_s:.0f} s",
-                                  "run fewer micro-batches (--batches) or check the stages")
-        if len(done) < len(specs):
-            died = {s.rank: f"exit code {p.exitcode}" for s, p in zip(specs, procs, strict=True)
-                    if p.exitcode not in (None, 0)}
-            raise failure(specs, errors, done, died)
-        return done
+                if p.exitcode not in (None, 0) and not got.reported(s.rank) \
+                        and s.rank not in got.died:
+                    got.lost(s.rank, f"exit code {p.exitcode}")  # its message may follow
+        return got.outcome()
     finally:
         _reap(procs)
         results.close()
@@ -771,39 +762,56 @@ def _measured(plan: Plan, specs: list[WorkerSpec], timeline: dict[int, list[Any]
             "figures": "measured"}
 
 
+def _durations(ev: list[Any], *actions: str) -> list[float]:
+    """Seconds of each event of `actions` in a worker's timeline."""
+    return [(e[3] - e[2]) / 1e9 for e in ev if e[0] in actions]
+
+
+def _per_micro(ev: list[Any], *actions: str) -> float:
+    """The median over micro-batches of the seconds spent in `actions`."""
+    tot: dict[int, float] = {}
+    for e in ev:
+        if e[0] in actions:
+            tot[e[1]] = tot.get(e[1], 0.0) + (e[3] - e[2]) / 1e9
+    return _median(list(tot.values()))
+
+
 def _stage_reports(plan: Plan, specs: list[WorkerSpec], results: dict[int, Any],
-                   modeled: dict[int, float]) -> list[StageReport]:
-    """One report per stage, from the worker that leads its group."""
+                   modeled: dict[int, float],
+                   step_costs: dict[int, tuple[float, float]] | None = None,
+                   steps: int = 0) -> list[StageReport]:
+    """One report per stage, from the worker that leads its group. A generation
+    (`step_costs`: modeled prefill and decode step per lead) reports compute per micro-batch
+    (its whole generation), per prefill and per decode step, and its hops per step."""
     out: list[StageReport] = []
     for s in specs:
         if not s.leads:
             continue
         st = plan.replicas[s.replica].stages[s.stage]
         ev = results[s.rank][1]
-
-        def med(action: str, ev: list[Any] = ev) -> float:
-            return _median([(t1 - t0) / 1e9 for a, _, t0, t1 in ev if a == action])
-
-        def per_micro(action: str, ev: list[Any] = ev) -> float:
-            tot: dict[int, float] = {}
-            for a, m, t0, t1 in ev:
-                if a == action:
-                    tot[m] = tot.get(m, 0.0) + (t1 - t0) / 1e9
-            return _median(list(tot.values()))
-
         mt = modeled.get(s.rank)
-        sharded = s.layout is not None
+        sharded = (s.gen.layout if s.gen is not None else s.layout) is not None
         note = ""
         if st.tp > 1:
             note = (f"sharded over {len(s.group)} workers" if sharded
                     else f"tensor-parallel sharding not executed; ran whole on {st.devices[0]}")
+        gen: dict[str, Any] = {}
+        if step_costs is not None:
+            gen = {"measured_prefill_s": _median(_durations(ev, "P")),
+                   "measured_decode_s": _median(_durations(ev, "D")) if steps > 1 else None,
+                   "predicted_prefill_s": step_costs[s.rank][0],
+                   "predicted_decode_s": step_costs[s.rank][1]}
+        computes, recvs, sends = (("P", "D"), ("R", "RT"), ("S", "ST")) if gen else \
+            (("F",), ("R",), ("S",))
         out.append(StageReport(
             replica=s.replica, stage=s.stage, layers=(st.start, st.end),
             device_type=st.device_type, devices=st.devices, backend=s.backend,
             figures="modeled" if mt is not None else "measured",
-            measured_compute_s=med("F"), measured_recv_s=med("R"), measured_send_s=med("S"),
+            measured_compute_s=_per_micro(ev, *computes),
+            measured_recv_s=_median(_durations(ev, *recvs)),
+            measured_send_s=_median(_durations(ev, *sends)),
             modeled_time_s=mt, predicted_time_s=st.time_s, tp=st.tp, note=note,
-            measured_allreduce_s=per_micro("AR"), sharded=sharded,
+            measured_allreduce_s=_per_micro(ev, "AR"), sharded=sharded, **gen,
         ))
     return out
 

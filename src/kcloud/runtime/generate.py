@@ -33,13 +33,7 @@ from kcloud.graph.models.transformer import (
     KVCache,
     Transformer,
 )
-from kcloud.runtime.tensor_parallel import (
-    GatheredLinear,
-    RowParallelLinear,
-    ShardError,
-    ShardLayout,
-    VocabParallelEmbedding,
-)
+from kcloud.runtime.tensor_parallel import ShardError, ShardLayout, swap_shards
 
 # ---- which plans generate ------------------------------------------------------------------
 
@@ -214,24 +208,7 @@ def apply_eager_layout(stage: GenStage, layout: ShardLayout, group: Any,
     """Replace the sharded modules of `stage` with their shards (weights are loaded
     afterwards from `tensor_parallel.shard_state(..., prefix="")`); attention modules then
     hold their local heads."""
-    tp = layout.tp
-
-    def put(name: str, make: Any) -> None:
-        parent, _, child = name.rpartition(".")
-        owner = stage.get_submodule(parent) if parent else stage
-        setattr(owner, child, make(owner.get_submodule(child)))
-
-    for name in layout.columns:
-        put(name, lambda m: nn.Linear(m.in_features, m.out_features // tp,
-                                      bias=m.bias is not None, dtype=m.weight.dtype))
-    for name in layout.rows:
-        put(name, lambda m: RowParallelLinear(m.in_features // tp, m.out_features,
-                                              m.bias is not None, group, log,
-                                              dtype=m.weight.dtype))
-    for name in layout.vocab:
-        put(name, lambda m: VocabParallelEmbedding(m, tp, group, log))
-    for name in layout.gathers:
-        put(name, lambda m: GatheredLinear(m, tp, group, log))
+    swap_shards(stage, layout, group, log)
     for m in stage.modules():
         if isinstance(m, Attention):
             m.heads = m.q_proj.out_features // m.head_dim

@@ -13,13 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import time
 from collections import Counter
 from dataclasses import replace
 from typing import Any
 
 from kcloud.errors import KCloudError
-from kcloud.runtime.executor import failure
+from kcloud.runtime.executor import Results
 from kcloud.runtime.worker import WorkerResult, WorkerSpec, run_worker
 
 RESOURCE_PREFIX = "kcloud/"
@@ -94,7 +93,6 @@ def run_on_ray(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes 
             if s.backend == "cuda":
                 opts["num_gpus"] = 1
             actors.append(remote.options(**opts).remote())
-        deadline = time.monotonic() + timeout_s
         try:
             ip, port = ray.get(actors[0].address.remote(), timeout=min(timeout_s, 120.0))
         except ray.exceptions.GetTimeoutError:
@@ -107,35 +105,16 @@ def run_on_ray(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes 
                  for s in specs]
         refs = {a.run.remote(s, ray.put(st), None if x is None else ray.put(x)): s.rank
                 for a, s, st, x in zip(actors, specs, states, inputs, strict=True)}
-        done: dict[int, tuple[bytes | None, list[Any]]] = {}
-        errors: list[tuple[int, str, bool]] = []
-        died: dict[int, str] = {}
+        got = Results(specs, timeout_s)
         pending = list(refs)
-        failed_at: float | None = None
-        while pending:
+        while pending and not got.over():
             ready, pending = ray.wait(pending, num_returns=1, timeout=0.1)
             for ref in ready:
-                rank = refs[ref]
                 try:
-                    res = ray.get(ref)
+                    got.take(ray.get(ref))
                 except Exception as exc:  # the actor died or its process failed
-                    died[rank] = f"a Ray actor failure ({type(exc).__name__})"
-                    failed_at = failed_at or time.monotonic()
-                    continue
-                if res[0] == "done":
-                    done[rank] = (res[2], res[3])
-                else:
-                    errors.append((res[1], res[2], res[3]))
-                    failed_at = failed_at or time.monotonic()
-            now = time.monotonic()
-            if failed_at is not None and now - failed_at > 0.5:
-                break
-            if now > deadline:
-                raise KCloudError(f"the run did not finish within {timeout_s:.0f} s",
-                                  "run fewer micro-batches (--batches) or check the stages")
-        if len(done) < len(specs):
-            raise failure(specs, errors, done, died)
-        return done
+                    got.lost(refs[ref], f"a Ray actor failure ({type(exc).__name__})")
+        return got.outcome()
     finally:
         for a in actors:
             with contextlib.suppress(Exception):  # already gone

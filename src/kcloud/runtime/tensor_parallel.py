@@ -573,16 +573,17 @@ class VocabParallelEmbedding(ParallelShard):
         return self.all_reduce(y.masked_fill(outside.unsqueeze(-1), 0))
 
 
-def apply_layout(sub: fx.GraphModule, layout: ShardLayout, group: Any,
-                 log: list[tuple[int, int]]) -> None:
-    """Replace the stage's sharded modules with their shards and rewrite its size constants
-    (the weights are loaded afterwards from `shard_state`)."""
+def swap_shards(root: nn.Module, layout: ShardLayout, group: Any,
+                log: list[tuple[int, int]]) -> None:
+    """Replace the modules of `root` that `layout` shards with their local shards (column and
+    row Linears, all-gathered convs and heads, vocabulary-split embeddings); the weights are
+    loaded afterwards from `shard_state`."""
     tp = layout.tp
 
     def put(name: str, make: Callable[[Any], nn.Module]) -> None:
-        old = sub.get_submodule(name)
+        old = root.get_submodule(name)
         parent, _, child = name.rpartition(".")
-        setattr(sub.get_submodule(parent) if parent else sub, child, make(old))
+        setattr(root.get_submodule(parent) if parent else root, child, make(old))
 
     for name in layout.columns:
         put(name, lambda m: nn.Linear(m.in_features, m.out_features // tp,
@@ -596,6 +597,13 @@ def apply_layout(sub: fx.GraphModule, layout: ShardLayout, group: Any,
             else GatheredConv(m, tp, group, log))
     for name in layout.vocab:
         put(name, lambda m: VocabParallelEmbedding(m, tp, group, log))
+
+
+def apply_layout(sub: fx.GraphModule, layout: ShardLayout, group: Any,
+                 log: list[tuple[int, int]]) -> None:
+    """Replace the stage's sharded modules with their shards (`swap_shards`) and rewrite the
+    size constants its traced graph bakes in."""
+    swap_shards(sub, layout, group, log)
     nodes = {n.name: n for n in sub.graph.nodes}
     for node_name, path, value in layout.rewrites:
         node = nodes[node_name]

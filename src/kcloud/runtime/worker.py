@@ -355,16 +355,10 @@ def _micro(action: str, m: int) -> str:
 def schedule(spec: WorkerSpec) -> list[tuple[str, int]]:
     """What every worker of a run does, in order: (action, micro-batch). "W": warm-up
     (untimed), "L": the micro-batches of one request alone in the pipeline (its latency),
-    "F": the timed stream (throughput), "B": a barrier of all workers between phases."""
-    n = spec.n_micro
-    out: list[tuple[str, int]] = [("W", i % n) for i in range(spec.n_warmup)]
-    if out:
-        out.append(("B", 0))
-    per = max(1, min(spec.per_request, n))
-    for r in range(spec.n_probe):
-        out += [("L", (r * per + i) % n) for i in range(per)]
-        out.append(("B", 0))
-    return out + [("F", m) for m in range(n)]
+    "F": the timed stream (throughput), "B": a barrier of all workers between phases. The
+    order of a generation (`gen_schedule`) with one step per micro-batch."""
+    items = gen_schedule(spec.n_micro, spec.n_warmup, spec.n_probe, spec.per_request, 1)
+    return [(kind, m) for kind, m, _, _ in items]
 
 
 def _worker(spec: WorkerSpec, state: str, inputs: str | None, results: Any) -> None:
