@@ -134,10 +134,11 @@ def run(
              "measured vs modeled; send per hop)" if generated
              else "stages (time per micro-batch)")
     s = Table(title=title, show_header=True, header_style="bold")
-    cols = ["replica", "stage", "layers", "device", "backend", "time", "figures", "predicted"]
+    cols = ["replica", "stage", "layers", "device", "backend", "time", "figures",
+            "predicted (modeled)"]
     if generated:
-        cols += ["prefill", "decode step"]
-    for col in [*cols, "send"]:
+        cols += ["prefill (measured / modeled)", "decode step (measured / modeled)"]
+    for col in [*cols, "send (measured)"]:
         s.add_column(col, justify="left" if col in cols[:5] or col == "figures" else "right")
     for st in report.stages:
         row = [str(st.replica), str(st.stage), f"{st.layers[0]}-{st.layers[1]}",

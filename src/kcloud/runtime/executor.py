@@ -22,7 +22,6 @@ greedy token back to the first stage's lead (the token hop).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import queue as queue_mod
@@ -61,7 +60,7 @@ from kcloud.runtime.tensor_parallel import (
     shard_state,
     stage_groups,
 )
-from kcloud.runtime.trace import trace_events, write_trace
+from kcloud.runtime.trace import save_trace, trace_events, write_trace
 from kcloud.runtime.worker import (
     WorkerResult,
     WorkerSpec,
@@ -592,9 +591,7 @@ def _write_gen_trace(path: str | os.PathLike[str], specs: list[WorkerSpec],
         e["args"].update(step=t, phase="prefill" if t == 0 else "decode")
         if rank in modeled and a in ("P", "D") and rank in step_costs:
             e["args"]["modeled_time_s"] = step_costs[rank][0 if a == "P" else 1]
-    p = Path(path)
-    p.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}) + "\n")
-    return p
+    return save_trace(path, events)
 
 
 class Results:

@@ -43,10 +43,14 @@ def trace_events(specs: Sequence[Any], timeline: dict[int, list[tuple[str, int, 
     return events
 
 
+def save_trace(path: str | os.PathLike[str], events: list[dict[str, Any]]) -> Path:
+    """Write trace events as a Chrome trace file."""
+    p = Path(path)
+    p.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}) + "\n")
+    return p
+
+
 def write_trace(path: str | os.PathLike[str], specs: Sequence[Any],
                 timeline: dict[int, list[tuple[str, int, int, int]]],
                 modeled: Mapping[int, float]) -> Path:
-    p = Path(path)
-    p.write_text(json.dumps({"traceEvents": trace_events(specs, timeline, modeled),
-                             "displayTimeUnit": "ms"}) + "\n")
-    return p
+    return save_trace(path, trace_events(specs, timeline, modeled))
