@@ -164,7 +164,7 @@ def _brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int) -> li
             mem = w + 2 * b * max(peak[i:j]) * p.act_bytes / tp
         else:
             d = dec.stage(i, j)
-            n = model.output_tokens
+            n = model.output_tokens - 1  # the prompt's pass gives the first token
             time = a.time_s + n * d.time_s
             energy = a.power_w(t.device) * a.time_s + n * d.power_w(t.device) * d.time_s
             kv = float(sum(model.kv_elems_per_token[i:j])) * p.kv_bytes
@@ -180,8 +180,8 @@ def _brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int) -> li
         s = link.transfer_s(fwd.layers[cut - 1].cut_elems * b / fwd.batch * act)
         if model.decode is not None:
             d = model.decode
-            s += model.output_tokens * link.transfer_s(d.layers[cut - 1].cut_elems * b
-                                                       / d.batch * act)
+            s += (model.output_tokens - 1) * link.transfer_s(d.layers[cut - 1].cut_elems * b
+                                                             / d.batch * act)
         return s
 
     chains: list[Chain] = []
@@ -223,6 +223,10 @@ def _brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int) -> li
                         t = opts[k][0]
                         trans.append(transfer(t.index, t.link if kind == 0 else
                                               cluster.network, ranges[k][1]))
+                    if trans and model.decode is not None:  # tokens back to the first stage
+                        t = opts[0][0]
+                        link = cluster.network if max(links) else t.link
+                        trans.append((model.output_tokens - 1) * link.transfer_s(8 * b))
                     period = max(times + trans)
                     energy = sum(tp * (s[1] + t.device.idle_power_w.value  # type: ignore[index]
                                        * (period - s[0]))  # type: ignore[index]

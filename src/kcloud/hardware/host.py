@@ -420,7 +420,7 @@ def host_core_device(threads: int = 1) -> Device:
 # with a little compute between messages, as the runtime's workers talk: scheduling and
 # wake-up delays of this machine are part of it.
 
-PARAMS_CACHE_VERSION = 6
+PARAMS_CACHE_VERSION = 7
 # (batch, width, blocks) of the timed chains; a block holds 8 x width^2 fp32 weights.
 _CHAINS: tuple[tuple[str, int, int, int], ...] = (
     ("mlp", 1, 32, 2), ("mlp", 4, 64, 4), ("mlp", 1, 256, 4), ("mlp", 8, 256, 4),
@@ -435,7 +435,8 @@ _PARAM_BOUNDS: dict[str, tuple[float, float]] = {
     "serial_share": (0.01, 1.0), "sram_usable": (0.05, 2.0), "sat_elems": (1e2, 1e6),
     "k_half": (1.0, 1e3), "matmul_factor": (0.3, 2.0), "node_overhead_s": (1e-8, 1e-4),
 }
-_OP_BUDGET_S = 0.15  # per timed chain
+_OP_BUDGET_S = 0.25  # per timed chain, over all rounds
+_ROUNDS = 5  # slices of every measurement, spread over the calibration
 _ATTN_SEQ = 64  # tokens per sample of the decoder-block chains
 _LINK_SIZES = (16, 65536)  # elements (fp64) of the timed messages
 _LINK_REPS = 64  # timed messages per size
@@ -484,19 +485,23 @@ def params_cache_file() -> Path:
     return path.with_name(path.name.replace("host-", "host-params-", 1))
 
 
-def _median_time(fn: Any, budget_s: float, reps_max: int = 200) -> float:
-    """The median of repeated timings of `fn()`: the typical time, as the runtime reports
-    its stages' times (a lower quartile would make the model optimistic on a noisy host)."""
-    fn()
+def _timings(fn: Any, budget_s: float, reps_max: int = 200) -> list[float]:
+    """Repeated timings of `fn()` after one untimed call (at least 3, within `budget_s`)."""
     fn()
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
-    while len(times) < reps_max and (len(times) < 5 or time.perf_counter() < deadline):
+    while len(times) < reps_max and (len(times) < 3 or time.perf_counter() < deadline):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    return times
+
+
+def _median(times: list[float]) -> float:
+    """The typical time, as the runtime reports its stages' times (a lower quartile would make
+    the model optimistic on a noisy host)."""
+    ordered = sorted(times)
+    return ordered[len(ordered) // 2]
 
 
 def _chain(kind: str, width: int, blocks: int) -> Any:
@@ -545,8 +550,8 @@ def _inference_overhead() -> float:
             lin = torch.nn.Linear(32, 32)
             seq = torch.nn.Sequential(lin)
             x = torch.randn(1, 32)
-            wrapped = _median_time(lambda: seq(x), _OP_BUDGET_S)
-            bare = _median_time(lambda: lin(x), _OP_BUDGET_S)
+            wrapped = _median(_timings(lambda: seq(x), _OP_BUDGET_S))
+            bare = _median(_timings(lambda: lin(x), _OP_BUDGET_S))
     finally:
         torch.set_num_threads(threads)
     return max(wrapped - bare, 1e-7)
@@ -563,9 +568,12 @@ def _typical(times: list[float], block: int = 8) -> float:
 def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
     """One of `world` one-thread worker processes, all busy at once as a run's workers are.
 
-    Ranks 0 and 1 time the link between them (send/recv round trips and small all-reduces,
-    a little compute between calls). Then every rank times the chains at the same moment, so
-    that each sees its share of the cache and the memory bandwidth. Results go to `out`."""
+    Ranks 0 and 1 time the link between them (send/recv hops and small all-reduces, a little
+    compute between calls). Every rank times the chains at the same moment, so that each sees
+    its share of the cache and the memory bandwidth. A shared host slows down in bursts (other
+    tenants), so the work goes in `_ROUNDS` rounds, each a slice of every measurement: a burst
+    then hits some rounds of every figure instead of all of a few, and each figure's median
+    over its rounds leaves it out. Results go to `out`."""
     import torch
     import torch.distributed as dist
 
@@ -575,63 +583,82 @@ def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=_dt.timedelta(seconds=60))
     try:
-        result: dict[str, Any] = {"rank": rank}
         pair = dist.new_group([0, 1])
-        if rank < 2:
-            # Messages go as the runtime sends a stage's outputs (one frame per hop, the
-            # receive posted ahead), and between them the sender computes for a while, as a
-            # stage does, so that the receiver waits idle: its wake-up is part of the cost.
-            from kcloud.runtime.comm import TupleReceiver, TupleSender
-
-            peer = 1 - rank
-            a, w = torch.randn(32, 512), torch.randn(512, 1024)
-            sender, receiver = TupleSender(peer), TupleReceiver(peer)
-            # The receiver's first work after the wait runs slower than the same work back to
-            # back (a core resuming from idle): the hop is counted up to the end of that work,
-            # less its back-to-back time.
-            warm = []
-            for _ in range(16):
-                t0 = time.perf_counter()
-                a @ w
-                warm.append(time.perf_counter() - t0)
-            work_s = sorted(warm)[len(warm) // 2]
-            for size in _LINK_SIZES:
-                buf = torch.zeros(size, dtype=torch.float64)
-                times = []
-                for i in range(_LINK_REPS + 4):
-                    if rank == i % 2:  # sender: compute, stamp, send
-                        for _ in range(_LINK_IDLE_MATMULS):
-                            a @ w
-                        buf[0] = time.perf_counter()
-                        sender.send((buf,))
-                        sender.wait()
-                    else:
-                        (got,) = receiver.recv(ahead=i + 1 < _LINK_REPS + 4)
-                        a @ w
-                        if i >= 4:  # one host, one monotonic clock
-                            times.append(time.perf_counter() - float(got[0]) - work_s)
-                result[f"p2p{size}"] = _typical(times)
-            x = torch.zeros(_COLLECTIVE_SIZE)
-            times = []
-            for i in range(_LINK_REPS + 4):
-                a @ w
-                t0 = time.perf_counter()
-                dist.all_reduce(x, group=pair)
-                if i >= 4:
-                    times.append(time.perf_counter() - t0)
-            result["allreduce"] = _typical(times)
-        chains = []
+        link = _LinkTimer(rank, pair) if rank < 2 else None
         with torch.inference_mode():
-            for kind, b, width, n in _CHAINS:
-                chain = _chain(kind, width, n)
-                x = torch.randn(_chain_input(kind, b, width))
-                dist.barrier()
-                chains.append(_median_time(lambda chain=chain, x=x: chain(x), _OP_BUDGET_S))
-                del chain
-        result["chains"] = chains
+            chains = [(_chain(kind, width, n), torch.randn(_chain_input(kind, b, width)))
+                      for kind, b, width, n in _CHAINS]
+            times: list[list[float]] = [[] for _ in chains]
+            for _ in range(_ROUNDS):
+                if link is not None:
+                    link.round()
+                for (chain, x), acc in zip(chains, times, strict=True):
+                    dist.barrier()
+                    acc += _timings(lambda chain=chain, x=x: chain(x), _OP_BUDGET_S / _ROUNDS)
+        result: dict[str, Any] = {"rank": rank, "chains": [_median(t) for t in times]}
+        if link is not None:
+            result.update(link.figures())
         out.put(result)
     finally:
         dist.destroy_process_group()
+
+
+class _LinkTimer:
+    """Times the link between ranks 0 and 1 as the runtime uses it, a slice per round.
+
+    Messages go as the runtime sends a stage's outputs (one frame per hop, the receive posted
+    ahead), and between them the sender computes for a while, as a stage does, so that the
+    receiver waits idle: its wake-up is part of the cost. The receiver's first work after the
+    wait runs slower than the same work back to back (a core resuming from idle), so a hop is
+    counted up to the end of that work, less its back-to-back time."""
+
+    def __init__(self, rank: int, pair: Any) -> None:
+        import torch
+
+        from kcloud.runtime.comm import TupleReceiver, TupleSender
+
+        self.rank, self.pair = rank, pair
+        self.a, self.w = torch.randn(32, 512), torch.randn(512, 1024)
+        self.sender, self.receiver = TupleSender(1 - rank), TupleReceiver(1 - rank)
+        warm = []
+        for _ in range(16):
+            t0 = time.perf_counter()
+            self.a @ self.w
+            warm.append(time.perf_counter() - t0)
+        self.work_s = _median(warm)
+        self.times: dict[str, list[float]] = {f"p2p{n}": [] for n in _LINK_SIZES}
+        self.times["allreduce"] = []
+
+    def round(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        reps = _LINK_REPS // _ROUNDS + 2  # the first two of each slice are not timed
+        for size in _LINK_SIZES:
+            buf = torch.zeros(size, dtype=torch.float64)
+            for i in range(reps):
+                if self.rank == i % 2:  # sender: compute, stamp, send
+                    for _ in range(_LINK_IDLE_MATMULS):
+                        self.a @ self.w
+                    buf[0] = time.perf_counter()
+                    self.sender.send((buf,))
+                    self.sender.wait()
+                else:
+                    (got,) = self.receiver.recv(ahead=i + 1 < reps)
+                    self.a @ self.w
+                    if i >= 2:  # one host, one monotonic clock
+                        self.times[f"p2p{size}"].append(
+                            time.perf_counter() - float(got[0]) - self.work_s)
+        x = torch.zeros(_COLLECTIVE_SIZE)
+        for i in range(reps):
+            self.a @ self.w
+            t0 = time.perf_counter()
+            dist.all_reduce(x, group=self.pair)
+            if i >= 2:
+                self.times["allreduce"].append(time.perf_counter() - t0)
+
+    def figures(self) -> dict[str, float]:
+        return {k: _typical(v) for k, v in self.times.items()}
 
 
 def _measure_workers() -> tuple[list[float], tuple[float, float, float]]:

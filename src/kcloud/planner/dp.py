@@ -15,7 +15,10 @@ problem k, a stage of option o over [i, j) costs
     base[o, i, j] + lat[k] * time[o, i, j] + per_option[k, o]      if time[o, i, j] <= cap[k]
 
 (infinite otherwise, and where `base` is infinite: the stage does not fit), and a transfer of
-cut i from type t over link kind x costs lat[k] * trans[t, x, i] if that time is <= cap[k].
+cut i from type t over link kind x costs lat[k] * trans[t, x, i] if that time is <= cap[k]. A
+chain of more than one stage also pays lat[k] * feedback[t, INTRA] for its first stage's type t
+(an LLM's tokens going back to the first stage; zero otherwise, and in `evaluate` it goes over
+the network where the pipeline does, which the DP leaves out).
 The recursion runs backward over i, vectorized with numpy over the batch, the stage's end j,
 the run state and the tracked resources.
 
@@ -182,6 +185,8 @@ def stage_costs(space: StageSpace, batch: Batch, k: int, path: Path) -> float:
               + float(batch.per_option[k, pos[o]]))
     for (o, _, j), kind in zip(path.stages, path.links, strict=False):
         c += batch.lat[k] * float(space.trans[space.options[o].type, kind, j])
+    if len(path.stages) > 1:
+        c += batch.lat[k] * float(space.feedback[space.options[path.stages[0][0]].type, INTRA])
     return c
 
 
@@ -270,6 +275,9 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
         tau = g_time[:, :, i, sl]  # (T, M, J)
         C = g_base[None, :, :, i, sl] + lat[:, None, None, None] * tau[None] + g_per[..., None]
         C = np.where(tau[None] <= cap[:, None, None, None], C, inf)  # (K, T, M, J)
+        if i == 0:  # an LLM pipeline's tokens back to its first stage (ends j < L)
+            back = lat[:, None] * space.feedback[types, INTRA][None, :]  # (K, T)
+            C[..., : L - 1] += back[:, :, None, None]
         Fs = F[:, sl]  # (K, J, T, U, R+1)
         if dims:
             sh = Fs[:, :, ti[..., None], np.arange(U)[None, None, :, None],

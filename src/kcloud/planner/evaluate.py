@@ -1,7 +1,9 @@
 """Exact figures of one replica (a pipeline) and of a set of replicas.
 
 A micro-batch of b items runs through the stages in turn; its latency is the sum of the stage
-times and of the transfers between stages. In steady state every stage and every transfer works
+times and of the transfers between stages (for an LLM pipeline, also the hops of its tokens from
+the last stage back to the first, one per decode step, counted as the last stage's). In steady
+state every stage and every transfer works
 on a different micro-batch, so the pipeline completes one micro-batch per period = the largest
 stage or transfer time. A request of `batch` items spans ceil(batch / b) micro-batches and waits
 (ceil(batch / b) - 1) periods behind its own earlier micro-batches.
@@ -30,7 +32,7 @@ class Template:
     stage_comm: tuple[float, ...]  # tensor-parallel collectives inside each stage
     stage_mem: tuple[float, ...]  # bytes per device
     stage_power: tuple[float, ...]  # busy power per device, W
-    transfers: tuple[float, ...]  # cut transfers between consecutive stages
+    transfers: tuple[float, ...]  # cut transfers between consecutive stages (+ LLM tokens)
     latency_s: float  # one micro-batch through the pipeline
     period_s: float
     request_latency_s: float  # a request of goal.batch items, queueing included
@@ -127,6 +129,9 @@ def evaluate(space: StageSpace, path: Path, batch: int) -> Template:
         usage[opt.type] = usage.get(opt.type, 0) + opt.tp
     for (o, _, j), kind in zip(path.stages, path.links, strict=False):
         transfers.append(float(space.trans[space.options[o].type, kind, j]))
+    if transfers and space.model.is_llm:  # the tokens' way back, over the slowest link kind
+        first = space.options[path.stages[0][0]].type
+        transfers.append(float(space.feedback[first, max(path.links)]))
     latency = sum(times) + sum(transfers)
     period = max([*times, *transfers])
     # energy per period: busy energy + idle power for the rest of the period

@@ -1,8 +1,9 @@
 """The model as the planner sees it: one forward graph, or an LLM's prefill and decode graphs.
 
 Non-LLM models cost one forward pass per item. An LLM request is a prompt of `input_tokens`
-(prefill) followed by `output_tokens` decode steps over a KV cache whose mean length is
-prompt + half the output, as in `kcloud.predict`; its items are generated tokens.
+(prefill), whose last position gives the first token, followed by one decode step for each
+further token (`output_tokens - 1`) over a KV cache whose mean length is prompt + half the
+output, as in `kcloud.predict`; its items are generated tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class ModelGraphs:
     spec: str  # what the runtime rebuilds: zoo name, file.py:factory or .onnx
     forward: LayerGraph  # the forward pass (non-LLM) or the prefill of the prompt (LLM)
     decode: LayerGraph | None = None  # LLM: one decode step at the mean KV length
-    output_tokens: int = 1  # LLM: decode steps per request
+    output_tokens: int = 1  # LLM: generated tokens per request
 
     def __post_init__(self) -> None:
         if not self.forward.layers:
@@ -48,6 +49,12 @@ class ModelGraphs:
     def items_per_sequence(self) -> int:
         """Items one sample yields: generated tokens for an LLM, 1 otherwise."""
         return self.output_tokens if self.is_llm else 1
+
+    @property
+    def decode_steps(self) -> int:
+        """LLM: decode steps per request. The prompt's forward pass gives the first token;
+        each later token takes one step (the runtime generates the same way)."""
+        return max(self.output_tokens - 1, 0) if self.is_llm else 0
 
     @property
     def unit(self) -> str:

@@ -4,7 +4,9 @@ An *option* is a way to run a stage: `tp` devices of one type inside one node, a
 precision. For a micro-batch of `b` items, `StageSpace` holds, per option and per layer range
 [i, j), the modeled stage time, the busy energy, the tensor-parallel collective time and the
 memory per device (all from `kcloud.hardware.cost`, the same model `kcloud predict` uses), and
-per cut the time to move the cut activation over the node link or the network.
+per cut the time to move the cut activation over the node link or the network. An LLM pipeline
+of more than one stage also sends each chosen token from its last stage back to its first, once
+per decode step (`feedback`).
 
 `stage_matrices` is `LayerTable.stage` written over every range at once with prefix sums; the
 tests hold the two equal.
@@ -36,6 +38,7 @@ from kcloud.predict import PREFILL_CHUNK_TOKENS, default_precision
 
 TP_DEGREES = (1, 2, 4, 8)
 INTRA, NET = 0, 1  # link kinds between consecutive stages
+TOKEN_BYTES = 8  # a generated token id (int64) on its way back to the first stage
 
 
 @dataclass(frozen=True)
@@ -185,9 +188,12 @@ class StageSpace:
         upper = np.triu(np.ones((n, n), dtype=bool), 1)
         for opt in self.options:
             self._fill(opt, upper)
+        self.feedback = np.zeros((len(self.types), 2))  # [last stage's type, INTRA|NET]
         for t in self.types:
             for kind, link in ((INTRA, t.link), (NET, self.network)):
                 self.trans[t.index, kind] = self._transfer(t, link)
+                self.feedback[t.index, kind] = self.model.decode_steps * link.transfer_s(
+                    self.b * TOKEN_BYTES)
 
     # -- per option ----------------------------------------------------------------------
     def _fill(self, opt: Option, upper: np.ndarray) -> None:
@@ -203,7 +209,7 @@ class StageSpace:
             act = 2.0 * b * _range_max(m.peak_act_elems) * p.act_bytes / tp
         else:
             dec = stage_matrices(layer_table(m.decode, dev, prec, b, params, tp, link))
-            n_out = m.output_tokens
+            n_out = m.decode_steps
             time = pre.time + n_out * dec.time
             energy = pre.power * pre.time + n_out * dec.power * dec.time
             comm = pre.comm + n_out * dec.comm
@@ -229,7 +235,7 @@ class StageSpace:
         if m.decode is not None:
             d = m.decode
             dcut = np.array([layer.cut_elems for layer in d.layers[:-1]], dtype=float)
-            sent = sent + m.output_tokens * (link.latency + dcut * b / d.batch * act
+            sent = sent + m.decode_steps * (link.latency + dcut * b / d.batch * act
                                              / link.bandwidth)
         out[1:self.L] = sent
         return out

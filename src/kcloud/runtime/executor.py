@@ -410,9 +410,8 @@ def execute(
     if gen:
         notes.append(f"generated {steps} tokens per sequence (greedy): the prompt's prefill "
                      f"gives the first, then {steps - 1} decode steps, each stage keeping a "
-                     "KV cache per micro-batch; the plan's figures count the prefill plus "
-                     f"{steps} decode steps per request; throughput counts generated tokens, "
-                     "as the plan's does")
+                     "KV cache per micro-batch, as the plan counts them; throughput counts "
+                     "generated tokens, as the plan's does")
     elif plan.output_tokens:
         notes.append(f"this run executes the prompt (prefill) only; the plan's predicted "
                      f"figures include {plan.output_tokens} decode steps per request, so "
