@@ -3,11 +3,11 @@
 For each model and plan shape (one worker, a 2-stage pipeline, a tensor-parallel pair), the
 planner's predicted request latency (modeled, from the cost model with this host's measured
 parameters) is compared with the latency the runtime measures: a request alone in the idle
-pipeline, the median over latency probes and over repeated runs. Runs are interleaved so that
+pipeline, the median over the latency probes of all the repeated runs. Runs are interleaved so that
 drift of a shared host hits every plan alike.
 
     python benchmarks/bench_prediction.py [--models mlp,tiny-resnet,tiny-gpt] [--batch 8]
-        [--repeats 3] [--probes 5] [--cached] [--json]
+        [--repeats 5] [--probes 7] [--cached] [--json]
 
 `--cached` keeps the host calibration cached from an earlier run; by default the host is
 measured again first (about 5-10 s), so that parameters and runs see the same machine state.
@@ -53,8 +53,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="mlp,tiny-resnet,tiny-gpt")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--probes", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--probes", type=int, default=7)
     ap.add_argument("--cached", action="store_true", help="keep the cached host calibration")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -78,7 +78,10 @@ def main() -> None:
 
     rows = []
     for (model, shape), plan in plans.items():
-        measured = statistics.median(r.measured["latency_s"] for r in runs[model, shape])
+        # every probe of every run: runs spread the probes over the benchmark's minutes, so
+        # that a burst of host interference during one run does not decide the figure
+        probes = [x for r in runs[model, shape] for x in r.measured["probe_latencies_s"]]
+        measured = statistics.median(probes)
         predicted = plan.predicted.latency_s
         stages = runs[model, shape][len(runs[model, shape]) // 2].stages
         rows.append({
@@ -94,7 +97,8 @@ def main() -> None:
         })
     out = {
         "figures": "predicted = modeled (cost model, host parameters measured "
-                   f"{hp.date}); measured = median request latency alone in the pipeline",
+                   f"{hp.date}); measured = median request latency alone in the pipeline, over "
+                   "the probes of all runs",
         "host_calibration_s": calib_s, "host_fit_error_pct": hp.fit_error_pct,
         "host_load_1min": os.getloadavg()[0], "target": f"within {TARGET:.0%}",
         "rows": rows,

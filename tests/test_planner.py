@@ -681,3 +681,51 @@ def test_cli_bad_cluster_file_is_one_line_exit_2(tmp_path: Path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert str(bad) in lines[0] and "no-such-chip" in lines[0]
+
+
+def test_one_token_llm_request_is_its_prefill_alone():
+    """The prompt's pass gives the first token, so a 1-token request costs its prefill and
+    each further token one decode step (as the runtime generates)."""
+    cl = small_cluster()
+    goal = Goal(objective="latency", batch=1)
+    one, many = small_llm(out=1), small_llm(out=9)
+    assert (one.decode_steps, many.decode_steps) == (0, 8)
+    sp1 = make_context(one, cl, goal, micro_batches=[1]).space(1)
+    sp9 = make_context(many, cl, goal, micro_batches=[1]).space(1)
+    t = sp1.types[0]
+    pre = layer_table(one.forward, t.device, t.precision, 1, default_calibration().params(
+        t.device), 1, (t.link.bandwidth, t.link.latency)).stage(0, one.n_layers)
+    o = next(o.index for o in sp1.options if o.type == t.index and o.tp == 1)
+    assert sp1.time[o, 0, one.n_layers] == pytest.approx(pre.time_s, rel=1e-9)
+    # a 2-stage pipeline sends each of the 8 decode steps' tokens back to its first stage
+    assert sp9.feedback[t.index, 0] == pytest.approx(8 * t.link.transfer_s(8), rel=1e-9)
+    assert sp1.feedback[t.index, 0] == 0.0
+
+
+def test_stages_on_cores_of_one_cpu_pool_its_cache():
+    """Stages on cores of one CPU keep one core's share of its cache resident together: a
+    small stage beside one that streams more than the cache holds loses its weights, and the
+    split costs what the whole model does on one core. A stage alone, or across the network,
+    keeps its own share."""
+    from types import SimpleNamespace
+
+    from kcloud.planner.space import INTRA, NET, shared_cache_times
+
+    mb = 2.0**20
+    n = 3
+    weights = np.zeros((1, n, n))
+    weights[0, 0, 1], weights[0, 1, 2] = 27 * mb, 8 * mb
+    resident = np.full((1, n, n), 1.0)
+    streamed = weights / mb * 0.1  # 0.1 s per MB streamed
+    space = SimpleNamespace(cache=np.array([6 * mb]), weights=weights, resident=resident,
+                            streamed=streamed, opt_type=np.array([0]), opt_tp=np.array([1]))
+    stages = [(0, 0, 1), (0, 1, 2)]
+    alone = [1.0 + (1 - 6 / 27) * 2.7, 1.0 + (1 - 6 / 8) * 0.8]
+    pooled = shared_cache_times(space, stages, (INTRA,), alone)
+    spill = 1 - 6 / 35
+    assert pooled == pytest.approx([1.0 + spill * 2.7, 1.0 + spill * 0.8])
+    assert pooled[1] > alone[1]  # the streaming neighbour evicts the small stage's weights
+    whole = 1.0 + (1 - 6 / 35) * 3.5  # both ranges as one stage on one core
+    assert sum(pooled) - 1.0 == pytest.approx(whole)
+    assert shared_cache_times(space, stages, (NET,), alone) == alone
+    assert shared_cache_times(space, stages[:1], (), alone[:1]) == alone[:1]

@@ -83,6 +83,10 @@ class DeviceParams:
     # tiles; 0: eager execution materializes each op's whole output, so what of a batch's
     # activations exceeds the on-chip budget goes through DRAM).
     act_tiling: float = 1.0
+    # Whether the partitions of one device share its last-level cache (CPU cores), so that
+    # stages on partitions of one device compete for it: a stage streaming more than the
+    # cache holds evicts its neighbours' weights. 0: each partition has its own share.
+    shared_cache: float = 0.0
     fitted: tuple[str, ...] = ()  # the fields that calibration fitted for this device
 
     def efficiency(self, op_class: OpClass) -> float:
@@ -117,6 +121,7 @@ CLASS_PRIORS: dict[DeviceKind, DeviceParams] = {
         vector_ratio=1 / 4, kernel_overhead_s=8e-6, inference_overhead_s=30e-6,
         sat_elems=4.0e3, k_half=16.0, sram_usable=0.5, memory_power_share=0.5,
         serial_share=1.0, elementwise_kernels=1.0, act_tiling=0.0, node_overhead_s=2e-6,
+        shared_cache=1.0,
     ),
 }
 

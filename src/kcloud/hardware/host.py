@@ -420,7 +420,7 @@ def host_core_device(threads: int = 1) -> Device:
 # with a little compute between messages, as the runtime's workers talk: scheduling and
 # wake-up delays of this machine are part of it.
 
-PARAMS_CACHE_VERSION = 7
+PARAMS_CACHE_VERSION = 9
 # (batch, width, blocks) of the timed chains; a block holds 8 x width^2 fp32 weights.
 _CHAINS: tuple[tuple[str, int, int, int], ...] = (
     ("mlp", 1, 32, 2), ("mlp", 4, 64, 4), ("mlp", 1, 256, 4), ("mlp", 8, 256, 4),
@@ -439,7 +439,7 @@ _OP_BUDGET_S = 0.25  # per timed chain, over all rounds
 _ROUNDS = 5  # slices of every measurement, spread over the calibration
 _ATTN_SEQ = 64  # tokens per sample of the decoder-block chains
 _LINK_SIZES = (16, 65536)  # elements (fp64) of the timed messages
-_LINK_REPS = 64  # timed messages per size
+_LINK_REPS = 128  # timed messages per size
 _LINK_IDLE_MATMULS = 8  # about 3 ms of compute on the sender before each message
 _COLLECTIVE_SIZE = 512  # elements (fp32) of the timed all-reduce
 
@@ -579,14 +579,22 @@ def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
 
     torch.set_num_threads(1)
     keep_heap()
+    # a core each, as the runtime pins its local workers: two workers that the OS let share
+    # one core would time a hop as a context switch instead of a wake-up on the other core
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) >= world:
+        os.sched_setaffinity(0, {cores[rank]})
     torch.manual_seed(rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=_dt.timedelta(seconds=60))
     try:
         pair = dist.new_group([0, 1])
         link = _LinkTimer(rank, pair) if rank < 2 else None
-        with torch.inference_mode():
-            chains = [(_chain(kind, width, n), torch.randn(_chain_input(kind, b, width)))
+        from kcloud.runtime.backends import place
+
+        with torch.inference_mode():  # in the layout the runtime runs them in
+            chains = [(place(_chain(kind, width, n), torch.device("cpu")),
+                       torch.randn(_chain_input(kind, b, width)))
                       for kind, b, width, n in _CHAINS]
             times: list[list[float]] = [[] for _ in chains]
             for _ in range(_ROUNDS):

@@ -1,7 +1,8 @@
 """Exact figures of one replica (a pipeline) and of a set of replicas.
 
 A micro-batch of b items runs through the stages in turn; its latency is the sum of the stage
-times and of the transfers between stages (for an LLM pipeline, also the hops of its tokens from
+times (stages on cores of one CPU share its last-level cache: `shared_cache_times`) and of the
+transfers between stages (for an LLM pipeline, also the hops of its tokens from
 the last stage back to the first, one per decode step, counted as the last stage's). In steady
 state every stage and every transfer works
 on a different micro-batch, so the pipeline completes one micro-batch per period = the largest
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kcloud.planner.dp import Path
-from kcloud.planner.space import StageSpace
+from kcloud.planner.space import StageSpace, shared_cache_times
 
 
 @dataclass(frozen=True)
@@ -113,14 +114,15 @@ def evaluate(space: StageSpace, path: Path, batch: int) -> Template:
     idle_w = 0.0
     price: float | None = 0.0
     usage: dict[int, int] = {}
-    for o, i, j in path.stages:
+    alone = [float(space.time[o, i, j]) for o, i, j in path.stages]
+    shared = shared_cache_times(space, list(path.stages), path.links, alone)
+    for (o, i, j), tau0, tau in zip(path.stages, alone, shared, strict=True):
         opt = space.options[o]
         t = space.types[opt.type]
-        tau = float(space.time[o, i, j])
         times.append(tau)
         comms.append(float(space.comm[o, i, j]))
         mems.append(float(space.mem[o, i, j]))
-        busy = float(space.busy_j[o, i, j])
+        busy = float(space.busy_j[o, i, j]) * (tau / tau0 if tau0 > 0 else 1.0)
         powers.append(busy / tau if tau > 0 else t.device.idle_power_w.value)
         energy += opt.tp * busy
         idle_w += opt.tp * t.device.idle_power_w.value

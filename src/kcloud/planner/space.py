@@ -24,6 +24,7 @@ from kcloud.hardware.cluster import Cluster, Link
 from kcloud.hardware.cost import (
     MEMORY_HEADROOM,
     Calibration,
+    DeviceParams,
     LayerTable,
     Precisions,
     default_calibration,
@@ -128,6 +129,41 @@ def _range_max(x: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(out), out, 0.0)
 
 
+def _cache_half(device: Device, params: DeviceParams) -> float:
+    """The on-chip memory one device keeps weights in across passes (`LayerTable.sram_half`)."""
+    return (device.sram_bytes.value if device.sram_bytes else 0.0) * params.sram_usable / 2
+
+
+def shared_cache_times(space: StageSpace, stages: list[tuple[int, int, int]],
+                       links: tuple[int, ...], times: list[float]) -> list[float]:
+    """Stage times with a shared last-level cache. Consecutive stages on one node whose
+    devices are partitions sharing a cache (CPU cores of one host) stream their weights
+    through the same cache: between two passes of one stage every other stage of the group
+    makes a pass too. What one core keeps resident was measured with every core streaming
+    (the host calibration), so the group keeps one core's share resident, spread over all its
+    weights alike: splitting a model over the cores of one CPU does not multiply its cache (a
+    stage alone keeps its own share, as in `LayerTable.stage`)."""
+    out = list(times)
+    group = [0]
+    for k in range(1, len(stages) + 1):
+        o_prev = stages[k - 1][0]
+        same = (k < len(stages) and links[k - 1] == INTRA and space.cache[o_prev] > 0
+                and space.opt_type[stages[k][0]] == space.opt_type[o_prev])
+        if same:
+            group.append(k)
+            continue
+        if len(group) > 1:
+            pool = max(float(space.cache[stages[g][0]]) for g in group)
+            total = sum(float(space.weights[o, i, j]) * int(space.opt_tp[o])
+                        for o, i, j in (stages[g] for g in group))
+            spill = 0.0 if total <= pool else 1.0 - pool / total
+            for g in group:
+                o, i, j = stages[g]
+                out[g] = float(space.resident[o, i, j] + spill * space.streamed[o, i, j])
+        group = [k]
+    return out
+
+
 @dataclass(frozen=True)
 class StageMatrices:
     """`LayerTable.stage(i, j)` for every range: [i, j] entries, j > i."""
@@ -136,6 +172,8 @@ class StageMatrices:
     comm: np.ndarray
     power: np.ndarray  # busy power per device, W
     weight_bytes: np.ndarray  # per device
+    resident: np.ndarray  # the time with every weight resident on chip
+    streamed: np.ndarray  # what streaming every weight adds: time = resident + spill * this
 
 
 def stage_matrices(t: LayerTable) -> StageMatrices:
@@ -148,6 +186,7 @@ def stage_matrices(t: LayerTable) -> StageMatrices:
         return r + spill * (_ranges(st) - r)
 
     ops = mix(t.time_res, t.time_str)
+    streamed = _ranges(t.time_str) - _ranges(t.time_res)
     mem = mix(t.mem_res, t.mem_str)
     overhead = _ranges(t.kernel_s) + t.params.inference_overhead_s
     comm = _ranges(t.comm_s)
@@ -160,7 +199,7 @@ def stage_matrices(t: LayerTable) -> StageMatrices:
     activity = np.clip(activity, 0.0, 1.0)
     idle = t.device.idle_power_w.value
     power = idle + (t.device.max_power_w.value - idle) * activity
-    return StageMatrices(total, comm, power, w)
+    return StageMatrices(total, comm, power, w, total - spill * streamed, streamed)
 
 
 @dataclass
@@ -184,6 +223,13 @@ class StageSpace:
         self.busy_j = np.zeros((o, n, n))  # busy energy per device per micro-batch, J
         self.comm = np.zeros((o, n, n))  # tensor-parallel collective time per micro-batch
         self.mem = np.zeros((o, n, n))  # bytes per device
+        # Options on partitions of a device with a shared last-level cache (`shared_cache`):
+        # time = resident + spill * streamed, weights per device, and the cache the option's
+        # devices keep weights in (0 for other options); see `shared_cache_times`.
+        self.resident = np.zeros((o, n, n))
+        self.streamed = np.zeros((o, n, n))
+        self.weights = np.zeros((o, n, n))
+        self.cache = np.zeros(o)
         self.trans = np.full((len(self.types), 2, n), np.inf)  # [type, INTRA|NET, cut]
         upper = np.triu(np.ones((n, n), dtype=bool), 1)
         for opt in self.options:
@@ -206,6 +252,7 @@ class StageSpace:
         p = Precisions.of(prec)
         if m.decode is None:
             time, energy, comm = pre.time, pre.power * pre.time, pre.comm
+            resident, streamed = pre.resident, pre.streamed
             act = 2.0 * b * _range_max(m.peak_act_elems) * p.act_bytes / tp
         else:
             dec = stage_matrices(layer_table(m.decode, dev, prec, b, params, tp, link))
@@ -213,6 +260,8 @@ class StageSpace:
             time = pre.time + n_out * dec.time
             energy = pre.power * pre.time + n_out * dec.power * dec.time
             comm = pre.comm + n_out * dec.comm
+            resident = pre.resident + n_out * dec.resident
+            streamed = pre.streamed + n_out * dec.streamed
             kv = _ranges(m.kv_elems_per_token) * p.kv_bytes
             work_tok = _range_max(m.peak_act_elems) / m.prompt_tokens * p.act_bytes
             act = (2.0 * b * m.context_tokens * kv
@@ -223,6 +272,11 @@ class StageSpace:
         self.busy_j[opt.index] = np.where(fits, energy, 0.0)
         self.comm[opt.index] = np.where(upper, comm, 0.0)
         self.mem[opt.index] = np.where(upper, mem, 0.0)
+        if params.shared_cache:
+            self.resident[opt.index] = np.where(fits, resident, np.inf)
+            self.streamed[opt.index] = np.where(fits, streamed, 0.0)
+            self.weights[opt.index] = np.where(upper, pre.weight_bytes, 0.0)
+            self.cache[opt.index] = tp * _cache_half(dev, params)
 
     def _transfer(self, t: DeviceType, link: Link) -> np.ndarray:
         """Time to send the cut after layer i-1 (index i) from a stage of type `t`."""

@@ -533,7 +533,7 @@ def _gen_measured(plan: Plan, specs: list[WorkerSpec], timeline: dict[int, list[
             "wall_s": span, "generated_tokens": tokens, "output_tokens": steps,
             "loaded_latency_s": _median(lat), "loaded_ttft_s": _median(ttft),
             "loaded_tpot_s": _median(tpot) if steps > 1 else None,
-            "latency_probes": len(p_lat), "figures": "measured"}
+            "latency_probes": len(p_lat), "probe_latencies_s": p_lat, "figures": "measured"}
 
 
 def _gen_predicted(plan: Plan, specs: list[WorkerSpec],
@@ -755,6 +755,7 @@ def _measured(plan: Plan, specs: list[WorkerSpec], timeline: dict[int, list[Any]
     return {"latency_s": _median(probe) if probe else _median(lat),
             "throughput": items / span if span > 0 else 0.0, "unit": unit, "wall_s": span,
             "loaded_latency_s": _median(lat), "latency_probes": len(probe),
+            "probe_latencies_s": probe,
             "figures": "measured"}
 
 

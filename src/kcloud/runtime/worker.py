@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from kcloud.graph.models.transformer import KVCache
 from kcloud.hardware.host import keep_heap
+from kcloud.runtime.backends import place
 from kcloud.runtime.comm import TupleReceiver, TupleSender, broadcast_tuple
 from kcloud.runtime.generate import (
     WARMUP_STEPS,
@@ -142,7 +143,7 @@ def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerRe
         del module
         stage.load_state_dict(_from_bytes(state))
         dev = torch.device(spec.torch_device)
-        stage.to(dev)
+        place(stage, dev)
         feed = _from_bytes(inputs) if inputs is not None else None
         timeout = timedelta(seconds=spec.comm_timeout_s)
         dist.init_process_group("gloo", init_method=f"tcp://{spec.master_addr}:{spec.port}",
