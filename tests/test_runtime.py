@@ -262,3 +262,17 @@ def test_run_reports_modeled_energy(tmp_path: Path) -> None:
     assert e["energy_per_item_j"] * plan.micro_batch > 2 * 0.5 * period
     assert e["estimated"] is True  # the host's power is an estimate
     assert e["predicted_energy_per_item_j"] == plan.predicted.energy_per_item_j
+
+
+def test_frames_carry_channels_last_tensors_as_they_are():
+    """A hop's frame keeps each item's values, and a channels-last activation arrives
+    channels-last (no transpose on either end)."""
+    from kcloud.runtime.comm import _encode, _pack, _spans, _unpack
+
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(6, dtype=torch.int64).reshape(2, 3)
+    header, items = _encode((x, y, {"step": 3}))
+    spans, size = _spans(header)
+    got = _unpack(_pack(items, spans, size), spans)
+    assert torch.equal(got[0], x) and torch.equal(got[1], y) and got[2] == {"step": 3}
+    assert got[0].is_contiguous(memory_format=torch.channels_last)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
            torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
-_TENSOR, _OBJECT = 0, 1
+_TENSOR, _OBJECT, _CHANNELS_LAST = 0, 1, 2  # a channels-last 4-D tensor travels as NHWC
 _FLAG = 8  # bytes of the flag that starts every frame (and the alignment of its items)
 
 Span = tuple[int, torch.dtype, list[int], int, int]  # kind, dtype, shape, offset, bytes
@@ -35,8 +35,14 @@ def _encode(values: tuple[Any, ...]) -> tuple[list[int], list[torch.Tensor]]:
     items: list[torch.Tensor] = []
     for v in values:
         if isinstance(v, torch.Tensor) and v.dtype in _DTYPE_CODE:
-            t = v.detach().to("cpu").contiguous()
-            header += [_TENSOR, _DTYPE_CODE[t.dtype], t.dim(), *t.shape]
+            t = v.detach().to("cpu")
+            if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+                    memory_format=torch.channels_last):  # as it is: no transpose either end
+                header += [_CHANNELS_LAST, _DTYPE_CODE[t.dtype], 4, *t.shape]
+                t = t.permute(0, 2, 3, 1)
+            else:
+                t = t.contiguous()
+                header += [_TENSOR, _DTYPE_CODE[t.dtype], t.dim(), *t.shape]
         else:
             t = torch.frombuffer(bytearray(pickle.dumps(v)), dtype=torch.uint8)
             header += [_OBJECT, _DTYPE_CODE[torch.uint8], 1, t.numel()]
@@ -74,6 +80,11 @@ def _flag(frame: torch.Tensor) -> int:
 def _unpack(frame: torch.Tensor, spans: list[Span]) -> tuple[Any, ...]:
     out: list[Any] = []
     for kind, dtype, shape, off, nbytes in spans:
+        if kind == _CHANNELS_LAST:
+            n, c, h, w = shape
+            out.append(frame[off : off + nbytes].view(dtype).reshape(n, h, w, c)
+                       .permute(0, 3, 1, 2))
+            continue
         t = frame[off : off + nbytes].view(dtype).reshape(shape)
         out.append(t if kind == _TENSOR else pickle.loads(t.numpy().tobytes()))
     return tuple(out)
