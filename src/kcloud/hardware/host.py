@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import queue as queue_mod
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -411,10 +412,14 @@ def host_core_device(threads: int = 1) -> Device:
 # the last-level cache holds weights across passes (`sram_usable`), the output size a matmul
 # needs to reach full speed (`sat_elems`: small-batch GEMMs underuse the kernels), the fixed cost of
 # one eager kernel call (`kernel_overhead_s`) and of one module forward
-# (`inference_overhead_s`). They are fitted by least squares on the log error of timed chains
-# of MLP blocks (norm, Linear, GELU, Linear), each captured and predicted by the cost model
-# itself. The chains run the way a stage runs them: layer after layer, weights not warm in the
-# cache unless they all fit, and sizes span overhead-, memory- and compute-bound work. The
+# (`inference_overhead_s`), the reduction length at which a matrix op reaches half speed
+# (`k_half`), matmul vs conv efficiency (`matmul_factor`) and one eager dispatch per traced
+# node (`node_overhead_s`). They are fitted by least squares on the log error of timed chains
+# of MLP, convolution and decoder blocks (`_CHAINS`), each captured and predicted by the cost
+# model itself. The chains run the way a stage runs them: layer after layer, in the layout the
+# runtime places them in, weights not warm in the cache unless they all fit, and sizes span
+# overhead-, memory- and compute-bound work; every measurement goes in `_ROUNDS` slices
+# spread over the calibration, so that bursts of other tenants' load fall out. The
 # link between two local workers (one-way latency and bandwidth of a gloo send/recv over
 # loopback, and the latency of one small all-reduce) is measured between two worker processes
 # with a little compute between messages, as the runtime's workers talk: scheduling and
@@ -497,13 +502,6 @@ def _timings(fn: Any, budget_s: float, reps_max: int = 200) -> list[float]:
     return times
 
 
-def _median(times: list[float]) -> float:
-    """The typical time, as the runtime reports its stages' times (a lower quartile would make
-    the model optimistic on a noisy host)."""
-    ordered = sorted(times)
-    return ordered[len(ordered) // 2]
-
-
 def _chain(kind: str, width: int, blocks: int) -> Any:
     """`blocks` blocks in a row: MLP blocks (norm -> Linear(w, 4w) -> GELU -> Linear(4w, w)),
     conv blocks (3x3 conv over `width` channels -> batch norm -> ReLU) or decoder blocks
@@ -550,8 +548,8 @@ def _inference_overhead() -> float:
             lin = torch.nn.Linear(32, 32)
             seq = torch.nn.Sequential(lin)
             x = torch.randn(1, 32)
-            wrapped = _median(_timings(lambda: seq(x), _OP_BUDGET_S))
-            bare = _median(_timings(lambda: lin(x), _OP_BUDGET_S))
+            wrapped = statistics.median(_timings(lambda: seq(x), _OP_BUDGET_S))
+            bare = statistics.median(_timings(lambda: lin(x), _OP_BUDGET_S))
     finally:
         torch.set_num_threads(threads)
     return max(wrapped - bare, 1e-7)
@@ -559,8 +557,6 @@ def _inference_overhead() -> float:
 
 def _typical(times: list[float], block: int = 8) -> float:
     """The median of means over blocks of calls: the usual cost, its tails included."""
-    import statistics
-
     blocks = [sum(times[i:i + block]) / block for i in range(0, len(times) - block + 1, block)]
     return statistics.median(blocks or times)
 
@@ -577,6 +573,8 @@ def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
     import torch
     import torch.distributed as dist
 
+    from kcloud.runtime.backends import place
+
     torch.set_num_threads(1)
     keep_heap()
     # a core each, as the runtime pins its local workers: two workers that the OS let share
@@ -590,8 +588,6 @@ def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
     try:
         pair = dist.new_group([0, 1])
         link = _LinkTimer(rank, pair) if rank < 2 else None
-        from kcloud.runtime.backends import place
-
         with torch.inference_mode():  # in the layout the runtime runs them in
             chains = [(place(_chain(kind, width, n), torch.device("cpu")),
                        torch.randn(_chain_input(kind, b, width)))
@@ -603,7 +599,9 @@ def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
                 for (chain, x), acc in zip(chains, times, strict=True):
                     dist.barrier()
                     acc += _timings(lambda chain=chain, x=x: chain(x), _OP_BUDGET_S / _ROUNDS)
-        result: dict[str, Any] = {"rank": rank, "chains": [_median(t) for t in times]}
+        # the median, as the runtime reports stage times (a lower quartile would make the
+        # model optimistic on a noisy host)
+        result: dict[str, Any] = {"rank": rank, "chains": [statistics.median(t) for t in times]}
         if link is not None:
             result.update(link.figures())
         out.put(result)
@@ -633,7 +631,7 @@ class _LinkTimer:
             t0 = time.perf_counter()
             self.a @ self.w
             warm.append(time.perf_counter() - t0)
-        self.work_s = _median(warm)
+        self.work_s = statistics.median(warm)
         self.times: dict[str, list[float]] = {f"p2p{n}": [] for n in _LINK_SIZES}
         self.times["allreduce"] = []
 
@@ -680,7 +678,6 @@ def _measure_workers() -> tuple[list[float], tuple[float, float, float]]:
     """Chain times (the median over workers) and (one-way latency s, bandwidth bytes/s,
     small all-reduce s) of the link, from one worker process per core (2 to 8)."""
     import socket
-    import statistics
 
     import torch.multiprocessing as mp
 

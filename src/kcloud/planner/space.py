@@ -24,7 +24,6 @@ from kcloud.hardware.cluster import Cluster, Link
 from kcloud.hardware.cost import (
     MEMORY_HEADROOM,
     Calibration,
-    DeviceParams,
     LayerTable,
     Precisions,
     default_calibration,
@@ -129,11 +128,6 @@ def _range_max(x: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(out), out, 0.0)
 
 
-def _cache_half(device: Device, params: DeviceParams) -> float:
-    """The on-chip memory one device keeps weights in across passes (`LayerTable.sram_half`)."""
-    return (device.sram_bytes.value if device.sram_bytes else 0.0) * params.sram_usable / 2
-
-
 def shared_cache_times(space: StageSpace, stages: list[tuple[int, int, int]],
                        links: tuple[int, ...], times: list[float]) -> list[float]:
     """Stage times with a shared last-level cache. Consecutive stages on one node whose
@@ -174,6 +168,7 @@ class StageMatrices:
     weight_bytes: np.ndarray  # per device
     resident: np.ndarray  # the time with every weight resident on chip
     streamed: np.ndarray  # what streaming every weight adds: time = resident + spill * this
+    sram_half: float  # on-chip memory one device keeps weights in (`LayerTable.sram_half`)
 
 
 def stage_matrices(t: LayerTable) -> StageMatrices:
@@ -199,7 +194,8 @@ def stage_matrices(t: LayerTable) -> StageMatrices:
     activity = np.clip(activity, 0.0, 1.0)
     idle = t.device.idle_power_w.value
     power = idle + (t.device.max_power_w.value - idle) * activity
-    return StageMatrices(total, comm, power, w, total - spill * streamed, streamed)
+    return StageMatrices(total, comm, power, w, total - spill * streamed, streamed,
+                         t.sram_half)
 
 
 @dataclass
@@ -276,7 +272,7 @@ class StageSpace:
             self.resident[opt.index] = np.where(fits, resident, np.inf)
             self.streamed[opt.index] = np.where(fits, streamed, 0.0)
             self.weights[opt.index] = np.where(upper, pre.weight_bytes, 0.0)
-            self.cache[opt.index] = tp * _cache_half(dev, params)
+            self.cache[opt.index] = tp * pre.sram_half
 
     def _transfer(self, t: DeviceType, link: Link) -> np.ndarray:
         """Time to send the cut after layer i-1 (index i) from a stage of type `t`."""
