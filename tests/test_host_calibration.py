@@ -18,6 +18,9 @@ def test_fitted_parameters_are_physical_and_cached() -> None:
     assert hp.kernel_overhead_s > 0 and hp.inference_overhead_s > 0
     assert hp.link_latency_s > 0 and hp.link_bw > 0
     assert hp.collective_latency_s >= hp.link_latency_s
+    # a pass after an idle pause is never faster than back to back; tens of ms would be a
+    # stalled host, not a resume
+    assert 0.0 <= hp.resume_s < 0.02
     assert "measured on this host" in hp.source
     path = host.params_cache_file()
     assert path.is_file() and path.parent == host.cache_file().parent
@@ -33,6 +36,7 @@ def test_default_calibration_uses_host_parameters() -> None:
     assert params.matrix_eff == pytest.approx(hp.matrix_eff)
     assert params.kernel_overhead_s == pytest.approx(hp.kernel_overhead_s)
     assert "matrix_eff" in params.fitted
+    assert params.resume_s == hp.resume_s  # a request's latency on local-cpu pays it
     assert host.host_link() == (hp.link_bw, hp.link_latency_s, hp.collective_latency_s)
 
 

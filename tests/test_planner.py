@@ -19,6 +19,7 @@ from kcloud.graph.layergraph import Layer, LayerGraph, Op, OpClass, TPGroup, TPS
 from kcloud.hardware.cluster import Cluster, Link, cluster_from_dict, load_cluster
 from kcloud.hardware.cost import (
     MEMORY_HEADROOM,
+    Calibration,
     Precisions,
     default_calibration,
     layer_table,
@@ -129,17 +130,18 @@ def _peak_act(g: LayerGraph) -> list[float]:
 _BRUTE: dict[tuple[object, ...], list[Chain]] = {}
 
 
-def brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int) -> list[Chain]:
+def brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int,
+                cal: Calibration | None = None) -> list[Chain]:
     key = (model.spec, model.n_layers, tuple(n.devices for n in cluster.nodes), goal.precision,
-           b)
+           b, None if cal is None else json.dumps(cal.to_dict(), sort_keys=True))
     if key not in _BRUTE:
-        _BRUTE[key] = _brute_force(model, cluster, goal, b)
+        _BRUTE[key] = _brute_force(model, cluster, goal, b, cal or default_calibration())
     return _BRUTE[key]
 
 
-def _brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int) -> list[Chain]:
+def _brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int,
+                 cal: Calibration) -> list[Chain]:
     types, _ = build_types(cluster, model, goal)
-    cal = default_calibration()
     L = model.n_layers
     fwd = model.forward
     peak = _peak_act(fwd)
@@ -232,10 +234,11 @@ def _brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int) -> li
                                        * (period - s[0]))  # type: ignore[index]
                                  for (t, tp), s in zip(opts, st, strict=True))
                     price = sum(tp * (t.price_per_hour or math.nan) / 3600 for t, tp in opts)
+                    arrival = cal.params(opts[0][0].device).resume_s  # idle first stage
                     chains.append(Chain(
                         [(t.id, tp, i, j) for (t, tp), (i, j) in zip(opts, ranges, strict=True)],
-                        sum(times) + sum(trans), period, b * model.items_per_sequence, energy,
-                        price, usage))
+                        arrival + sum(times) + sum(trans), period,
+                        b * model.items_per_sequence, energy, price, usage))
     return chains
 
 
@@ -700,6 +703,31 @@ def test_one_token_llm_request_is_its_prefill_alone():
     # a 2-stage pipeline sends each of the 8 decode steps' tokens back to its first stage
     assert sp9.feedback[t.index, 0] == pytest.approx(8 * t.link.transfer_s(8), rel=1e-9)
     assert sp1.feedback[t.index, 0] == 0.0
+
+
+@pytest.mark.parametrize("make_model", CASES)
+def test_a_request_pays_the_resume_of_its_first_stage_once(make_model):
+    """A request reaching an idle pipeline loses its first stage's resume once, however many
+    stages follow (the later stages' wake-ups are part of their hops), and not in the period:
+    the planner's best latency is the brute force's with that term, and a device that resumes
+    slowly stops being the first stage where another can be."""
+    model, cl = make_model(), small_cluster()
+    goal = Goal(objective="latency", batch=1)
+    cal = default_calibration()
+    rngd = {**cal.by_device.get("furiosa-rngd", {}), "resume_s": 0.5}
+    slow = Calibration(cal.by_class, {**cal.by_device, "furiosa-rngd": rngd}, cal.meta)
+    chains = brute_force(model, cl, goal, 1, slow)
+    plain = brute_force(model, cl, goal, 1)  # the same chains, in the same order
+    for c, p in zip(chains, plain, strict=True):
+        assert c.stages == p.stages
+        extra = 0.5 if c.stages[0][0] == "furiosa-rngd" else 0.0
+        assert c.latency - p.latency == pytest.approx(extra, abs=1e-9)
+        assert c.period == p.period
+    out = make_plan(model, cl, goal, micro_batches=[1], calibration=slow)
+    best = min(c.latency for c in chains)
+    assert out.plan.predicted.latency_s == pytest.approx(best, rel=1e-9)
+    # RNGD holds the whole model alone (the best plan otherwise); now ATOMs start it
+    assert out.plan.replicas[0].stages[0].device_type == "rebellions-atom"
 
 
 def test_stages_on_cores_of_one_cpu_pool_its_cache():

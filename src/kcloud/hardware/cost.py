@@ -87,6 +87,11 @@ class DeviceParams:
     # stages on partitions of one device compete for it: a stage streaming more than the
     # cache holds evicts its neighbours' weights. 0: each partition has its own share.
     shared_cache: float = 0.0
+    # Time the first pass of a request loses when it reaches a device that sat idle (a CPU
+    # core resuming from an idle state, its caches refilled after other work evicted them):
+    # a request's latency pays it once, at its first stage; a pipeline kept busy does not.
+    # 0 where it was not measured.
+    resume_s: float = 0.0
     fitted: tuple[str, ...] = ()  # the fields that calibration fitted for this device
 
     def efficiency(self, op_class: OpClass) -> float:

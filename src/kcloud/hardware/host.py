@@ -423,9 +423,12 @@ def host_core_device(threads: int = 1) -> Device:
 # link between two local workers (one-way latency and bandwidth of a gloo send/recv over
 # loopback, and the latency of one small all-reduce) is measured between two worker processes
 # with a little compute between messages, as the runtime's workers talk: scheduling and
-# wake-up delays of this machine are part of it.
+# wake-up delays of this machine are part of it. Each chain also makes one pass per round
+# after `IDLE_BEFORE_REQUEST_S` idle, as a request's first pass on a quiet server; what that
+# pass loses against the chain's back-to-back time is `resume_s` (a measured median, not
+# fitted), which the planner adds once to a request's latency.
 
-PARAMS_CACHE_VERSION = 10
+PARAMS_CACHE_VERSION = 11
 # (batch, width, blocks) of the timed chains; a block holds 8 x width^2 fp32 weights.
 _CHAINS: tuple[tuple[str, int, int, int], ...] = (
     ("mlp", 1, 32, 2), ("mlp", 4, 64, 4), ("mlp", 1, 256, 4), ("mlp", 8, 256, 4),
@@ -447,6 +450,12 @@ _LINK_SIZES = (16, 65536)  # elements (fp64) of the timed messages
 _LINK_REPS = 128  # timed messages per size
 _LINK_IDLE_MATMULS = 8  # about 3 ms of compute on the sender before each message
 _COLLECTIVE_SIZE = 512  # elements (fp32) of the timed all-reduce
+# How long a device sits idle before a request reaches it, when a request's latency is
+# measured (the runtime's latency probes) or its resume cost calibrated: a request to a quiet
+# server finds its cores idle. On a shared host the first work after such a pause runs slower
+# than the same work back to back (the core resumes from an idle state; other tenants evicted
+# its caches), and more so the longer the pause, up to some tens of ms.
+IDLE_BEFORE_REQUEST_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -467,6 +476,8 @@ class HostParams:
     link_bw: float  # bytes/s, one direction
     collective_latency_s: float  # one small all-reduce between two workers
     date: str
+    resume_s: float = 0.0  # the first pass after `IDLE_BEFORE_REQUEST_S` idle, less its time
+    # back to back
     fit_error_pct: float = 0.0  # worst |predicted - measured| of the timed ops, percent
     seconds: float = 0.0
 
@@ -481,7 +492,7 @@ class HostParams:
                 "memory_eff": self.memory_eff, "serial_share": self.serial_share,
                 "sram_usable": self.sram_usable, "sat_elems": self.sat_elems,
                 "k_half": self.k_half, "matmul_factor": self.matmul_factor,
-                "node_overhead_s": self.node_overhead_s}
+                "node_overhead_s": self.node_overhead_s, "resume_s": self.resume_s}
 
 
 def params_cache_file() -> Path:
@@ -566,7 +577,8 @@ def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
 
     Ranks 0 and 1 time the link between them (send/recv hops and small all-reduces, a little
     compute between calls). Every rank times the chains at the same moment, so that each sees
-    its share of the cache and the memory bandwidth. A shared host slows down in bursts (other
+    its share of the cache and the memory bandwidth, then one pass of each after an idle
+    pause (the resume of a request's first pass). A shared host slows down in bursts (other
     tenants), so the work goes in `_ROUNDS` rounds, each a slice of every measurement: a burst
     then hits some rounds of every figure instead of all of a few, and each figure's median
     over its rounds leaves it out. Results go to `out`."""
@@ -593,15 +605,26 @@ def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
                        torch.randn(_chain_input(kind, b, width)))
                       for kind, b, width, n in _CHAINS]
             times: list[list[float]] = [[] for _ in chains]
+            after_idle: list[list[float]] = [[] for _ in chains]
             for _ in range(_ROUNDS):
                 if link is not None:
                     link.round()
-                for (chain, x), acc in zip(chains, times, strict=True):
+                for (chain, x), acc, cold in zip(chains, times, after_idle, strict=True):
                     dist.barrier()
                     acc += _timings(lambda chain=chain, x=x: chain(x), _OP_BUDGET_S / _ROUNDS)
+                    time.sleep(IDLE_BEFORE_REQUEST_S)  # then a pass as a request's first
+                    t0 = time.perf_counter()
+                    chain(x)
+                    cold.append(time.perf_counter() - t0)
         # the median, as the runtime reports stage times (a lower quartile would make the
         # model optimistic on a noisy host)
-        result: dict[str, Any] = {"rank": rank, "chains": [statistics.median(t) for t in times]}
+        hot = [statistics.median(t) for t in times]
+        result: dict[str, Any] = {
+            "rank": rank, "chains": hot,
+            # what a pass after the pause loses, over every chain and round: about the same
+            # for small and large chains (a resume, then a cache refill)
+            "resume": statistics.median(c - h for h, cs in zip(hot, after_idle, strict=True)
+                                        for c in cs)}
         if link is not None:
             result.update(link.figures())
         out.put(result)
@@ -626,12 +649,7 @@ class _LinkTimer:
         self.rank, self.pair = rank, pair
         self.a, self.w = torch.randn(32, 512), torch.randn(512, 1024)
         self.sender, self.receiver = TupleSender(1 - rank), TupleReceiver(1 - rank)
-        warm = []
-        for _ in range(16):
-            t0 = time.perf_counter()
-            self.a @ self.w
-            warm.append(time.perf_counter() - t0)
-        self.work_s = statistics.median(warm)
+        self.work: list[float] = []  # the receiver's work back to back, timed in every round
         self.times: dict[str, list[float]] = {f"p2p{n}": [] for n in _LINK_SIZES}
         self.times["allreduce"] = []
 
@@ -640,6 +658,7 @@ class _LinkTimer:
         import torch.distributed as dist
 
         reps = _LINK_REPS // _ROUNDS + 2  # the first two of each slice are not timed
+        self.work += _timings(lambda: self.a @ self.w, 0.01, reps_max=8)
         for size in _LINK_SIZES:
             buf = torch.zeros(size, dtype=torch.float64)
             for i in range(reps):
@@ -652,9 +671,8 @@ class _LinkTimer:
                 else:
                     (got,) = self.receiver.recv(ahead=i + 1 < reps)
                     self.a @ self.w
-                    if i >= 2:  # one host, one monotonic clock
-                        self.times[f"p2p{size}"].append(
-                            time.perf_counter() - float(got[0]) - self.work_s)
+                    if i >= 2:  # one host, one monotonic clock; the work is taken off below
+                        self.times[f"p2p{size}"].append(time.perf_counter() - float(got[0]))
         x = torch.zeros(_COLLECTIVE_SIZE)
         for i in range(reps):
             self.a @ self.w
@@ -669,14 +687,16 @@ class _LinkTimer:
         # is the mean (its extreme 5 % each side left out: bursts of other tenants).
         from scipy.stats import trim_mean
 
-        out = {k: _typical(v) for k, v in self.times.items() if k != "allreduce"}
+        work = statistics.median(self.work)
+        out = {k: _typical(v) - work for k, v in self.times.items() if k != "allreduce"}
         out["allreduce"] = float(trim_mean(self.times["allreduce"], 0.05))
         return out
 
 
-def _measure_workers() -> tuple[list[float], tuple[float, float, float]]:
-    """Chain times (the median over workers) and (one-way latency s, bandwidth bytes/s,
-    small all-reduce s) of the link, from one worker process per core (2 to 8)."""
+def _measure_workers() -> tuple[list[float], tuple[float, float, float], float]:
+    """Chain times (the median over workers), (one-way latency s, bandwidth bytes/s, small
+    all-reduce s) of the link, and the resume after idle (s), from one worker process per
+    core (2 to 8)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -715,7 +735,8 @@ def _measure_workers() -> tuple[list[float], tuple[float, float, float]]:
     link = pair[0]
     copy_bw = measure_host().memory_bw / 2.0  # no link is faster than a memory copy
     bw = extra / (large - small) if large > small else copy_bw
-    return chains, (max(small, 1e-7), min(bw, copy_bw), max(link["allreduce"], small))
+    resume = max(0.0, statistics.median(r["resume"] for r in results))
+    return chains, (max(small, 1e-7), min(bw, copy_bw), max(link["allreduce"], small)), resume
 
 
 def _fit(shapes: list[tuple[str, int, int, int]], measured: list[float],
@@ -759,10 +780,10 @@ def _fit(shapes: list[tuple[str, int, int, int]], measured: list[float],
 
 def _run_param_calibration() -> HostParams:
     start = time.perf_counter()
-    measured, (latency, bw, collective) = _measure_workers()
+    measured, (latency, bw, collective), resume = _measure_workers()
     fitted, worst = _fit(list(_CHAINS), measured, _inference_overhead())
     return HostParams(**fitted, link_latency_s=latency, link_bw=bw,
-                      collective_latency_s=collective,
+                      collective_latency_s=collective, resume_s=resume,
                       date=_dt.date.today().isoformat(), fit_error_pct=round(worst, 2),
                       seconds=round(time.perf_counter() - start, 3))
 

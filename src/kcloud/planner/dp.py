@@ -18,7 +18,8 @@ problem k, a stage of option o over [i, j) costs
 cut i from type t over link kind x costs lat[k] * trans[t, x, i] if that time is <= cap[k]. A
 chain of more than one stage also pays lat[k] * feedback[t, INTRA] for its first stage's type t
 (an LLM's tokens going back to the first stage; zero otherwise, and in `evaluate` it goes over
-the network where the pipeline does, which the DP leaves out).
+the network where the pipeline does, which the DP leaves out). Every chain pays
+lat[k] * arrival[t] for its first stage's type t (a request's first pass on an idle device).
 The recursion runs backward over i, vectorized with numpy over the batch, the stage's end j,
 the run state and the tracked resources.
 
@@ -185,8 +186,10 @@ def stage_costs(space: StageSpace, batch: Batch, k: int, path: Path) -> float:
               + float(batch.per_option[k, pos[o]]))
     for (o, _, j), kind in zip(path.stages, path.links, strict=False):
         c += batch.lat[k] * float(space.trans[space.options[o].type, kind, j])
+    first = space.options[path.stages[0][0]].type
+    c += batch.lat[k] * float(space.arrival[first])
     if len(path.stages) > 1:
-        c += batch.lat[k] * float(space.feedback[space.options[path.stages[0][0]].type, INTRA])
+        c += batch.lat[k] * float(space.feedback[first, INTRA])
     return c
 
 
@@ -275,7 +278,9 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
         tau = g_time[:, :, i, sl]  # (T, M, J)
         C = g_base[None, :, :, i, sl] + lat[:, None, None, None] * tau[None] + g_per[..., None]
         C = np.where(tau[None] <= cap[:, None, None, None], C, inf)  # (K, T, M, J)
-        if i == 0:  # an LLM pipeline's tokens back to its first stage (ends j < L)
+        if i == 0:  # a request's first pass on an idle device; an LLM pipeline's tokens
+            # back to its first stage (ends j < L)
+            C += (lat[:, None] * space.arrival[types][None, :])[:, :, None, None]
             back = lat[:, None] * space.feedback[types, INTRA][None, :]  # (K, T)
             C[..., : L - 1] += back[:, :, None, None]
         Fs = F[:, sl]  # (K, J, T, U, R+1)

@@ -3,7 +3,9 @@
 A micro-batch of b items runs through the stages in turn; its latency is the sum of the stage
 times (stages on cores of one CPU share its last-level cache: `shared_cache_times`) and of the
 transfers between stages (for an LLM pipeline, also the hops of its tokens from
-the last stage back to the first, one per decode step, counted as the last stage's). In steady
+the last stage back to the first, one per decode step, counted as the last stage's), plus what
+its first pass loses on a first stage that sat idle (`arrival`: a request reaches a quiet
+pipeline; each later stage's resume is part of the hop that wakes it). In steady
 state every stage and every transfer works
 on a different micro-batch, so the pipeline completes one micro-batch per period = the largest
 stage or transfer time. A request of `batch` items spans ceil(batch / b) micro-batches and waits
@@ -134,7 +136,8 @@ def evaluate(space: StageSpace, path: Path, batch: int) -> Template:
     if transfers and space.model.is_llm:  # the tokens' way back, over the slowest link kind
         first = space.options[path.stages[0][0]].type
         transfers.append(float(space.feedback[first, max(path.links)]))
-    latency = sum(times) + sum(transfers)
+    latency = float(space.arrival[space.options[path.stages[0][0]].type]) + sum(times) \
+        + sum(transfers)
     period = max([*times, *transfers])
     # energy per period: busy energy + idle power for the rest of the period
     e_period = energy + sum(

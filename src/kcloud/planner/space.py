@@ -231,6 +231,9 @@ class StageSpace:
         for opt in self.options:
             self._fill(opt, upper)
         self.feedback = np.zeros((len(self.types), 2))  # [last stage's type, INTRA|NET]
+        # [first stage's type]: what a request's first pass loses on a device that sat idle
+        self.arrival = np.array([self.calibration.params(t.device).resume_s
+                                 for t in self.types])
         for t in self.types:
             for kind, link in ((INTRA, t.link), (NET, self.network)):
                 self.trans[t.index, kind] = self._transfer(t, link)

@@ -194,7 +194,8 @@ def execute(
     model. `ray_address` ("local", "auto" or host:port) runs the workers as Ray actors.
     `warmup` untimed micro-batches go through every stage first, then `probes` requests (of
     batch / micro-batch micro-batches; default 3, or 1 for a generation) go one at a time
-    through the idle pipeline to measure latency, then all the micro-batches stream through to
+    through the pipeline, each after every worker sat idle for `IDLE_BEFORE_REQUEST_S`, to
+    measure latency, then all the micro-batches stream through to
     measure throughput. `weights` is a local
     checkpoint (state dict) loaded into the model before it is split.
 

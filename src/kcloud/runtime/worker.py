@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from kcloud.graph.models.transformer import KVCache
-from kcloud.hardware.host import keep_heap
+from kcloud.hardware.host import IDLE_BEFORE_REQUEST_S, keep_heap
 from kcloud.runtime.backends import place
 from kcloud.runtime.comm import TupleReceiver, TupleSender, broadcast_tuple
 from kcloud.runtime.generate import (
@@ -188,10 +188,9 @@ def _stream(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
     n_msgs = sum(1 for a, _ in items if a != "B")
     k = 0
     with torch.inference_mode():
-        for action, m in items:
+        for n, (action, m) in enumerate(items):
             if action == "B":  # what follows starts from an empty pipeline
-                where.step = "barrier between run phases"
-                dist.barrier()
+                _between_phases(where, n + 1 < len(items) and items[n + 1][0] == "L")
                 continue
             k += 1
             what = _micro(action, m)
@@ -234,6 +233,16 @@ def _stream(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
     return outputs, events
 
 
+def _between_phases(where: _Where, probe_next: bool) -> None:
+    """The barrier of all workers between run phases. Before a latency probe every worker
+    then sits idle for `IDLE_BEFORE_REQUEST_S`: the probe is a request reaching a quiet
+    pipeline, whatever its number of stages (the planner counts what its first pass loses)."""
+    where.step = "barrier between run phases"
+    dist.barrier()
+    if probe_next:
+        time.sleep(IDLE_BEFORE_REQUEST_S)
+
+
 GenEvent = tuple[str, int, int, int, int]  # (action, micro-batch, start ns, end ns, step)
 
 
@@ -270,10 +279,9 @@ def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
     events: list[GenEvent] = []
     clock = time.perf_counter_ns
     with torch.inference_mode():
-        for kind, m, t, j in items:
+        for n, (kind, m, t, j) in enumerate(items):
             if kind == "B":  # what follows starts from an empty pipeline, with new caches
-                where.step = "barrier between run phases"
-                dist.barrier()
+                _between_phases(where, n + 1 < len(items) and items[n + 1][0] == "L")
                 caches = []
                 continue
             if t == 0:
