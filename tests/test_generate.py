@@ -120,6 +120,15 @@ def test_tensor_parallel_stage_generates() -> None:
     assert "RT0.1" in peer and not any(a.startswith("S") for a in peer)  # by broadcast
 
 
+def test_one_tensor_parallel_stage_keeps_its_tokens_on_every_rank() -> None:
+    """A one-stage pipeline over 2 workers: the logits are gathered whole on both ranks, so
+    each chooses the same next token itself, and no decode step waits for a broadcast."""
+    d = _check(_plan([(0, 2)]), n_micro=2)
+    lead, peer = d["schedule"].values()
+    assert "D0.1+AR" in lead and "D0.1+AR" in peer
+    assert not any(a.startswith("RT") for a in lead + peer)
+
+
 def test_prompt_only_runs_the_prefill() -> None:
     r = execute(_plan([(0, 1)]), mode="real", n_micro=1, trace_path=None, warmup=0,
                 probes=0, prompt_only=True)

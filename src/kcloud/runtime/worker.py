@@ -291,6 +291,8 @@ def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
             if first and t == 0:
                 assert feed is not None
                 x = feed[m][0]
+            elif first and gen.feedback is None:  # one stage: each rank chose the token
+                x = kept.pop(j)
             else:
                 where.step = f"receive of {what}"
                 t0 = clock()
@@ -301,12 +303,10 @@ def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
                 elif first and tok_in is not None:
                     k_tokens += 1
                     got = tok_in.recv(k_tokens < n_tokens)
-                elif first and lead:
-                    got = (kept.pop(j),)
                 x_in = broadcast_tuple(got, src, group) if tp > 1 else got
                 assert x_in is not None
                 x = x_in[0]
-                if timed and (not first or tok_in is not None or tp > 1):
+                if timed:
                     events.append(("RT" if first else "R", m, t0, clock(), t))
             where.step = what
             t0 = clock()
@@ -322,6 +322,9 @@ def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
                 events.append(("L" + action if kind == "L" else action, m, t0, t1, t))
             if timed:
                 events.extend(("AR", m, a, b, t) for a, b in ar_log)
+            more = t + 1 < (min(gen.steps, WARMUP_STEPS) if kind == "W" else gen.steps)
+            if last and first and more:  # the same token on every rank of the group (the
+                kept[j] = tok  # logits are gathered whole): it needs no broadcast
             if not lead:
                 continue
             if sender is not None:  # returns once posted: the next compute overlaps it
@@ -334,15 +337,12 @@ def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
             if timed:
                 tokens.setdefault(m, []).append(_detach(tok))
                 logits.setdefault(m, []).append(_detach(lg))
-            if t + 1 < (min(gen.steps, WARMUP_STEPS) if kind == "W" else gen.steps):
-                if tok_out is not None:
-                    where.step = f"send of the token of {what}"
-                    t0 = clock()
-                    tok_out.send((tok,))
-                    if timed:
-                        events.append(("ST", m, t0, clock(), t))
-                else:
-                    kept[j] = tok
+            if more and tok_out is not None:
+                where.step = f"send of the token of {what}"
+                t0 = clock()
+                tok_out.send((tok,))
+                if timed:
+                    events.append(("ST", m, t0, clock(), t))
     where.step = "finish"
     for s in (sender, tok_out):
         if s is not None:
