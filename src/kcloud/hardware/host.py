@@ -476,8 +476,7 @@ class HostParams:
     link_bw: float  # bytes/s, one direction
     collective_latency_s: float  # one small all-reduce between two workers
     date: str
-    resume_s: float = 0.0  # the first pass after `IDLE_BEFORE_REQUEST_S` idle, less its time
-    # back to back
+    resume_s: float = 0.0  # a pass after `IDLE_BEFORE_REQUEST_S` idle less one back to back
     fit_error_pct: float = 0.0  # worst |predicted - measured| of the timed ops, percent
     seconds: float = 0.0
 
@@ -693,10 +692,10 @@ class _LinkTimer:
         return out
 
 
-def _measure_workers() -> tuple[list[float], tuple[float, float, float], float]:
-    """Chain times (the median over workers), (one-way latency s, bandwidth bytes/s, small
-    all-reduce s) of the link, and the resume after idle (s), from one worker process per
-    core (2 to 8)."""
+def _measure_workers() -> tuple[list[float], dict[str, float]]:
+    """Chain times (the median over workers) and the `HostParams` figures measured rather
+    than fitted (the link's one-way latency and bandwidth, a small all-reduce, the resume
+    after idle), from one worker process per core (2 to 8)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -732,11 +731,12 @@ def _measure_workers() -> tuple[list[float], tuple[float, float, float], float]:
     pair = [r for r in results if r["rank"] < 2]
     small, large = (statistics.mean(r[f"p2p{size}"] for r in pair) for size in _LINK_SIZES)
     extra = (_LINK_SIZES[1] - _LINK_SIZES[0]) * 8.0
-    link = pair[0]
     copy_bw = measure_host().memory_bw / 2.0  # no link is faster than a memory copy
     bw = extra / (large - small) if large > small else copy_bw
-    resume = max(0.0, statistics.median(r["resume"] for r in results))
-    return chains, (max(small, 1e-7), min(bw, copy_bw), max(link["allreduce"], small)), resume
+    return chains, {
+        "link_latency_s": max(small, 1e-7), "link_bw": min(bw, copy_bw),
+        "collective_latency_s": max(pair[0]["allreduce"], small),  # timed on both ranks at once
+        "resume_s": max(0.0, statistics.median(r["resume"] for r in results))}
 
 
 def _fit(shapes: list[tuple[str, int, int, int]], measured: list[float],
@@ -780,11 +780,10 @@ def _fit(shapes: list[tuple[str, int, int, int]], measured: list[float],
 
 def _run_param_calibration() -> HostParams:
     start = time.perf_counter()
-    measured, (latency, bw, collective), resume = _measure_workers()
+    measured, figures = _measure_workers()
     fitted, worst = _fit(list(_CHAINS), measured, _inference_overhead())
-    return HostParams(**fitted, link_latency_s=latency, link_bw=bw,
-                      collective_latency_s=collective, resume_s=resume,
-                      date=_dt.date.today().isoformat(), fit_error_pct=round(worst, 2),
+    return HostParams(**fitted, **figures, date=_dt.date.today().isoformat(),
+                      fit_error_pct=round(worst, 2),
                       seconds=round(time.perf_counter() - start, 3))
 
 

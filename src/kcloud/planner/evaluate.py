@@ -133,11 +133,10 @@ def evaluate(space: StageSpace, path: Path, batch: int) -> Template:
         usage[opt.type] = usage.get(opt.type, 0) + opt.tp
     for (o, _, j), kind in zip(path.stages, path.links, strict=False):
         transfers.append(float(space.trans[space.options[o].type, kind, j]))
+    first = space.options[path.stages[0][0]].type
     if transfers and space.model.is_llm:  # the tokens' way back, over the slowest link kind
-        first = space.options[path.stages[0][0]].type
         transfers.append(float(space.feedback[first, max(path.links)]))
-    latency = float(space.arrival[space.options[path.stages[0][0]].type]) + sum(times) \
-        + sum(transfers)
+    latency = float(space.arrival[first]) + sum(times) + sum(transfers)
     period = max([*times, *transfers])
     # energy per period: busy energy + idle power for the rest of the period
     e_period = energy + sum(

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -190,7 +191,7 @@ def _stream(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
     with torch.inference_mode():
         for n, (action, m) in enumerate(items):
             if action == "B":  # what follows starts from an empty pipeline
-                _between_phases(where, n + 1 < len(items) and items[n + 1][0] == "L")
+                _between_phases(where, items, n)
                 continue
             k += 1
             what = _micro(action, m)
@@ -233,13 +234,14 @@ def _stream(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
     return outputs, events
 
 
-def _between_phases(where: _Where, probe_next: bool) -> None:
-    """The barrier of all workers between run phases. Before a latency probe every worker
-    then sits idle for `IDLE_BEFORE_REQUEST_S`: the probe is a request reaching a quiet
-    pipeline, whatever its number of stages (the planner counts what its first pass loses)."""
+def _between_phases(where: _Where, items: Sequence[tuple[Any, ...]], n: int) -> None:
+    """The barrier of all workers at `items[n]`, between run phases. When a latency probe
+    follows, every worker then sits idle for `IDLE_BEFORE_REQUEST_S`: the probe is a request
+    reaching a quiet pipeline, whatever its number of stages (the planner counts what its
+    first pass loses)."""
     where.step = "barrier between run phases"
     dist.barrier()
-    if probe_next:
+    if n + 1 < len(items) and items[n + 1][0] == "L":
         time.sleep(IDLE_BEFORE_REQUEST_S)
 
 
@@ -281,7 +283,7 @@ def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
     with torch.inference_mode():
         for n, (kind, m, t, j) in enumerate(items):
             if kind == "B":  # what follows starts from an empty pipeline, with new caches
-                _between_phases(where, n + 1 < len(items) and items[n + 1][0] == "L")
+                _between_phases(where, items, n)
                 caches = []
                 continue
             if t == 0:
