@@ -428,7 +428,7 @@ def host_core_device(threads: int = 1) -> Device:
 # pass loses against the chain's back-to-back time is `resume_s` (a measured median, not
 # fitted), which the planner adds once to a request's latency.
 
-PARAMS_CACHE_VERSION = 11
+PARAMS_CACHE_VERSION = 12
 # (batch, width, blocks) of the timed chains; a block holds 8 x width^2 fp32 weights.
 _CHAINS: tuple[tuple[str, int, int, int], ...] = (
     ("mlp", 1, 32, 2), ("mlp", 4, 64, 4), ("mlp", 1, 256, 4), ("mlp", 8, 256, 4),
@@ -450,6 +450,9 @@ _LINK_SIZES = (16, 65536)  # elements (fp64) of the timed messages
 _LINK_REPS = 128  # timed messages per size
 _LINK_IDLE_MATMULS = 8  # about 3 ms of compute on the sender before each message
 _COLLECTIVE_SIZE = 512  # elements (fp32) of the timed all-reduce
+_COLLECTIVE_PASS = 10  # all-reduces per timed tensor-parallel pass, a little compute before each
+_COLLECTIVE_PASSES = 6  # timed passes per round
+_PASS_GAP_S = 5e-4  # between two passes (a decode step's sampling and bookkeeping)
 # How long a device sits idle before a request reaches it, when a request's latency is
 # measured (the runtime's latency probes) or its resume cost calibrated: a request to a quiet
 # server finds its cores idle. On a shared host the first work after such a pause runs slower
@@ -647,6 +650,7 @@ class _LinkTimer:
 
         self.rank, self.pair = rank, pair
         self.a, self.w = torch.randn(32, 512), torch.randn(512, 1024)
+        self.shard_a, self.shard_w = torch.randn(8, 512), torch.randn(512, 256)
         self.sender, self.receiver = TupleSender(1 - rank), TupleReceiver(1 - rank)
         self.work: list[float] = []  # the receiver's work back to back, timed in every round
         self.times: dict[str, list[float]] = {f"p2p{n}": [] for n in _LINK_SIZES}
@@ -672,23 +676,26 @@ class _LinkTimer:
                     self.a @ self.w
                     if i >= 2:  # one host, one monotonic clock; the work is taken off below
                         self.times[f"p2p{size}"].append(time.perf_counter() - float(got[0]))
+        # All-reduces as a tensor-parallel stage pays them: a pass makes one after each
+        # layer's shard of work, then the next pass starts after a pause. The first of a pass
+        # (the ranks arrive apart) and the tails are part of what a request pays.
         x = torch.zeros(_COLLECTIVE_SIZE)
-        for i in range(reps):
-            self.a @ self.w
-            t0 = time.perf_counter()
-            dist.all_reduce(x, group=self.pair)
-            if i >= 2:
+        for _ in range(_COLLECTIVE_PASSES):
+            for _ in range(_COLLECTIVE_PASS):
+                self.shard_a @ self.shard_w
+                t0 = time.perf_counter()
+                dist.all_reduce(x, group=self.pair)
                 self.times["allreduce"].append(time.perf_counter() - t0)
+            time.sleep(_PASS_GAP_S)
 
     def figures(self) -> dict[str, float]:
-        # A small all-reduce on a shared host takes either a few tenths of a ms or a few ms
-        # (one side descheduled); a tensor-parallel stage pays dozens in a row, so their cost
-        # is the mean (its extreme 5 % each side left out: bursts of other tenants).
-        from scipy.stats import trim_mean
-
+        # A small all-reduce on a shared host takes either a few tenths of a ms or about 4 ms
+        # (a side's wake-up waits for the hypervisor), a third of them or more the latter; a
+        # tensor-parallel stage pays dozens in a row, so their cost is the mean over a pass
+        # (the median over passes: a burst of other tenants does not set it).
         work = statistics.median(self.work)
         out = {k: _typical(v) - work for k, v in self.times.items() if k != "allreduce"}
-        out["allreduce"] = float(trim_mean(self.times["allreduce"], 0.05))
+        out["allreduce"] = _typical(self.times["allreduce"], _COLLECTIVE_PASS)
         return out
 
 
