@@ -175,6 +175,12 @@ def _brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int,
                        + min(b * model.prompt_tokens, PREFILL_CHUNK_TOKENS) * work) / tp
         if mem > t.device.memory_bytes.value * MEMORY_HEADROOM:
             return None
+        if tp > 1:  # the group's lead broadcasts each hop it receives to the other ranks
+            tree = Link(t.link.bandwidth, t.link.collective_s)
+            if i > 0:
+                time += math.log2(tp) * transfer(t_idx, tree, i)
+            elif j < L and model.decode is not None:  # the fed-back token of each step
+                time += math.log2(tp) * (model.output_tokens - 1) * tree.transfer_s(8 * b)
         return time, energy
 
     def transfer(t_idx: int, link: Link, cut: int) -> float:
@@ -703,6 +709,33 @@ def test_one_token_llm_request_is_its_prefill_alone():
     # a 2-stage pipeline sends each of the 8 decode steps' tokens back to its first stage
     assert sp9.feedback[t.index, 0] == pytest.approx(8 * t.link.transfer_s(8), rel=1e-9)
     assert sp1.feedback[t.index, 0] == 0.0
+
+
+def test_a_tensor_parallel_stage_pays_the_broadcast_of_what_it_receives():
+    """A group's lead receives a hop and broadcasts it over the group: a later stage pays a
+    tree of log2(tp) collective calls per hop (prefill and each decode step), a pipeline's first
+    stage the same for each fed-back token, a group that is the whole pipeline nothing."""
+    model, cl = small_llm(out=9), small_cluster()
+    sp = make_context(model, cl, Goal(objective="latency", batch=1), micro_batches=[1]).space(1)
+    L = model.n_layers
+    for opt in (o for o in sp.options if o.tp > 1):
+        t = sp.types[opt.type]
+        link = (t.link.bandwidth, t.link.collective_s)
+        params = default_calibration().params(t.device)
+        pre, dec = (layer_table(g, t.device, t.precision, 1, params, opt.tp, link)
+                    for g in (model.forward, model.decode))
+
+        def alone(i: int, j: int) -> float:
+            return pre.stage(i, j).time_s + 8 * dec.stage(i, j).time_s  # noqa: B023
+
+        calls = math.log2(opt.tp) * t.link.collective_s
+        assert sp.time[opt.index, 0, L] == pytest.approx(alone(0, L), rel=1e-9)
+        first = sp.time[opt.index, 0, L - 1] - alone(0, L - 1)
+        assert first == pytest.approx(8 * (calls + math.log2(opt.tp) * 8 / t.link.bandwidth))
+        later = sp.time[opt.index, 1, L] - alone(1, L)
+        assert later > 9 * calls  # the prefill's hop and 8 decode steps', their bytes too
+        comm = pre.stage(1, L).comm_s + 8 * dec.stage(1, L).comm_s
+        assert sp.comm[opt.index, 1, L] - comm == pytest.approx(later)  # it is group traffic
 
 
 @pytest.mark.parametrize("make_model", CASES)

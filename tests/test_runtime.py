@@ -276,3 +276,31 @@ def test_frames_carry_channels_last_tensors_as_they_are():
     got = _unpack(_pack(items, spans, size), spans)
     assert torch.equal(got[0], x) and torch.equal(got[1], y) and got[2] == {"step": 3}
     assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_group_shares_each_received_tuple_in_one_broadcast(monkeypatch):
+    """A tensor-parallel group's lead broadcasts what it receives to the other ranks: one
+    broadcast per tuple while its layout holds, the header again only when it changes (the
+    first tuple, a smaller last micro-batch)."""
+    from kcloud.runtime import comm
+
+    wire: list[torch.Tensor] = []
+
+    def broadcast(t: torch.Tensor, src: int, group: str) -> None:
+        if group == "lead":
+            wire.append(t.clone())
+        else:  # the other rank posts a buffer of the size the protocol expects
+            sent = wire.pop(0)
+            assert (sent.dtype, sent.shape) == (t.dtype, t.shape)
+            t.copy_(sent)
+
+    monkeypatch.setattr(comm.dist, "broadcast", broadcast)
+    lead, other = comm.TupleBroadcast(0, "lead"), comm.TupleBroadcast(0, "other")
+    calls = []
+    for rows in (4, 4, 4, 1, 1):
+        sent = (torch.randn(rows, 8), {"step": rows})
+        assert lead.share(sent) == sent
+        calls.append(len(wire))
+        got = other.share(None)
+        assert torch.equal(got[0], sent[0]) and got[1] == sent[1] and not wire
+    assert calls == [3, 1, 1, 3, 1]

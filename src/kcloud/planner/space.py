@@ -265,6 +265,9 @@ class StageSpace:
             work_tok = _range_max(m.peak_act_elems) / m.prompt_tokens * p.act_bytes
             act = (2.0 * b * m.context_tokens * kv
                    + min(b * m.prompt_tokens, PREFILL_CHUNK_TOKENS) * work_tok) / tp
+        if tp > 1:  # what the group's lead receives, it broadcasts to the group's other ranks
+            share = self._group_share(t, tp)
+            time, comm, resident = time + share, comm + share, resident + share
         mem = pre.weight_bytes + act
         fits = upper & (mem <= dev.memory_bytes.value * MEMORY_HEADROOM)
         self.time[opt.index] = np.where(fits, time, np.inf)
@@ -276,6 +279,19 @@ class StageSpace:
             self.streamed[opt.index] = np.where(fits, streamed, 0.0)
             self.weights[opt.index] = np.where(upper, pre.weight_bytes, 0.0)
             self.cache[opt.index] = tp * pre.sram_half
+
+    def _group_share(self, t: DeviceType, tp: int) -> np.ndarray:
+        """[i, j]: a tensor-parallel stage [i, j) broadcasts every hop it receives over its
+        group (a tree of log2(tp) steps, each a collective call): the cut after layer i-1 for
+        i > 0, the fed-back token of each decode step for the first stage of a pipeline."""
+        n, m, link = self.L + 1, self.model, t.link
+        share = np.zeros((n, n))
+        hop = self._transfer(t, Link(link.bandwidth, link.collective_s))
+        share[1:self.L] = hop[1:self.L, None]
+        if m.decode is not None:
+            share[0, :self.L] = m.decode_steps * (link.collective_s
+                                                   + self.b * TOKEN_BYTES / link.bandwidth)
+        return share * math.log2(tp)
 
     def _transfer(self, t: DeviceType, link: Link) -> np.ndarray:
         """Time to send the cut after layer i-1 (index i) from a stage of type `t`."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +19,8 @@ import torch.distributed as dist
 # next one's receive before it needs it. When the header changes (the first micro-batch, a
 # smaller last one, a pickled value of another length), the sender fills the frame the
 # receiver expects with the flag set to the new header's length, then sends the header and the
-# frame in its new layout.
+# frame in its new layout. A tensor-parallel group's lead shares what it receives with the
+# group's other ranks the same way, one broadcast per tuple.
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
            torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
@@ -90,6 +92,47 @@ def _unpack(frame: torch.Tensor, spans: list[Span]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+class _LayoutOut:
+    """The sending end of a layout: what to transmit for a tuple, in order."""
+
+    def __init__(self) -> None:
+        self.header: list[int] | None = None
+        self.size = _FLAG  # of the frame the other end has posted (or will post) next
+
+    def frames(self, values: tuple[Any, ...]) -> list[torch.Tensor]:
+        """The tuple's frame; when its layout changed, after the frame the other end expects,
+        flagged with the new header's length, and the header."""
+        header, items = _encode(values)
+        spans, size = _spans(header)
+        out = [_pack(items, spans, size)]
+        if header != self.header:
+            notice = torch.zeros(self.size, dtype=torch.uint8)
+            notice[:_FLAG].view(torch.int64).fill_(len(header))
+            out[:0] = [notice, torch.tensor(header, dtype=torch.int64)]
+            self.header, self.size = header, size
+        return out
+
+
+class _LayoutIn:
+    """The receiving end of a layout: a frame of the expected size, read in the kept layout
+    or, when flagged, followed by a new header and the frame in that layout."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self.size = _FLAG
+
+    def read(self, frame: torch.Tensor,
+             fetch: Callable[[torch.Tensor], None]) -> tuple[Any, ...]:
+        n = _flag(frame)
+        if n:
+            h = torch.empty(n, dtype=torch.int64)
+            fetch(h)
+            self.spans, self.size = _spans(h.tolist())
+            frame = torch.empty(self.size, dtype=torch.uint8)
+            fetch(frame)
+        return _unpack(frame, self.spans)
+
+
 class TupleSender:
     """Sends tuples to one peer without blocking: a send returns once its messages are posted,
     and the stage computes the next micro-batch while they travel. Each send first waits for
@@ -97,25 +140,14 @@ class TupleSender:
 
     def __init__(self, dst: int) -> None:
         self.dst = dst
-        self.header: list[int] | None = None
-        self.size = _FLAG  # of the frame the receiver has posted (or will post) next
+        self.layout = _LayoutOut()
         self.pending: list[tuple[Any, torch.Tensor]] = []  # (work, buffer it sends)
 
     def send(self, values: tuple[Any, ...]) -> None:
-        header, items = _encode(values)
-        spans, size = _spans(header)
-        frame = _pack(items, spans, size)
+        frames = self.layout.frames(values)
         self.wait()
-        if header != self.header:  # the frame the receiver expects, flagged; the header
-            notice = torch.zeros(self.size, dtype=torch.uint8)
-            notice[:_FLAG].view(torch.int64).fill_(len(header))
-            self._post(notice)
-            self._post(torch.tensor(header, dtype=torch.int64))
-            self.header, self.size = header, size
-        self._post(frame)
-
-    def _post(self, buf: torch.Tensor) -> None:
-        self.pending.append((dist.isend(buf, self.dst), buf))
+        for buf in frames:
+            self.pending.append((dist.isend(buf, self.dst), buf))
 
     def wait(self) -> None:
         while self.pending:
@@ -129,12 +161,11 @@ class TupleReceiver:
 
     def __init__(self, src: int) -> None:
         self.src = src
-        self.spans: list[Span] = []
-        self.size = _FLAG
+        self.layout = _LayoutIn()
         self.posted: tuple[Any, torch.Tensor] | None = None
 
     def _post(self) -> None:
-        frame = torch.empty(self.size, dtype=torch.uint8)
+        frame = torch.empty(self.layout.size, dtype=torch.uint8)
         self.posted = (dist.irecv(frame, self.src), frame)
 
     def recv(self, ahead: bool = False) -> tuple[Any, ...]:
@@ -144,35 +175,29 @@ class TupleReceiver:
         work, frame = self.posted
         self.posted = None
         work.wait()
-        n = _flag(frame)
-        if n:  # a new layout: its header, then the frame
-            h = torch.empty(n, dtype=torch.int64)
-            dist.recv(h, self.src)
-            self.spans, self.size = _spans(h.tolist())
-            frame = torch.empty(self.size, dtype=torch.uint8)
-            dist.recv(frame, self.src)
-        out = _unpack(frame, self.spans)
+        out = self.layout.read(frame, lambda t: dist.recv(t, self.src))
         if ahead:
             self._post()
         return out
 
 
-def broadcast_tuple(values: tuple[Any, ...] | None, src: int, group: Any) -> tuple[Any, ...]:
-    """`values` of rank `src` on every rank of `group` (the others pass None): the header's
-    length, the header, then the frame."""
-    if values is not None:
-        header, items = _encode(values)
-        spans, size = _spans(header)
-        frame = _pack(items, spans, size)
-        dist.broadcast(torch.tensor([len(header)], dtype=torch.int64), src, group=group)
-        dist.broadcast(torch.tensor(header, dtype=torch.int64), src, group=group)
-        dist.broadcast(frame, src, group=group)
-        return tuple(values)
-    n = torch.empty(1, dtype=torch.int64)
-    dist.broadcast(n, src, group=group)
-    h = torch.empty(int(n.item()), dtype=torch.int64)
-    dist.broadcast(h, src, group=group)
-    spans, size = _spans(h.tolist())
-    frame = torch.empty(size, dtype=torch.uint8)
-    dist.broadcast(frame, src, group=group)
-    return _unpack(frame, spans)
+class TupleBroadcast:
+    """Shares the tuples that rank `src` of a tensor-parallel group receives with the group's
+    other ranks: one broadcast per tuple while the layout holds, as over a hop."""
+
+    def __init__(self, src: int, group: Any) -> None:
+        self.src, self.group = src, group
+        self.out, self.into = _LayoutOut(), _LayoutIn()
+
+    def _broadcast(self, t: torch.Tensor) -> None:
+        dist.broadcast(t, self.src, group=self.group)
+
+    def share(self, values: tuple[Any, ...] | None) -> tuple[Any, ...]:
+        """`values` on `src`, None on the other ranks: the tuple, on every rank."""
+        if values is not None:
+            for buf in self.out.frames(values):
+                self._broadcast(buf)
+            return tuple(values)
+        frame = torch.empty(self.into.size, dtype=torch.uint8)
+        self._broadcast(frame)
+        return self.into.read(frame, self._broadcast)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from kcloud.graph.models.transformer import KVCache
 from kcloud.hardware.host import IDLE_BEFORE_REQUEST_S, keep_heap
 from kcloud.runtime.backends import place
-from kcloud.runtime.comm import TupleReceiver, TupleSender, broadcast_tuple
+from kcloud.runtime.comm import TupleBroadcast, TupleReceiver, TupleSender
 from kcloud.runtime.generate import (
     WARMUP_STEPS,
     GenSpec,
@@ -185,6 +185,7 @@ def _stream(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
     clock = time.perf_counter_ns
     receiver = TupleReceiver(spec.prev) if spec.prev is not None and spec.leads else None
     sender = TupleSender(spec.next) if spec.next is not None and spec.leads else None
+    shared = TupleBroadcast(src, group) if tp > 1 and spec.prev is not None else None
     items = schedule(spec)
     n_msgs = sum(1 for a, _ in items if a != "B")
     k = 0
@@ -203,7 +204,7 @@ def _stream(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
                 where.step = f"receive of {what}"
                 t0 = clock()
                 got = receiver.recv(k < n_msgs) if receiver is not None else None
-                x = broadcast_tuple(got, src, group) if tp > 1 else got
+                x = shared.share(got) if shared is not None else got
                 assert x is not None
                 if action == "F":
                     events.append(("R", m, t0, clock()))
@@ -269,6 +270,9 @@ def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
         else None
     tok_out = TupleSender(gen.feedback) if last and gen.feedback is not None and lead \
         else None
+    # what the lead receives (hidden states, or the fed-back token), for the whole group
+    shared = TupleBroadcast(src, group) if tp > 1 and (
+        not first or gen.feedback is not None) else None
     items = gen_schedule(spec.n_micro, spec.n_warmup, spec.n_probe, spec.per_request,
                          gen.steps)
     n_hidden = sum(1 for it in items if it[0] != "B")
@@ -305,7 +309,7 @@ def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
                 elif first and tok_in is not None:
                     k_tokens += 1
                     got = tok_in.recv(k_tokens < n_tokens)
-                x_in = broadcast_tuple(got, src, group) if tp > 1 else got
+                x_in = shared.share(got) if shared is not None else got
                 assert x_in is not None
                 x = x_in[0]
                 if timed:
