@@ -35,10 +35,10 @@ def test_a_pass_of_all_reduces_is_costed_at_its_mean_tails_included() -> None:
     # pays dozens in a row, so the figure is what a pass of them pays, not the usual call.
     timer = object.__new__(host._LinkTimer)
     timer.work = [1e-4] * 5
-    timer.times = {f"p2p{n}": [2e-4] * 8 for n in host._LINK_SIZES}
+    timer.hops = {n: [2e-4] * 8 for n in host._LINK_SIZES}
     one_pass = [4e-3] * 4 + [2.5e-4] * (host._COLLECTIVE_PASS - 4)
     burst = [100e-3] * host._COLLECTIVE_PASS  # other tenants took the host for one pass
-    timer.times["allreduce"] = one_pass * 9 + burst
+    timer.allreduce = one_pass * 9 + burst
     fig = timer.figures()
     assert fig["allreduce"] == pytest.approx(sum(one_pass) / len(one_pass))
     assert fig["p2p16"] == pytest.approx(1e-4)  # a hop less the receiver's work

@@ -421,12 +421,12 @@ def host_core_device(threads: int = 1) -> Device:
 # overhead-, memory- and compute-bound work; every measurement goes in `_ROUNDS` slices
 # spread over the calibration, so that bursts of other tenants' load fall out. The
 # link between two local workers (one-way latency and bandwidth of a gloo send/recv over
-# loopback, and the latency of one small all-reduce) is measured between two worker processes
-# with a little compute between messages, as the runtime's workers talk: scheduling and
-# wake-up delays of this machine are part of it. Each chain also makes one pass per round
-# after `IDLE_BEFORE_REQUEST_S` idle, as a request's first pass on a quiet server; what that
-# pass loses against the chain's back-to-back time is `resume_s` (a measured median, not
-# fitted), which the planner adds once to a request's latency.
+# loopback, and the cost of a small all-reduce in a tensor-parallel pass) is measured between
+# two worker processes with a little compute between messages, as the runtime's workers talk:
+# scheduling and wake-up delays of this machine are part of it. Each chain also makes one pass
+# per round after `IDLE_BEFORE_REQUEST_S` idle, as a request's first pass on a quiet server;
+# what that pass loses against the chain's back-to-back time is `resume_s` (a measured median,
+# not fitted), which the planner adds once to a request's latency.
 
 PARAMS_CACHE_VERSION = 12
 # (batch, width, blocks) of the timed chains; a block holds 8 x width^2 fp32 weights.
@@ -653,8 +653,8 @@ class _LinkTimer:
         self.shard_a, self.shard_w = torch.randn(8, 512), torch.randn(512, 256)
         self.sender, self.receiver = TupleSender(1 - rank), TupleReceiver(1 - rank)
         self.work: list[float] = []  # the receiver's work back to back, timed in every round
-        self.times: dict[str, list[float]] = {f"p2p{n}": [] for n in _LINK_SIZES}
-        self.times["allreduce"] = []
+        self.hops: dict[int, list[float]] = {n: [] for n in _LINK_SIZES}  # by message size
+        self.allreduce: list[float] = []  # in passes of `_COLLECTIVE_PASS`
 
     def round(self) -> None:
         import torch
@@ -675,7 +675,7 @@ class _LinkTimer:
                     (got,) = self.receiver.recv(ahead=i + 1 < reps)
                     self.a @ self.w
                     if i >= 2:  # one host, one monotonic clock; the work is taken off below
-                        self.times[f"p2p{size}"].append(time.perf_counter() - float(got[0]))
+                        self.hops[size].append(time.perf_counter() - float(got[0]))
         # All-reduces as a tensor-parallel stage pays them: a pass makes one after each
         # layer's shard of work, then the next pass starts after a pause. The first of a pass
         # (the ranks arrive apart) and the tails are part of what a request pays.
@@ -685,17 +685,18 @@ class _LinkTimer:
                 self.shard_a @ self.shard_w
                 t0 = time.perf_counter()
                 dist.all_reduce(x, group=self.pair)
-                self.times["allreduce"].append(time.perf_counter() - t0)
+                self.allreduce.append(time.perf_counter() - t0)
             time.sleep(_PASS_GAP_S)
 
     def figures(self) -> dict[str, float]:
-        # A small all-reduce on a shared host takes either a few tenths of a ms or about 4 ms
-        # (a side's wake-up waits for the hypervisor), a third of them or more the latter; a
-        # tensor-parallel stage pays dozens in a row, so their cost is the mean over a pass
-        # (the median over passes: a burst of other tenants does not set it).
+        # A small gloo all-reduce on a shared host can take either a few tenths of a ms or
+        # about 4 ms, a third of the calls or more the latter (a plain socket ping-pong between
+        # the same processes does not); a tensor-parallel stage pays dozens in a row, so their
+        # cost is the mean over a pass (the median over passes: a burst of other tenants does
+        # not set it).
         work = statistics.median(self.work)
-        out = {k: _typical(v) - work for k, v in self.times.items() if k != "allreduce"}
-        out["allreduce"] = _typical(self.times["allreduce"], _COLLECTIVE_PASS)
+        out = {f"p2p{n}": _typical(v) - work for n, v in self.hops.items()}
+        out["allreduce"] = _typical(self.allreduce, _COLLECTIVE_PASS)
         return out
 
 
