@@ -48,7 +48,6 @@ from kcloud.runtime.scheduler import (
 from kcloud.runtime.stage_worker import Row, StageSpec, StepCommand, process_main
 
 BLOCK_SIZE = 16
-HOST_KV_BYTES = 1 << 30  # KV blocks a worker allocates in host memory, at most (default)
 
 
 class Overloaded(KCloudError):
@@ -135,7 +134,7 @@ class Engine:
             raise KCloudError(f"unknown mode '{mode}'", "use --mode real or --mode emulated")
         if mode == "real":
             backends.check_real([s.device_type for r in plan.replicas for s in r.stages])
-        from kcloud.runtime.layout import stage_plan  # torch-heavy: imported when used
+        from kcloud.runtime.layout import is_llm_plan, stage_plan  # torch-heavy: when used
 
         self.plan = plan
         self.mode = mode
@@ -144,8 +143,10 @@ class Engine:
         self.start_timeout_s = start_timeout_s
         self.pace = pace and mode == "emulated"
         self.modeled_step = modeled_step
+        llm = is_llm_plan(plan)
+        self.max_batch = max_batch or (max(plan.micro_batch, 64) if llm else plan.micro_batch)
         layout = stage_plan(plan, mode, weights=weights, block_size=block_size,
-                            kv_blocks=kv_blocks)
+                            kv_blocks=kv_blocks, max_seqs=self.max_batch)
         self.llm = layout.llm
         self.max_len = layout.max_len
         self.eos = layout.eos
@@ -155,8 +156,6 @@ class Engine:
         self.figures = "measured" if all(
             backends.choose(s.device_type, mode, s.devices[0]).real
             for r in plan.replicas for s in r.stages) else "modeled"
-        self.max_batch = max_batch or (max(plan.micro_batch, 64) if self.llm
-                                       else plan.micro_batch)
         self._ids = itertools.count(1)
         self._ctx = mp.get_context("spawn")
         self._results = self._ctx.Queue()
@@ -251,8 +250,10 @@ class Engine:
         assert rep.scheduler is not None
         return rep.scheduler.fits(prompt_len, max_tokens)
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> int:
-        """Queue an LLM request; its id. Raises RequestError (never runs) or Overloaded."""
+    def submit(self, prompt: list[int], params: SamplingParams, restartable: bool = False) -> int:
+        """Queue an LLM request; its id. Raises RequestError (never runs) or Overloaded.
+        `restartable`: none of its tokens reach the client before it ends (not streamed), so
+        a fault after some were generated starts it over (an Event with reason "retry")."""
         if not self.llm:
             raise RequestError("this model takes inputs, not a prompt", "use /v1/infer")
         why = self.check(len(prompt), params.max_tokens)
@@ -261,7 +262,8 @@ class Engine:
         if not prompt:
             raise RequestError("the prompt is empty", "give at least one token")
         self._admit()
-        seq = Sequence(next(self._ids), list(prompt), params, self.eos, time.monotonic())
+        seq = Sequence(next(self._ids), list(prompt), params, self.eos, time.monotonic(),
+                       restartable=restartable)
         rep = self._route()
         assert rep.scheduler is not None
         rep.scheduler.add(seq)
@@ -388,7 +390,13 @@ class Engine:
         events += self._watch()
         return events
 
+    def wake(self) -> None:
+        """End a `step`'s wait now (from another thread: new work arrived)."""
+        self._results.put(("wake",))
+
     def _take(self, msg: tuple[Any, ...]) -> list[Event]:
+        if msg[0] == "wake":
+            return []
         ri, inc, kind, rank, *rest = msg
         rep = self.replicas[ri]
         if inc != rep.incarnation or rep.state == "failed":
@@ -492,6 +500,10 @@ class Engine:
         pending += list(sched.waiting)
         for what in pending:
             started = isinstance(what, Sequence) and bool(what.output)
+            if started and what.restartable:  # type: ignore[union-attr]
+                what.output = []  # type: ignore[union-attr]
+                events.append(Event(what.id, reason="retry"))
+                started = False
             gone = len(rep.failures) > 3
             if started or gone:
                 self._where.pop(what.id, None)
@@ -509,6 +521,11 @@ class Engine:
             (target.scheduler or target.batcher).add(what)  # type: ignore[union-attr, arg-type]
             self._where[what.id] = (target, what)
         return events
+
+    def worker_pids(self) -> list[dict[str, Any]]:
+        return [{"replica": r.index, "stage": w.spec.stage, "tp_rank": w.spec.tp_rank,
+                 "device": w.spec.device, "pid": w.proc.pid, "state": r.state}
+                for r in self.replicas for w in r.workers]
 
     # -- figures ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from kcloud.runtime.tensor_parallel import (
     stage_groups,
 )
 
-HOST_KV_BYTES = 1 << 30  # host memory one worker gives its KV blocks, at most
+HOST_KV_BYTES = 512 << 20  # host memory one worker gives its KV blocks, at most
 KV_SHARE = 0.9  # of a device's memory left after its weights
 
 
@@ -51,7 +51,10 @@ def is_llm_plan(plan: Plan) -> bool:
 
 
 def stage_plan(plan: Plan, mode: str, *, weights: str | None = None, block_size: int = 16,
-               kv_blocks: int | None = None) -> StagePlan:
+               kv_blocks: int | None = None, max_seqs: int = 64) -> StagePlan:
+    """The workers of every replica. The KV blocks of a replica: `kv_blocks`, or what the
+    plan's devices hold, capped by the host memory a worker gives them and by what `max_seqs`
+    sequences of the whole context need."""
     llm = is_llm_plan(plan)
     notes: list[str] = []
     graph = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
@@ -123,15 +126,18 @@ def stage_plan(plan: Plan, mode: str, *, weights: str | None = None, block_size:
                 ))
         replicas.append(specs)
     blocks_plan = min(plan_blocks) if plan_blocks else 0
-    blocks = kv_blocks if kv_blocks is not None else min(blocks_plan, min(host_blocks, default=0))
+    enough = max_seqs * -(-max_len // block_size) if llm else 0
+    blocks = kv_blocks if kv_blocks is not None else min(blocks_plan, enough,
+                                                         min(host_blocks, default=0))
     if llm:
         if blocks < 1:
             raise KCloudError("the plan leaves no memory for the KV cache on its devices",
                               "plan with more devices or a shorter context")
         if kv_blocks is None and blocks < blocks_plan:
             notes.append(f"KV cache: {blocks} blocks of {block_size} tokens per replica (the "
-                         f"plan's devices hold {blocks_plan}; capped by the host memory this "
-                         "run gives its workers)")
+                         f"plan's devices hold {blocks_plan}; capped at what {max_seqs} "
+                         "sequences of the whole context need, and by the host memory a "
+                         "worker gives them)")
         replicas = [[_kv(s, blocks) for s in specs] for specs in replicas]
     return StagePlan(replicas, llm, max_len, eos_token_id(plan.model) if llm else None,
                      blocks if llm else 0, blocks_plan, notes)

@@ -68,6 +68,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "length" | "stop" | "abort" | "error"
     preemptions: int = 0
+    restartable: bool = False  # nothing of it reached the client: a fault may start it over
 
     @property
     def tokens(self) -> list[int]:
