@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from kcloud.errors import KCloudError
+from kcloud.planner.actions import Action, Kind, from_events, render
 from kcloud.planner.plan import Plan
 from kcloud.runtime import backends
 from kcloud.runtime.engine import Engine
@@ -334,7 +335,7 @@ def execute(
         predicted={"latency_s": pred.latency_s, "throughput": pred.throughput,
                    "unit": pred.unit, "figures": "modeled"},
         stages=stages, trace_file=trace_file, notes=notes, outputs=outputs,
-        schedule={s.device: (_gen_actions if gen else _actions)(timeline[s.rank])
+        schedule={s.device: _actions(timeline[s.rank])
                   for s in specs},
         executor="ray" if ray_address is not None else "processes", generated=gen,
     )
@@ -351,12 +352,11 @@ def execute(
     return report
 
 
-def _actions(events: list[tuple[str, int, int, int]]) -> list[str]:
-    """A worker's actions in the order it ran them, written as `Plan.schedule` writes them:
-    `R<m>`, `F<m>` (`F<m>+AR` when its stage all-reduced over the group), `S<m>`."""
-    reduced = {m for a, m, _, _ in events if a == "AR"}
-    return [f"{a}{m}" + ("+AR" if a == "F" and m in reduced else "")
-            for a, m, _, _ in events if a not in ("AR", "L")]
+def _actions(events: list[tuple[Any, ...]]) -> list[str]:
+    """A worker's actions in the order it ran them, written as `Plan.schedule` writes them
+    (`kcloud.planner.actions`): `R<m>`, `F<m>` (`F<m>+AR` when its stage all-reduced over the
+    group), `S<m>`; a generation's `P<m>`, `D<m>.<step>`, `RT`/`ST` token hops."""
+    return render(from_events(events))
 
 
 # ---- generation: layouts, figures, trace -----------------------------------------------------
@@ -430,15 +430,7 @@ def _gen_predicted(plan: Plan, specs: list[WorkerSpec],
 def _gen_name(action: str, m: int, step: int) -> str:
     """`P<m>` (prefill), `D<m>.<step>` (decode step), hops `R`/`S` (hidden state) and
     `RT`/`ST` (token) as `<action><m>.<step>`; `L` prefixes a latency probe's."""
-    return f"{action}{m}" if action in ("P", "LP") else f"{action}{m}.{step}"
-
-
-def _gen_actions(events: list[tuple[str, int, int, int, int]]) -> list[str]:
-    """A generating worker's actions in the order it ran them (the stream's), computes
-    marked `+AR` when its stage all-reduced over the group."""
-    reduced = {(m, t) for a, m, _, _, t in events if a == "AR"}
-    return [_gen_name(a, m, t) + ("+AR" if a in ("P", "D") and (m, t) in reduced else "")
-            for a, m, _, _, t in events if a not in ("AR", "LP", "LD")]
+    return str(Action(Kind(action), m, step))
 
 
 _GEN_TRACE = {"P": ("F", "prefill compute"), "D": ("F", "decode compute"),
