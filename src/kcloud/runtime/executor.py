@@ -26,7 +26,7 @@ import os
 import socket
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -220,23 +220,40 @@ def execute(
                                 kv_len=prompt + steps // 2)
 
     # The workers, their layers, shards and ranks (`layout`: errors before any starts).
+    # Emulated replicas of one configuration (the same layers and shards, all emulated)
+    # compute alike: one of them runs, with the micro-batches of the first, and the others
+    # take its outputs and timeline (their own times stay the cost model's).
+    computed, copy_of = sample_replicas(plan, mode)
+    run_plan = plan if not copy_of else replace(
+        plan, replicas=tuple(plan.replicas[i] for i in computed))
+    w = None if weights is None else str(weights)
     engine = None
     if ray_address is None:
-        engine = Engine(plan, mode=mode, weights=None if weights is None else str(weights),
-                        serving=False, generate=gen, comm_timeout_s=comm_timeout_s,
-                        start_timeout_s=timeout_s)
+        engine = Engine(run_plan, mode=mode, weights=w, serving=False, generate=gen,
+                        comm_timeout_s=comm_timeout_s, start_timeout_s=timeout_s)
         lay = engine.layout
     else:
-        lay = stage_plan(plan, mode, weights=None if weights is None else str(weights),
-                         serving=False, generate=gen, comm_timeout_s=comm_timeout_s)
+        lay = stage_plan(run_plan, mode, weights=w, serving=False, generate=gen,
+                         comm_timeout_s=comm_timeout_s)
     notes += lay.notes
-    layouts = lay.layouts
+    layouts = {(computed[ri], si): v for (ri, si), v in lay.layouts.items()}
+    for r, i in copy_of.items():
+        layouts.update({(r, si): layouts[i, si] for si in range(len(plan.replicas[r].stages))
+                        if (i, si) in layouts})
     stage_specs = [s for rep in lay.replicas for s in rep]
-    specs = [_run_spec(s, lay.replicas[s.replica], n=n, warmup=warmup, probes=probes,
-                       per_request=per_request, steps=steps if gen else None,
-                       comm_timeout_s=comm_timeout_s) for s in stage_specs]
-    inputs: list[Any] = [feeds[s.replica * n:(s.replica + 1) * n] if s.stage == 0 else None
-                         for s in specs]
+    run_specs = [_run_spec(s, lay.replicas[s.replica], n=n, warmup=warmup, probes=probes,
+                           per_request=per_request, steps=steps if gen else None,
+                           comm_timeout_s=comm_timeout_s) for s in stage_specs]
+    specs = _all_specs(plan, run_specs, computed, copy_of)
+    feed_of = {r: copy_of.get(r, r) for r in range(len(plan.replicas))}
+    feeds = [x for r in range(len(plan.replicas))
+             for x in feeds[feed_of[r] * n:(feed_of[r] + 1) * n]]
+    inputs: list[Any] = [feeds[computed[s.replica] * n:(computed[s.replica] + 1) * n]
+                         if s.stage == 0 else None for s in run_specs]
+    if copy_of:
+        notes.append(f"{len(computed)} of {len(plan.replicas)} replicas computed on the host; "
+                     f"the other {len(copy_of)} (emulated, of the same layers and shards as a "
+                     "computed one) took its outputs and timeline, their times modeled")
 
     # The cost model's times of emulated stages (before starting workers: errors come early).
     # ... and the power each stage's devices draw (the cost model's, for the energy figures).
@@ -244,17 +261,24 @@ def execute(
     power: dict[int, tuple[float, float]] = {}  # lead rank -> (busy W, idle W) per device
     step_costs: dict[int, tuple[float, float]] = {}  # lead rank -> (prefill, decode step) s
     power_estimated = False  # built on a power figure without a primary source
+    stage_costs: dict[tuple[Any, ...], Any] = {}
     for sp in specs:
         if not sp.leads:
             continue
         st = plan.replicas[sp.replica].stages[sp.stage]
-        cost, dev = _stage_cost(graph, st.device_type, st.precision, plan.micro_batch,
-                                st.start, st.end, st.tp)
+        key = (st.device_type, st.precision, st.start, st.end, st.tp)
+        if key not in stage_costs:  # replicas of one device type share their figures
+            stage_costs[key] = _stage_cost(graph, st.device_type, st.precision,
+                                           plan.micro_batch, st.start, st.end, st.tp)
+            if dec_graph is not None:
+                stage_costs[("decode", *key)] = _stage_cost(
+                    dec_graph, st.device_type, st.precision, plan.micro_batch, st.start,
+                    st.end, st.tp)
+        cost, dev = stage_costs[key]
         power[sp.rank] = (cost.power_w(dev), dev.idle_power_w.value)
         power_estimated |= dev.max_power_w.estimated or dev.idle_power_w.estimated
         if dec_graph is not None:
-            dec, _ = _stage_cost(dec_graph, st.device_type, st.precision, plan.micro_batch,
-                                 st.start, st.end, st.tp)
+            dec, _ = stage_costs[("decode", *key)]
             step_costs[sp.rank] = (cost.time_s, dec.time_s)
         if sp.backend == "emulated":  # a generation: its prefill, then steps - 1 decode steps
             modeled[sp.rank] = cost.time_s + (
@@ -263,10 +287,11 @@ def execute(
     if ray_address is not None:
         from kcloud.runtime.ray_executor import run_on_ray
 
-        results = run_on_ray(stage_specs, specs, inputs, timeout_s, ray_address)
+        ran = run_on_ray(stage_specs, run_specs, inputs, timeout_s, ray_address)
     else:
         assert engine is not None
-        results = _run_on_engine(engine, specs, inputs, timeout_s)
+        ran = _run_on_engine(engine, run_specs, inputs, timeout_s)
+    results = _spread(ran, plan, specs, run_specs, computed, copy_of)
 
     # Reference: the whole model in this process, micro-batch by micro-batch.
     outputs: list[Any] = []
@@ -280,7 +305,9 @@ def execute(
     err = 0.0
     same_tokens = True
     with torch.inference_mode():
-        for x, got in zip(feeds, outputs, strict=True):
+        for k, (x, got) in enumerate(zip(feeds, outputs, strict=True)):
+            if k // n in copy_of:  # a copy of a computed replica's outputs
+                continue
             if gen:  # the same tokens, and every step's logits close
                 ref_tokens, ref_logits = reference_generate(module, x[0], steps)
                 same_tokens &= torch.equal(ref_tokens, got[0])
@@ -515,6 +542,57 @@ class Results:
         if len(self.done) < len(self.specs):
             raise failure(self.specs, self.errors, self.done, self.died)
         return self.done
+
+
+def sample_replicas(plan: Plan, mode: str) -> tuple[list[int], dict[int, int]]:
+    """The replicas a run computes, and each other replica's computed twin: replicas whose
+    stages are all emulated and have the same layers and widths compute alike on the host."""
+    computed: list[int] = []
+    seen: dict[tuple[Any, ...], int] = {}
+    copy_of: dict[int, int] = {}
+    for ri, rep in enumerate(plan.replicas):
+        emulated = all(backends.choose(st.device_type, mode, st.devices[0]).name == "emulated"
+                       for st in rep.stages)
+        key = tuple((st.start, st.end, st.tp) for st in rep.stages)  # host numerics: fp32
+        if emulated and key in seen:
+            copy_of[ri] = seen[key]
+            continue
+        if emulated:
+            seen[key] = ri
+        computed.append(ri)
+    return computed, copy_of
+
+
+def _all_specs(plan: Plan, run_specs: list[WorkerSpec], computed: list[int],
+               copy_of: dict[int, int]) -> list[WorkerSpec]:
+    """Every replica's workers (ranks numbered over the whole plan): a computed replica's
+    are the ones that ran, a copy's are its twin's on its own devices."""
+    by_replica: dict[int, list[WorkerSpec]] = {}
+    for s in run_specs:
+        by_replica.setdefault(computed[s.replica], []).append(s)
+    out: list[WorkerSpec] = []
+    for ri, rep in enumerate(plan.replicas):
+        twin = by_replica[copy_of.get(ri, ri)]
+        first = len(out)
+        base = twin[0].rank
+        for s in twin:
+            st = rep.stages[s.stage]
+            out.append(replace(
+                s, rank=first + s.rank - base, replica=ri, device=st.devices[s.tp_rank],
+                device_type=st.device_type,
+                group=tuple(first + g - base for g in s.group),
+                prev=None if s.prev is None else first + s.prev - base,
+                next=None if s.next is None else first + s.next - base))
+    return out
+
+
+def _spread(ran: dict[int, tuple[bytes | None, list[Any]]], plan: Plan, specs: list[WorkerSpec],
+            run_specs: list[WorkerSpec], computed: list[int],
+            copy_of: dict[int, int]) -> dict[int, tuple[bytes | None, list[Any]]]:
+    """The results of every replica's workers: the computed ones', and each copy's twin's."""
+    by_slot = {(computed[s.replica], s.stage, s.tp_rank): ran[s.rank] for s in run_specs}
+    return {s.rank: by_slot[copy_of.get(s.replica, s.replica), s.stage, s.tp_rank]
+            for s in specs}
 
 
 def _run_spec(s: StageSpec, replica: list[StageSpec], *, n: int, warmup: int, probes: int,
