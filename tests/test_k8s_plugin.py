@@ -41,8 +41,9 @@ def _host(root: Path, n: int = 4) -> dict:
         node = root / "dev" / "rngd" / f"npu{i}"
         node.parent.mkdir(parents=True, exist_ok=True)
         node.touch()
-        devices.append({"id": f"rngd{i}", "type": "furiosa-rngd", "pci": f"0000:{0x17 + i:02x}:00.0",
-                        "numa": i // 2, "dev": [f"/dev/rngd/npu{i}"]})
+        devices.append({"id": f"rngd{i}", "type": "furiosa-rngd",
+                        "pci": f"0000:{0x17 + i:02x}:00.0", "numa": i // 2,
+                        "dev": [f"/dev/rngd/npu{i}"]})
     links = [[f"rngd{i}", f"rngd{i + 1}"] for i in range(0, n - 1, 2)]
     return {"node": "npu-0", "devices": devices, "links": links,
             "mounts": {"furiosa-rngd": [{"host": "/opt/furiosa", "container": "/opt/furiosa"}]}}
@@ -79,7 +80,8 @@ def test_registers_lists_allocates_sees_health_and_kubelet_restart(short_dir: Pa
             assert c.envs["KCLOUD_VISIBLE_DEVICES"] == "rngd0,rngd1"
             assert c.envs["KCLOUD_DEVICE_TYPE"] == "furiosa-rngd"
             assert [(d.host_path, d.container_path, d.permissions) for d in c.devices] == [
-                ("/dev/rngd/npu0", "/dev/rngd/npu0", "rw"), ("/dev/rngd/npu1", "/dev/rngd/npu1", "rw")]
+                ("/dev/rngd/npu0", "/dev/rngd/npu0", "rw"),
+                ("/dev/rngd/npu1", "/dev/rngd/npu1", "rw")]
             assert [(m.host_path, m.container_path, m.read_only) for m in c.mounts] == [
                 ("/opt/furiosa", "/opt/furiosa", True)]
             with pytest.raises(grpc.RpcError) as err:
@@ -248,12 +250,12 @@ def test_discovery_from_a_fake_sysfs_tree(tmp_path: Path) -> None:
 
 
 def test_bad_inventories_name_the_field(tmp_path: Path) -> None:
-    with pytest.raises(InventoryError, match="devices.0.type: unknown device 'furiosa-rngx'"):
+    with pytest.raises(InventoryError, match=r"devices\.0\.type: unknown device 'furiosa-rngx'"):
         inventory_from_dict({"node": "n", "devices": [{"id": "a", "type": "furiosa-rngx"}]})
-    with pytest.raises(InventoryError, match="partitions.furiosa-rngd: no partition '3pe'"):
+    with pytest.raises(InventoryError, match=r"partitions\.furiosa-rngd: no partition '3pe'"):
         inventory_from_dict({"node": "n", "devices": [{"id": "a", "type": "furiosa-rngd"}],
                              "partitions": {"furiosa-rngd": "3pe"}})
-    with pytest.raises(InventoryError, match="links.0: unknown device 'b'"):
+    with pytest.raises(InventoryError, match=r"links\.0: unknown device 'b'"):
         inventory_from_dict({"node": "n", "devices": [{"id": "a", "type": "furiosa-rngd"}],
                              "links": [["a", "b"]]})
     with pytest.raises(InventoryError, match="'a' is listed twice"):
@@ -299,7 +301,7 @@ def test_cli_serves_and_exits_cleanly_on_sigterm(short_dir: Path) -> None:
     inv = short_dir / "inv.yaml"
     inv.write_text(yaml.safe_dump(_host(root, 2)))
     kubelet = StubKubelet(kdir).start()
-    proc = subprocess.Popen([sys.executable, "-m", "kcloud", "k8s", "device-plugin",
+    proc = subprocess.Popen([sys.executable, "-m", "kcloud.cli", "k8s", "device-plugin",
                              "--kubelet-dir", str(kdir), "--inventory", str(inv),
                              "--root", str(root)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
