@@ -27,7 +27,7 @@ from kcloud.k8s.manifests import (
     write,
 )
 from kcloud.k8s.validate import ManifestInvalid, build_schemas, validate_file, validate_manifest
-from kcloud.k8s.vm import VmOptions, virt_xml_validate, vfio_resource, write_vms
+from kcloud.k8s.vm import VmOptions, vfio_resource, virt_xml_validate, write_vms
 from kcloud.planner import Goal, Plan, make_plan
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_an_invalid_manifest_is_refused(plans: dict[str, Plan]) -> None:
         validate_manifest(rc)
     ds = copy.deepcopy(files["device-plugin.yaml"][-1])
     ds["spec"]["template"]["spec"]["containers"][0]["ports"] = [{"containerPort": "http"}]
-    with pytest.raises(ManifestInvalid, match="Kubernetes 1.32.0"):
+    with pytest.raises(ManifestInvalid, match=r"Kubernetes 1\.32\.0"):
         validate_manifest(ds)
     cm = copy.deepcopy(files["plan-configmap.yaml"][0])
     cm["metadata"]["name"] = "Bad_Name"
