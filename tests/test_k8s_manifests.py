@@ -66,8 +66,35 @@ def test_manifests_of_builtin_clusters_validate(plans: dict[str, Plan], cluster:
     assert sorted(kust["resources"]) == sorted(files)
     assert ("serve.yaml" in files) is serve
 
-    rc = files["raycluster.yaml"][0]
     groups = plan_groups(plan)
+    one_node = len({n for g in groups for n in g.nodes}) == 1
+    assert one_node is (cluster == "gpu-dgx")  # both forms are covered
+    # every device of the plan is asked for once
+    assert sum(g.per_node * len(g.nodes) for g in groups) == len(plan.devices)
+    cm = files["plan-configmap.yaml"][0]
+    assert Plan.from_json(cm["data"]["plan.json"]) == plan
+    kinds = [d["kind"] for d in files["device-plugin.yaml"]]
+    assert kinds == ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet"]
+    ns, quota, policy = files["tenant-acme.yaml"]
+    assert ns["metadata"]["name"] == "acme"
+    assert quota["spec"]["hard"] == {"requests.furiosa.ai/rngd": "8"}
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    pdb = files["pdb.yaml"][0]
+    if serve:
+        dep, svc = files["serve.yaml"]
+        pod = dep["spec"]["template"]["spec"]["containers"][0]
+        assert pod["command"][:4] == ["kcloud", "serve", "--plan", "/etc/kcloud/plan.json"]
+        assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    if serve and one_node:  # one pod holds the plan's devices and runs its workers
+        assert "raycluster.yaml" not in files and "--ray" not in pod["command"]
+        for g in groups:
+            assert pod["resources"]["limits"][get_device(g.device_type).k8s_resource] == \
+                str(g.per_node)
+        assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+        return
+    if serve:
+        assert pod["command"][-2:] == ["--ray", "ray://demo-ray:10001"]
+    rc = files["raycluster.yaml"][0]
     workers = rc["spec"]["workerGroupSpecs"]
     assert len(workers) == len(groups) == len({g.device_type for g in groups})
     for g, w in zip(groups, workers, strict=True):
@@ -77,24 +104,7 @@ def test_manifests_of_builtin_clusters_validate(plans: dict[str, Plan], cluster:
         assert w["replicas"] == len(g.nodes)
         ray = json.loads(w["rayStartParams"]["resources"].strip("'"))
         assert ray == {f"{RAY_RESOURCE_PREFIX}{g.device_type}": g.per_node}
-    # every device of the plan is asked for once
-    asked = sum(g.per_node * len(g.nodes) for g in groups)
-    assert asked == len(plan.devices)
-    cm = files["plan-configmap.yaml"][0]
-    assert Plan.from_json(cm["data"]["plan.json"]) == plan
-    pdb = files["pdb.yaml"][0]
     assert pdb["spec"]["minAvailable"] == sum(w["replicas"] for w in workers)
-    kinds = [d["kind"] for d in files["device-plugin.yaml"]]
-    assert kinds == ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet"]
-    ns, quota, policy = files["tenant-acme.yaml"]
-    assert ns["metadata"]["name"] == "acme"
-    assert quota["spec"]["hard"] == {"requests.furiosa.ai/rngd": "8"}
-    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
-    if serve:
-        dep, svc = files["serve.yaml"]
-        cmd = dep["spec"]["template"]["spec"]["containers"][0]["command"]
-        assert cmd[:4] == ["kcloud", "serve", "--plan", "/etc/kcloud/plan.json"]
-        assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
 
 
 def test_ray_resource_names_are_the_runtimes() -> None:
@@ -225,8 +235,7 @@ def test_cli_manifests_and_vm(plans: dict[str, Plan], tmp_path: Path) -> None:
     (line,) = out.stdout.strip().splitlines()
     d = json.loads(line)
     assert d["validated"]["kubernetes"] == "1.32.0"
-    assert {Path(f["path"]).name for f in d["files"]} >= {"raycluster.yaml", "serve.yaml",
-                                                         "tenant-acme.yaml"}
+    assert {Path(f["path"]).name for f in d["files"]} >= {"serve.yaml", "tenant-acme.yaml"}
     quota = _docs(tmp_path / "m")["tenant-acme.yaml"][1]
     assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "4"}
     out = _kcloud(["k8s", "vm", str(plan_file), "-o", str(tmp_path / "v"), "--json"])

@@ -1,8 +1,8 @@
 """Kubernetes manifests from a plan: a KubeRay RayCluster with one worker group per device type,
 the plan as a ConfigMap, a Service, a PodDisruptionBudget, the device plug-in as a DaemonSet with
-its RBAC, a `kcloud serve` Deployment and Service (`serve=True`), and per tenant a Namespace, a
-ResourceQuota on the device resources and a NetworkPolicy that isolates it. The output folder is
-a kustomize base (`kustomization.yaml` lists every file).
+its RBAC, a `kcloud serve` Deployment and Service (`serve=True`; see `build_manifests`), and per
+tenant a Namespace, a ResourceQuota on the device resources and a NetworkPolicy that isolates it.
+The output folder is a kustomize base (`kustomization.yaml` lists every file).
 
 Every document is validated (`kcloud.k8s.validate`) before anything is written.
 
@@ -235,26 +235,48 @@ def worker_pdb(o: Options, groups: list[Group]) -> dict[str, Any]:
                                                   "ray.io/node-type": "worker"}}}}
 
 
-def serve_deployment(o: Options) -> dict[str, Any]:
+def serve_deployment(o: Options, groups: list[Group] | None) -> dict[str, Any]:
+    """`kcloud serve` of the plan. `groups` given: the plan fits one node, and the pod holds
+    every device of it and runs the workers itself; None: the workers are the RayCluster's,
+    reached through the Ray head's client port (`kcloud serve --ray`)."""
     vol, mount = _plan_volume(o)
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10}
     ready = {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5}
     labels = _labels(o, "serve")
+    cmd = ["kcloud", "serve", "--plan", f"{PLAN_MOUNT}/{PLAN_FILE}", "--mode", "real",
+           "--host", "0.0.0.0", "--port", str(SERVE_PORT)]
+    if groups is None:
+        cmd += ["--ray", f"ray://{o.name}-ray:{RAY_CLIENT_PORT}"]
+        resources: dict[str, Any] = {"requests": {"cpu": "2", "memory": "4Gi"},
+                                     "limits": {"memory": "4Gi"}}
+    else:
+        resources = {"requests": {}, "limits": {}}
+        cpu = mem = 0
+        for g in groups:
+            r = _resources(g)
+            cpu += int(r["requests"].pop("cpu"))
+            mem += int(r["requests"].pop("memory").removesuffix("Gi"))
+            r["limits"].pop("memory")
+            resources["requests"].update(r["requests"])
+            resources["limits"].update(r["limits"])
+        resources["requests"].update({"cpu": str(cpu), "memory": f"{mem}Gi"})
+        resources["limits"]["memory"] = f"{mem}Gi"
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _meta(o, f"{o.name}-serve", "serve"),
             "spec": {"replicas": 1, "selector": {"matchLabels": labels},
                      "template": {"metadata": {"labels": labels}, "spec": {
                          "containers": [{
-                             "name": "serve", "image": o.image,
-                             "command": ["kcloud", "serve", "--plan", f"{PLAN_MOUNT}/{PLAN_FILE}",
-                                         "--ray", f"ray://{o.name}-ray:{RAY_CLIENT_PORT}",
-                                         "--host", "0.0.0.0", "--port", str(SERVE_PORT)],
+                             "name": "serve", "image": o.image, "command": cmd, "env": _env(o),
                              "ports": [{"name": "http", "containerPort": SERVE_PORT}],
                              "livenessProbe": probe, "readinessProbe": ready,
-                             "resources": {"requests": {"cpu": "2", "memory": "4Gi"},
-                                           "limits": {"memory": "4Gi"}},
-                             "volumeMounts": [mount]}],
+                             "resources": resources, "volumeMounts": [mount]}],
                          "volumes": [vol]}}}}
+
+
+def serve_pdb(o: Options) -> dict[str, Any]:
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": _meta(o, f"{o.name}-serve", "serve"),
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": _labels(o, "serve")}}}
 
 
 def serve_service(o: Options) -> dict[str, Any]:
@@ -356,17 +378,25 @@ def plan_partitions(groups: Iterable[Group]) -> dict[str, str]:
 
 
 def build_manifests(plan: Plan, o: Options) -> dict[str, list[dict[str, Any]]]:
-    """File name -> documents, each validated."""
+    """File name -> documents, each validated.
+
+    Without `serve`: the RayCluster that runs the plan's workers, its head's Service and the
+    workers' PodDisruptionBudget. With `serve`, a plan on one node becomes one `kcloud serve`
+    pod holding all its devices (no Ray); a plan across nodes keeps the RayCluster and adds the
+    `kcloud serve` Deployment that drives it."""
     groups = plan_groups(plan)
-    files: dict[str, list[dict[str, Any]]] = {
-        "plan-configmap.yaml": [plan_configmap(plan, o)],
-        "raycluster.yaml": [raycluster(plan, o, groups)],
-        "ray-service.yaml": [ray_service(o)],
-        "pdb.yaml": [worker_pdb(o, groups)],
-        "device-plugin.yaml": device_plugin(o, plan_partitions(groups)),
-    }
-    if o.serve:
-        files["serve.yaml"] = [serve_deployment(o), serve_service(o)]
+    one_node = len({n for g in groups for n in g.nodes}) == 1
+    files: dict[str, list[dict[str, Any]]] = {"plan-configmap.yaml": [plan_configmap(plan, o)]}
+    if o.serve and one_node:
+        files["serve.yaml"] = [serve_deployment(o, groups), serve_service(o)]
+        files["pdb.yaml"] = [serve_pdb(o)]
+    else:
+        files["raycluster.yaml"] = [raycluster(plan, o, groups)]
+        files["ray-service.yaml"] = [ray_service(o)]
+        files["pdb.yaml"] = [worker_pdb(o, groups)]
+        if o.serve:
+            files["serve.yaml"] = [serve_deployment(o, None), serve_service(o)]
+    files["device-plugin.yaml"] = device_plugin(o, plan_partitions(groups))
     for t in o.tenants:
         files[f"tenant-{dns_label(t.name)}.yaml"] = tenant_docs(t, o)
     for docs in files.values():
