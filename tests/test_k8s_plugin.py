@@ -318,3 +318,64 @@ def test_cli_serves_and_exits_cleanly_on_sigterm(short_dir: Path) -> None:
             proc.kill()
             proc.wait()
         kubelet.stop()
+
+
+class _FakeApi:
+    """A Kubernetes API stand-in on 127.0.0.1: GET /api/v1/nodes/NAME with a bearer token."""
+
+    def __init__(self, nodes: dict[str, dict[str, str]], token: str) -> None:
+        import http.server
+        import json
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                name = self.path.removeprefix("/api/v1/nodes/")
+                if self.headers.get("Authorization") != f"Bearer {token}":
+                    code, body = 401, {"kind": "Status", "code": 401}
+                elif name in nodes:
+                    code, body = 200, {"kind": "Node", "metadata": {"name": name,
+                                                                    "labels": nodes[name]}}
+                else:
+                    code, body = 404, {"kind": "Status", "code": 404}
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_partitions_from_the_nodes_labels(tmp_path: Path) -> None:
+    from kcloud.errors import KCloudError
+    from kcloud.k8s.nodeinfo import node_partitions
+
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    api = _FakeApi({"npu-7": {"kcloud.io/partition.furiosa-rngd": "4core.24gb",
+                              "kubernetes.io/hostname": "npu-7"}}, "s3cret")
+    try:
+        profiles = node_partitions("npu-7", api.url, token)
+        assert profiles == {"furiosa-rngd": "4core.24gb"}
+        _fake_sysfs(tmp_path)
+        inv = discover(tmp_path, node="npu-7", partitions=profiles)
+        assert list(resource_units(inv)) == ["furiosa.ai/rngd-4core.24gb"]
+        with pytest.raises(KCloudError, match="answered 404"):
+            node_partitions("npu-8", api.url, token)
+        token.write_text("wrong")
+        with pytest.raises(KCloudError, match="get` on nodes"):
+            node_partitions("npu-7", api.url, token)
+    finally:
+        api.close()

@@ -56,6 +56,9 @@ def device_plugin(
                                                   "hostname)")] = None,
     partition: Annotated[list[str] | None, typer.Option(
         help="TYPE=PROFILE: advertise TYPE's devices as partitions (with --discover)")] = None,
+    partitions_from_node: Annotated[bool, typer.Option(
+        "--partitions-from-node", help="Also take profiles from the node's "
+        "kcloud.io/partition.TYPE labels (Kubernetes API; --partition wins)")] = False,
     health_interval: Annotated[float, typer.Option(help="Seconds between health checks")] = 5.0,
 ) -> None:
     """Serve the kubelet device plug-in API for this node's accelerators until SIGTERM."""
@@ -69,12 +72,21 @@ def device_plugin(
     if health_interval <= 0:
         raise KCloudError("--health-interval must be > 0", "e.g. --health-interval 5")
     if inventory is not None:
-        if partition:
-            raise KCloudError("--partition goes with --discover",
+        if partition or partitions_from_node:
+            raise KCloudError("--partition and --partitions-from-node go with --discover",
                               "give partitions: in the inventory file")
         inv = load_inventory(inventory, root)
     else:
-        inv = discover_devices(root, node, _pairs(partition, "--partition"))
+        profiles = _pairs(partition, "--partition")
+        if partitions_from_node:
+            import os
+            import socket
+
+            from kcloud.k8s.nodeinfo import node_partitions
+
+            name = node or os.environ.get("NODE_NAME") or socket.gethostname()
+            profiles = {**node_partitions(name), **profiles}
+        inv = discover_devices(root, node, profiles)
     logging.basicConfig(level=logging.INFO, format="kcloud device-plugin: %(message)s")
     plugin = DevicePlugin(inv, kubelet_dir, health_interval_s=health_interval)
     stop = threading.Event()

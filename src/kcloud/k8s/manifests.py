@@ -287,11 +287,13 @@ def serve_service(o: Options) -> dict[str, Any]:
 
 
 def device_plugin(o: Options, partitions: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The device plug-in on every node, with its ServiceAccount and read access to nodes."""
+    """The device plug-in on every node, with its ServiceAccount and `get` on nodes (it reads
+    its node's `kcloud.io/partition.<type>` labels; `--partition` flags from the plan win)."""
     name = "kcloud-device-plugin"
     labels = {"app.kubernetes.io/name": "kcloud-device-plugin",
               "app.kubernetes.io/instance": o.name}
-    args = ["kcloud", "k8s", "device-plugin", "--discover", "--kubelet-dir", o.kubelet_dir]
+    args = ["kcloud", "k8s", "device-plugin", "--discover", "--partitions-from-node",
+            "--kubelet-dir", o.kubelet_dir]
     for dtype, profile in sorted(partitions.items()):
         args += ["--partition", f"{dtype}={profile}"]
     role = f"{o.namespace}-{name}"
