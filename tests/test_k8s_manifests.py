@@ -222,9 +222,13 @@ def test_carried_schemas_are_the_shared_upstream_ones(tmp_path: Path) -> None:
         assert p.read_bytes() == (SCHEMA_DIR / p.name).read_bytes(), p.name
 
 
-def _kcloud(args: list[str]) -> subprocess.CompletedProcess[str]:
+def _kcloud(args: list[str], env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    import os
+
     return subprocess.run([sys.executable, "-c", "from kcloud.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
 
 
 def test_cli_manifests_and_vm(plans: dict[str, Plan], tmp_path: Path) -> None:
@@ -252,12 +256,14 @@ def test_cli_manifests_and_vm(plans: dict[str, Plan], tmp_path: Path) -> None:
     (["k8s", "device-plugin", "--inventory", "nope.yaml"], "no inventory file"),
     (["k8s", "device-plugin", "--discover", "--root", "/nonexistent"], "no PCI devices folder"),
     (["k8s", "device-plugin", "--discover", "--partition", "furiosa-rngd"], "TYPE=VALUE"),
+    (["k8s", "device-plugin", "--discover", "--partitions-from-node"],
+     "KUBERNETES_SERVICE_HOST is not set"),
 ])
 def test_cli_bad_input_is_one_line(plans: dict[str, Plan], tmp_path: Path, args: list[str],
                                    says: str) -> None:
     plan_file = plans["gpu-dgx"].save(tmp_path / "plan.json")
     args = [str(plan_file) if a == "PLAN" else a for a in args]
-    out = _kcloud(args)
+    out = _kcloud(args, env={"KUBERNETES_SERVICE_HOST": ""})
     assert out.returncode == 2, out.stderr
     assert says in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

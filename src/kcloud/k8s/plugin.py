@@ -342,8 +342,12 @@ class DevicePlugin:
 
     def _loop(self) -> None:
         last_health = time.monotonic()
+        waiting_logged = False
         while not self.stopping.is_set():
             kubelet = self._kubelet_socket_id()
+            if kubelet is None and not waiting_logged:
+                log.info("waiting for the kubelet's socket %s", self.kubelet_dir / KUBELET_SOCKET)
+            waiting_logged = kubelet is None
             if kubelet is not None and kubelet != self._kubelet_id:
                 if self._kubelet_id is not None:
                     log.info("the kubelet restarted: serving and registering again")
