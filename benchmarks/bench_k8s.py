@@ -8,7 +8,8 @@ clock, median and p99):
 
 - `Allocate` of 1 and of all devices (device nodes, mounts and environment built per call);
 - `ListAndWatch`: opening a stream until its first device list, and a health change (a device
-  node removed, the check run) until the stream delivers the new list;
+  node removed, the check run) until the stream delivers the new list (one way: pushed on the
+  open stream, no request leg);
 - beside them, the baseline: `GetDevicePluginOptions`, a call that does no work, i.e. gRPC's
   own round trip on this socket. For scale, the kubelet (pkg/kubelet/cm/devicemanager) dials
   a plug-in with a 10 s timeout and gives PreStartContainer 30 s; Allocate has no deadline.
