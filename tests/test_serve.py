@@ -115,8 +115,9 @@ def _plan(tmp_path: Path, model: str, replicas: int = 1, stages: int = 1) -> Pat
     """A plan of `replicas` replicas of `stages` stages on emulated RNGDs."""
     from kcloud.runtime.model import layer_graph
 
-    g = layer_graph(model, batch=1, seq_len=16, phase="prefill" if zoo.model_info(model).is_llm
-                    else None)
+    llm = zoo.model_info(model).is_llm
+    g = layer_graph(model, batch=1, seq_len=16 if llm else None,
+                    phase="prefill" if llm else None)
     n = len(g.layers)
     cuts = [round(i * n / stages) for i in range(stages + 1)]
     reps = tuple(Replica(tuple(
@@ -124,7 +125,6 @@ def _plan(tmp_path: Path, model: str, replicas: int = 1, stages: int = 1) -> Pat
         for i in range(stages))) for r in range(replicas))
     from kcloud.planner.plan import Predicted
 
-    llm = zoo.model_info(model).is_llm
     plan = Plan(model=model, cluster="k-cloud-rack", objective="latency", batch=1,
                 micro_batch=1, seq_len=16 if llm else None,
                 phase="prefill" if llm else "forward", n_layers=n, replicas=reps,
