@@ -41,6 +41,13 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def runs_code(spec: str) -> bool:
+    """Whether loading `spec` runs Python code of the user's (a `file.py:factory`); zoo names
+    and ONNX files are data."""
+    file_part, colon, _ = spec.rpartition(":")
+    return bool(colon) and file_part.endswith(".py") and not is_zoo_model(spec)
+
+
 def load_model_spec(
     spec: str,
     *,

@@ -192,6 +192,9 @@ def capture_onnx(path: str | Path, *, batch: int | None = None, seq_len: int | N
     except Exception as exc:
         raise CaptureError(f"cannot read {path} as ONNX: {_one_line(exc)}",
                            "check that the file is an ONNX model") from exc
+    if not model.graph.node:
+        raise CaptureError(f"{path} holds no ONNX graph (no nodes; {path.stat().st_size} bytes)",
+                           "check that the file is an exported ONNX model")
     _fix_inputs(model, path, batch, seq_len)
     try:
         model = shape_inference.infer_shapes(model, data_prop=True)

@@ -27,7 +27,6 @@ import os
 import queue as queue_mod
 import socket
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +36,9 @@ import torch
 import torch.multiprocessing as mp
 
 from kcloud.errors import KCloudError
+from kcloud.inputs import MAX_RUN_INPUT_BYTES
 from kcloud.planner.plan import Plan
-from kcloud.runtime import backends
+from kcloud.runtime import backends, lifecycle
 from kcloud.runtime.generate import (
     GenSpec,
     GenStage,
@@ -184,6 +184,7 @@ def execute(
     trace_path: str | os.PathLike[str] | None = "kcloud-trace.json",
     timeout_s: float = 600.0,
     comm_timeout_s: float = 60.0,
+    worker_timeout_s: float = 10.0,
     ray_address: str | None = None,
     warmup: int = 2,
     probes: int | None = None,
@@ -217,6 +218,12 @@ def execute(
                                     phase=plan.phase)
     if weights is not None:
         load_checkpoint(module, weights)
+    need = n * len(plan.replicas) * sum(t.numel() * t.element_size() for t in example
+                                        if isinstance(t, torch.Tensor))
+    if need > MAX_RUN_INPUT_BYTES:  # the micro-batches are made here, before the workers
+        raise KCloudError(f"{n:,} micro-batches per replica hold {need / 2**30:,.1f} GiB of "
+                          f"inputs, more than a run makes ({MAX_RUN_INPUT_BYTES / 2**30:g} GiB)",
+                          "run fewer micro-batches (--batches)")
     feeds = micro_batches(example, n * len(plan.replicas))
     notes: list[str] = []
     graph = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
@@ -365,7 +372,7 @@ def execute(
 
         results = run_on_ray(specs, states, inputs, timeout_s, ray_address)
     else:
-        results = _run_workers(specs, states, inputs, timeout_s)
+        results = _run_workers(specs, states, inputs, timeout_s, worker_timeout_s)
 
     # Reference: the whole model in this process, micro-batch by micro-batch.
     outputs: list[Any] = []
@@ -601,8 +608,11 @@ class Results:
 
     GRACE_S = 0.5
 
-    def __init__(self, specs: list[WorkerSpec], timeout_s: float) -> None:
+    def __init__(self, specs: list[WorkerSpec], timeout_s: float,
+                 worker_timeout_s: float | None = None) -> None:
         self.specs = specs
+        self.beats = None if worker_timeout_s is None else lifecycle.Heartbeats(
+            [s.rank for s in specs], worker_timeout_s)
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
         self.done: dict[int, tuple[bytes | None, list[Any]]] = {}
@@ -611,8 +621,12 @@ class Results:
         self.failed_at: float | None = None
 
     def take(self, res: WorkerResult) -> None:
-        """A worker's result: ("done", rank, outputs, events) or ("error", rank, text, comm)."""
-        if res[0] == "done":
+        """A worker's result: ("done", rank, outputs, events) or ("error", rank, text, comm);
+        or its heartbeat, ("beat", rank)."""
+        if res[0] == "beat":
+            if self.beats is not None:
+                self.beats.beat(res[1])
+        elif res[0] == "done":
             self.done[res[1]] = (res[2], res[3])
         else:
             self.errors.append((res[1], res[2], res[3]))
@@ -638,8 +652,15 @@ class Results:
         if self.failed_at is not None and now - self.failed_at > self.GRACE_S:
             return True
         if now > self.deadline:
-            raise KCloudError(f"the run did not finish within {self.timeout_s:.0f} s",
-                              "run fewer micro-batches (--batches) or check the stages")
+            raise KCloudError(f"the run did not finish within {self.timeout_s:g} s",
+                              "run fewer micro-batches (--batches) or raise --timeout")
+        hung = None if self.beats is None else self.beats.silent(
+            lambda r: self.reported(r) or r in self.died)
+        if hung is not None:
+            s = self.specs[hung[0]]
+            raise KCloudError(f"{s.label} ({s.device_type}, {s.backend}) stopped responding: "
+                              f"no heartbeat for {hung[1]:.1f} s (stopped or hung)",
+                              "check that process, or raise --worker-timeout")
         return False
 
     def outcome(self) -> dict[int, tuple[bytes | None, list[Any]]]:
@@ -650,27 +671,30 @@ class Results:
 
 
 def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes | None],
-                 timeout_s: float) -> dict[int, tuple[bytes | None, list[Any]]]:
+                 timeout_s: float, worker_timeout_s: float | None = None,
+                 ) -> dict[int, tuple[bytes | None, list[Any]]]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
+    # Workers die with the driver (`lifecycle`); the run's directory goes on every way out.
+    lifeline = lifecycle.Lifeline(ctx)
+    stack = contextlib.ExitStack()
+    tmp = stack.enter_context(lifecycle.run_dir("kcloud-run-"))
     # Weights and inputs go through files, so that starting a worker never blocks on a pipe.
-    tmp = tempfile.TemporaryDirectory(prefix="kcloud-run-")
     args = []
     for s, st, x in zip(specs, states, inputs, strict=True):
-        sp = Path(tmp.name) / f"state{s.rank}.pt"
+        sp = tmp / f"state{s.rank}.pt"
         sp.write_bytes(st)
         xp = None
         if x is not None:
-            xp = Path(tmp.name) / f"inputs{s.rank}.pt"
+            xp = tmp / f"inputs{s.rank}.pt"
             xp.write_bytes(x)
-        args.append((s, str(sp), None if xp is None else str(xp), results))
+        args.append((s, str(sp), None if xp is None else str(xp), results, lifeline))
     procs = [ctx.Process(target=_worker, args=a, daemon=True,
                          name=f"kcloud-stage-r{a[0].replica}s{a[0].stage}t{a[0].tp_rank}")
              for a in args]
-    got = Results(specs, timeout_s)
+    got = Results(specs, timeout_s, worker_timeout_s)
     try:
-        for p in procs:
-            p.start()
+        lifecycle.start(procs)
         while not got.over():
             with contextlib.suppress(queue_mod.Empty):
                 got.take(results.get(timeout=0.1))
@@ -683,7 +707,8 @@ def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[byte
         _reap(procs)
         results.close()
         results.cancel_join_thread()
-        tmp.cleanup()
+        lifeline.close()
+        stack.close()
 
 
 def failure(specs: list[WorkerSpec], errors: list[tuple[int, str, bool]],
