@@ -102,7 +102,7 @@ def load_rows(path: str | Path | None = None) -> list[Row]:
                 source=r["source"].strip(),
             ))
         except (ValueError, KCloudError) as exc:
-            msg = exc.message if isinstance(exc, KCloudError) else str(exc)
+            msg = exc.problem if isinstance(exc, KCloudError) else str(exc)
             raise KCloudError(f"{name} line {i}: {msg}", "fix the row") from None
     if not rows:
         raise KCloudError(f"{name} holds no rows, only its header",

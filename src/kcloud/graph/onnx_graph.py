@@ -10,7 +10,6 @@ on disk).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import onnx
 from onnx import helper, shape_inference
 
-from kcloud.errors import CaptureError
+from kcloud.errors import CaptureError, one_line
 from kcloud.graph.layergraph import Layer, LayerGraph, Op, OpClass, TPGroup, TPStyle
 
 _COMPUTE: dict[str, OpClass] = {
@@ -56,8 +55,7 @@ class _Layer:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = re.sub(r"\s+", " ", str(exc)).strip()
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+    return one_line(exc)
 
 
 def _fix_inputs(model: onnx.ModelProto, path: Path, batch: int | None,

@@ -177,12 +177,16 @@ def _default_intra_link(devices: list[Device]) -> Link:
 def cluster_from_dict(data: Any, source: str) -> Cluster:
     from kcloud.hardware.catalog import get_device
 
+    if not isinstance(data, dict):
+        raise KCloudError(f"cluster {source}: must hold a mapping (name, network, nodes)",
+                          "fix the cluster file (see `kcloud clusters show k-cloud-rack`)")
     try:
         spec = _ClusterSpec.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise KCloudError(f"cluster {source}: field {where}: {err['msg']}",
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise KCloudError(f"cluster {source}: field {where}: {msg[:1].lower()}{msg[1:]}",
                           "fix the cluster file (see `kcloud clusters show k-cloud-rack`)"
                           ) from None
     nodes: list[Node] = []

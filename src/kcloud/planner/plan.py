@@ -149,8 +149,9 @@ class Plan:
         """A plan from its JSON document, every field checked (`_PlanIn`): a file from
         someone else is data, and a bad one is a one-line error naming the field."""
         if not isinstance(d, dict):
-            raise KCloudError(f"not a K-Cloud plan (a JSON {type(d).__name__}, not an object)",
-                              _HINT)
+            kind = {list: "list", str: "string", bool: "true/false", type(None): "null"}.get(
+                type(d), "number")
+            raise KCloudError(f"not a K-Cloud plan (a JSON {kind}, not an object)", _HINT)
         if d.get("schema") != "kcloud.plan":
             raise KCloudError("not a K-Cloud plan (no schema 'kcloud.plan')",
                               "give a file written by `kcloud plan -o`")

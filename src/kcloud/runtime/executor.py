@@ -693,6 +693,7 @@ def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[byte
                          name=f"kcloud-stage-r{a[0].replica}s{a[0].stage}t{a[0].tp_rank}")
              for a in args]
     got = Results(specs, timeout_s, worker_timeout_s)
+    finished = False
     try:
         lifecycle.start(procs)
         while not got.over():
@@ -702,9 +703,11 @@ def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[byte
                 if p.exitcode not in (None, 0) and not got.reported(s.rank) \
                         and s.rank not in got.died:
                     got.lost(s.rank, f"exit code {p.exitcode}")  # its message may follow
-        return got.outcome()
+        out = got.outcome()
+        finished = True
+        return out
     finally:
-        _reap(procs)
+        _reap(procs, 2.0 if finished else 0.0)  # a failed or interrupted run waits for none
         results.close()
         results.cancel_join_thread()
         lifeline.close()
@@ -734,8 +737,8 @@ def failure(specs: list[WorkerSpec], errors: list[tuple[int, str, bool]],
     return KCloudError("a worker stopped without a result", "run again")
 
 
-def _reap(procs: list[Any]) -> None:
-    end = time.monotonic() + 2.0
+def _reap(procs: list[Any], grace_s: float = 2.0) -> None:
+    end = time.monotonic() + grace_s
     for p in procs:
         if p.pid is not None:
             p.join(timeout=max(0.0, end - time.monotonic()))

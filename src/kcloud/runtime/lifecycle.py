@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kcloud.errors import KCloudError
+from kcloud.errors import KCloudError, one_line
 
 BEAT_S = 0.5  # a worker's heartbeat period
 STARTUP_S = 120.0  # a child's start (interpreter, imports) on a loaded host, at most
@@ -281,10 +281,8 @@ def _child(lifeline: Lifeline, conn: Any, fn: Callable[..., Any], args: tuple[An
         out: tuple[str, Any] = ("ok", fn(*args))
     except KCloudError as exc:
         out = ("error", (exc.problem, exc.hint))
-    except BaseException as exc:
-        text = " ".join(str(exc).split())[:300]
-        out = ("error", (f"{type(exc).__name__}: {text}" if text else type(exc).__name__,
-                         None))
+    except BaseException as exc:  # any failure of user code becomes one line
+        out = ("error", (one_line(exc), None))
     try:
         conn.send(out)
     except Exception as exc:
