@@ -439,7 +439,9 @@ def execute(
         replicas=len(plan.replicas), max_abs_error=err, reference_ok=err < FP32_TOLERANCE,
         measured=measured,
         predicted={"latency_s": pred.latency_s, "throughput": pred.throughput,
-                   "unit": pred.unit, "figures": "modeled"},
+                   # the plan counts generated tokens when it generates: say so, as measured does
+                   "unit": "output tokens/s" if plan.output_tokens and pred.unit == "tokens/s"
+                   else pred.unit, "figures": "modeled"},
         stages=stages, trace_file=trace_file, notes=notes, outputs=outputs,
         schedule={s.device: (_gen_actions if gen else _actions)(timeline[s.rank])
                   for s in specs},
