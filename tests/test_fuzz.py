@@ -422,5 +422,5 @@ def test_any_value_in_a_cluster_file_loads_or_is_one_line(key: str, value: Any) 
     except KCloudError as exc:
         assert "\n" not in exc.message
         return
-    assert 1 <= c.size <= 65_536
+    assert 1 <= c.size <= 16_384
     assert math.isfinite(c.network.bandwidth) and c.network.bandwidth > 0

@@ -110,4 +110,5 @@ def main(argv: list[str] | None = None) -> None:
         except BrokenPipeError:  # stdout closed early (`kcloud ... | head`)
             sys.stderr.close()
             sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+    if isinstance(code, int) and code:  # an exit code the command returned (typer.Exit)
+        sys.exit(code)

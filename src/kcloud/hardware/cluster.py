@@ -186,7 +186,7 @@ def cluster_from_dict(data: Any, source: str) -> Cluster:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = str(err["msg"]).removeprefix("Value error, ")
-        raise KCloudError(f"cluster {source}: field {where}: {msg[:1].lower()}{msg[1:]}",
+        raise KCloudError(f"cluster {source}: field {where}: {msg}",
                           "fix the cluster file (see `kcloud clusters show k-cloud-rack`)"
                           ) from None
     nodes: list[Node] = []
