@@ -227,3 +227,43 @@ def test_a_stopped_worker_is_caught_by_its_heartbeat(tmp_path: Path, model: tupl
         assert clitools.run_dirs(run.tmp) == []
     finally:
         run.kill()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("command", ["graph", "plan", "predict", "run"])
+def test_every_command_interrupted_while_user_code_runs(tmp_path: Path, command: str, sig: int,
+                                                        code: int) -> None:
+    """Ctrl-C or SIGTERM while a model file's factory loops (in its child process): one line,
+    exit 130 or 143, the child gone."""
+    loop = tmp_path / "loop.py"
+    loop.write_text("def factory():\n    while True:\n        pass\n")
+    spec = f"{loop}:factory"
+    args = {"graph": ["graph", spec], "plan": ["plan", "-m", spec, "-c", "k-cloud-rack"],
+            "predict": ["predict", "-m", spec, "-d", "rebellions-atom"],
+            "run": ["run", "--model", spec, "--cluster", "k-cloud-rack"]}[command]
+    proc = subprocess.Popen([*clitools.KCLOUD, *args, "--model-timeout", "600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clitools.env(tmp_path / "tmp"), start_new_session=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        t0 = time.monotonic()
+        family: list[int] = []
+        while not family and time.monotonic() - t0 < 120:  # the user-code child has started
+            family = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+            time.sleep(0.2)
+        assert family, "no child process for the model file"
+        time.sleep(2.0)
+        if sig == signal.SIGINT:
+            import os
+
+            os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: the whole process group
+        else:
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert proc.returncode == code, err
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith("kcloud: interrupted" if code == 130 else "kcloud: terminated")
+        assert clitools.wait_gone(family, 5.0) is not None
+    finally:
+        proc.kill()

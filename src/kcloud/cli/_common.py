@@ -16,8 +16,9 @@ from rich.console import Console
 from kcloud.errors import KCloudError
 
 # Wide enough for the tables when the output is not a terminal (CI logs, pipes).
-console = Console(width=None if sys.stdout.isatty() else 150)
-err_console = Console(stderr=True)
+# No emoji codes: a model "file.py:ok" prints as written.
+console = Console(width=None if sys.stdout.isatty() else 150, emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def emit_json(obj: Any) -> None:

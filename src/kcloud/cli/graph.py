@@ -25,7 +25,9 @@ _JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object
 
 
 def _out() -> Console:
-    return console if console.is_terminal else Console(width=max(console.width, _TABLE_WIDTH))
+    if console.is_terminal:
+        return console
+    return Console(width=max(console.width, _TABLE_WIDTH), emoji=False)
 
 
 @app.command("models")
