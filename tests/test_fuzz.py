@@ -273,6 +273,12 @@ CASES: list[tuple[str, list[str], dict[str, str], str, str]] = [
                                  "--input-tokens", "99999"], {}, "4096", ""),
     ("predict-loop", ["predict", "-m", "{d}/loop.py:factory", "-d", "rebellions-atom",
                       "--model-timeout", "2"], {}, "did not finish", ""),
+    # serve: the same plan files, the same rule for the code they name
+    ("serve-runs-no-code", ["serve", "--plan", "{d}/code-plan.json"], {},
+     "--trust-model-code", ""),
+    ("serve-plan-list", ["serve", "--plan", "{d}/list.json"], {}, "JSON list", ""),
+    ("serve-port", ["serve", "--model", "mlp", "--port", "0"], {}, "--port", ""),
+    ("serve-queue", ["serve", "--model", "mlp", "--max-queue", "0"], {}, "--max-queue", ""),
     # demo
     ("demo-batch", ["demo", "--batch", "0"], {}, "--batch", ""),
     ("demo-model", ["demo", "--model", "llama-2-70b"], {}, "runs on a CPU", ""),

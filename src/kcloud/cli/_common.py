@@ -72,6 +72,34 @@ def check_model_code(spec: str, timeout_s: float, **shape: Any) -> Any:
                              hint="fix the model file, or raise --model-timeout")
 
 
+def load_plan_file(path: Path, model: str | None, trust_model_code: bool,
+                   model_timeout_s: float) -> Any:
+    """A plan file, as data: the Python model file it may name runs only when the user names
+    it too (`model`, from --model) or trusts it (`--trust-model-code`); then first in a child
+    process under the time limit, as a model file given on the command line."""
+    from kcloud.graph.loaders import runs_code
+    from kcloud.planner.plan import Plan
+
+    p = Plan.load(path)
+    if model is not None and model != p.model:
+        raise KCloudError(f"--model {model} is not the plan's model ({p.model})",
+                          "drop --model, or give the plan's model")
+    if runs_code(p.model):
+        if model is None and not trust_model_code:
+            raise KCloudError(
+                f"plan {path} names Python model code ({p.model}); a plan file runs no code "
+                f"of its own", f"name it with --model {p.model} (or --trust-model-code) if "
+                "you trust that file")
+        check_model_code(p.model, model_timeout_s, batch=p.micro_batch, seq_len=p.seq_len,
+                         phase=p.phase if p.phase != "forward" else None)
+    return p
+
+
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-model-code", help="Run the Python model file a plan file names (a plan is data: "
+    "without this, or --model naming that file, its code does not run)")]
+
+
 @contextlib.contextmanager
 def progress(what: str, enabled: bool = True) -> Iterator[None]:
     """A spinner with the elapsed time on stderr while `what` runs (terminals only: logs and

@@ -11,10 +11,12 @@ from rich.table import Table
 from kcloud.cli import app
 from kcloud.cli._common import (
     ModelTimeoutOpt,
+    TrustOpt,
     check_model_code,
     check_writable,
     console,
     emit_json,
+    load_plan_file,
     progress,
 )
 from kcloud.cli.plan import (
@@ -84,9 +86,7 @@ def run(
     worker_timeout_s: Annotated[float, typer.Option(
         "--worker-timeout", min=1.0, max=86_400.0,
         help="Seconds without a worker's heartbeat before it counts as hung")] = 10.0,
-    trust_model_code: Annotated[bool, typer.Option(
-        "--trust-model-code", help="Run the Python model file a plan file names (a plan is "
-        "data: without this, or --model naming that file, its code does not run)")] = False,
+    trust_model_code: TrustOpt = False,
     model_timeout_s: ModelTimeoutOpt = 120.0,
 ) -> None:
     """Run a plan: one worker per device of each stage (tensor-parallel stages sharded over
@@ -219,27 +219,11 @@ def _plan_to_run(plan_file: Path | None, model: str | None, cluster: str | None,
     """The plan and the search time: from its file (no search), or made here for model,
     cluster and goal. A plan file is data: the Python model file it may name runs only when
     the user names it too (`--model`) or trusts it (`--trust-model-code`)."""
-    from kcloud.graph.loaders import runs_code
-    from kcloud.planner.plan import Plan
-
     if plan_file is not None:
         if cluster is not None:
             raise KCloudError("give a plan file or --model/--cluster, not both",
                               "drop the plan file to plan here, or drop --cluster")
-        p = Plan.load(plan_file)
-        if model is not None and model != p.model:
-            raise KCloudError(f"--model {model} is not the plan's model ({p.model})",
-                              "drop --model, or give the plan's model")
-        if runs_code(p.model):
-            if model is None and not trust_model_code:
-                raise KCloudError(
-                    f"plan {plan_file} names Python model code ({p.model}); a plan file runs "
-                    "no code of its own", f"run it with --model {p.model} (or "
-                    "--trust-model-code) if you trust that file")
-            check_model_code(p.model, model_timeout_s, batch=p.micro_batch,
-                             seq_len=p.seq_len, phase=p.phase if p.phase != "forward"
-                             else None)
-        return p, None
+        return load_plan_file(plan_file, model, trust_model_code, model_timeout_s), None
     if (model is None) != (cluster is None):
         given, missing = ("--model", "--cluster") if cluster is None else ("--cluster", "--model")
         raise KCloudError(f"{given} needs {missing} to plan", f"add {missing}")
