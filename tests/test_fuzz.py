@@ -264,7 +264,7 @@ CASES: list[tuple[str, list[str], dict[str, str], str, str]] = [
     ("plan-unknown-cluster", ["plan", "-m", "mlp", "-c", "nosuch"], {}, "unknown cluster", ""),
     # predict
     ("predict-tp-zero", ["predict", "-m", "resnet50", "-d", "rebellions-atom", "--tp", "0"],
-     {}, "tensor-parallel", ""),
+     {}, "--tp", ""),
     ("predict-scenario", ["predict", "-m", "resnet50", "-d", "rebellions-atom", "--scenario",
                           "burst"], {}, "unknown scenario", ""),
     ("predict-batch-huge", ["predict", "-m", "resnet50", "-d", "rebellions-atom", "--batch",

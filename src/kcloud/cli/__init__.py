@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> None:
             _fail("interrupted", 130 if isinstance(exc.__cause__, KeyboardInterrupt) else 1)
         except typer.TyperException as exc:  # usage errors from the command-line parser
             ctx = getattr(exc, "ctx", None)
-            where = " ".join(["kcloud", *ctx.command_path.split()[1:]]) if ctx else "kcloud"
+            names = []
+            while ctx is not None and ctx.parent is not None:  # below the program's name
+                names.insert(0, ctx.info_name)
+                ctx = ctx.parent
+            where = " ".join(["kcloud", *names])
             text = getattr(exc, "format_message", exc.__str__)()
             line = " ".join(text.split()).rstrip(".")
             _fail(f"error: {line}; see `{where} --help`",
