@@ -1,6 +1,6 @@
 """`kcloud.runtime.lifecycle` on its own: children die with a SIGKILLed parent, stale run
-directories of dead owners are removed, SIGTERM unwinds through `finally`, heartbeats name
-the silent worker, user code runs in a child under a time limit."""
+directories of dead owners are removed, SIGTERM unwinds through `finally`, user code runs in a
+child under a time limit."""
 
 from __future__ import annotations
 
@@ -126,32 +126,6 @@ def test_sigterm_unwinds_through_finally(tmp_path: Path) -> None:
     assert p.wait(10) == 143
     assert p.stdout.read().strip() == "interrupted 143"
     assert (tmp_path / "cleaned").exists()
-
-
-def test_heartbeats_name_the_silent_worker() -> None:
-    hb = lifecycle.Heartbeats([0, 1, 2], limit_s=0.2, startup_s=0.3)
-    for k in (0, 1, 2):
-        hb.beat(k)
-    assert hb.silent(lambda k: False) is None
-    time.sleep(0.1)
-    hb.beat(0)
-    hb.beat(2)
-    time.sleep(0.15)
-    hb.beat(0)
-    hb.beat(2)
-    key, quiet = hb.silent(lambda k: False)
-    assert key == 1 and quiet > 0.2
-    assert hb.silent(lambda k: k == 1) is None  # a finished worker beats no more
-    with pytest.raises(KCloudError, match="must be positive"):
-        lifecycle.Heartbeats([0], limit_s=0)
-
-
-def test_a_worker_that_never_beats_is_silent_after_its_startup_allowance() -> None:
-    hb = lifecycle.Heartbeats([0], limit_s=0.05, startup_s=0.2)
-    time.sleep(0.1)
-    assert hb.silent(lambda k: False) is None
-    time.sleep(0.15)
-    assert hb.silent(lambda k: False) is not None
 
 
 def _loop() -> None:

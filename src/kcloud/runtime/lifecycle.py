@@ -1,6 +1,6 @@
 """Process lifecycle: no process of a run outlives its driver, no run directory outlives its
-owner, SIGTERM and Ctrl-C unwind a driver like an error, a hung worker is caught by its
-missing heartbeat. Torch-free, so that the CLI and any driver can use it.
+owner, SIGTERM and Ctrl-C unwind a driver like an error. Torch-free, so that the CLI and any
+driver can use it.
 
 - `Lifeline` (made in the parent, held by each child): the child dies when the parent dies,
   whatever kills it. On Linux the kernel sends the child SIGKILL when its parent exits
@@ -12,9 +12,6 @@ missing heartbeat. Torch-free, so that the CLI and any driver can use it.
   `run_dir` of the same prefix removes the directories of owners that are gone.
 - `signals_unwind`: SIGTERM (and SIGINT) raise `Interrupted` in the main thread, so `finally`
   clean-ups run as they do for an error; the CLI turns it into one line and exit 128 + signal.
-- `Heartbeat` (worker side) and `Heartbeats` (driver side): a worker thread puts a beat on the
-  result queue every `BEAT_S`; the driver names the first worker silent for longer than its
-  limit.
 - `call_in_child`: user code (a model file's import and factory) in a child process under a
   time limit, so that a loop, a hang or `os._exit` in it is a one-line error.
 """
@@ -30,7 +27,6 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +34,6 @@ from typing import Any
 
 from kcloud.errors import KCloudError, one_line
 
-BEAT_S = 0.5  # a worker's heartbeat period
 STARTUP_S = 120.0  # a child's start (interpreter, imports) on a loaded host, at most
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _OWNER = ".kcloud-owner"
@@ -213,61 +208,6 @@ def signals_unwind(*signums: int) -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-# ---- heartbeats --------------------------------------------------------------------------------
-
-
-class Heartbeat:
-    """Worker side: a daemon thread that puts `("beat", key)` on `queue` every `BEAT_S` until
-    `stop()` (or the process ends). A stopped or frozen process sends none."""
-
-    def __init__(self, queue: Any, key: Any, period_s: float = BEAT_S) -> None:
-        self._stop = threading.Event()
-
-        def beat() -> None:
-            while not self._stop.is_set():
-                with contextlib.suppress(Exception):
-                    queue.put(("beat", key))
-                self._stop.wait(period_s)
-
-        self._thread = threading.Thread(target=beat, name="kcloud-heartbeat", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-class Heartbeats:
-    """Driver side: the last beat of each worker. A worker is silent once `limit_s` passed
-    without a beat; before its first beat it has `startup_s` (a process starting and
-    importing torch on a loaded host takes seconds)."""
-
-    def __init__(self, keys: list[Any], limit_s: float, startup_s: float | None = None) -> None:
-        if not limit_s > 0:
-            raise KCloudError(f"the worker time limit must be positive, got {limit_s:g} s",
-                              "give a limit of 1 s or more")
-        now = time.monotonic()
-        self.limit_s = limit_s
-        self.startup_s = max(limit_s, 60.0) if startup_s is None else startup_s
-        self._started = dict.fromkeys(keys, now)
-        self._last: dict[Any, float] = {}
-
-    def beat(self, key: Any) -> None:
-        self._last[key] = time.monotonic()
-
-    def silent(self, done: Callable[[Any], bool]) -> tuple[Any, float] | None:
-        """The first worker (not `done`) past its limit, and for how long it has been
-        silent; None when every worker beats."""
-        now = time.monotonic()
-        for key, t0 in self._started.items():
-            if done(key):
-                continue
-            last = self._last.get(key)
-            quiet = now - (last if last is not None else t0)
-            if quiet > (self.limit_s if last is not None else self.startup_s):
-                return key, quiet
-        return None
 
 
 # ---- user code in a child process ------------------------------------------------------------

@@ -22,7 +22,6 @@ import torch.distributed as dist
 from kcloud.errors import one_line
 from kcloud.graph.models.transformer import KVCache
 from kcloud.hardware.host import IDLE_BEFORE_REQUEST_S, keep_heap
-from kcloud.runtime import lifecycle
 from kcloud.runtime.backends import place
 from kcloud.runtime.comm import TupleBroadcast, TupleReceiver, TupleSender
 from kcloud.runtime.generate import (
@@ -374,13 +373,8 @@ def schedule(spec: WorkerSpec) -> list[tuple[str, int]]:
     return [(kind, m) for kind, m, _, _ in items]
 
 
-def _worker(spec: WorkerSpec, state: str, inputs: str | None, results: Any,
-            lifeline: lifecycle.Lifeline | None = None) -> None:
-    """A worker process: weights and inputs from files, its result to the driver's queue,
-    a heartbeat on that queue while it works; it dies with the driver (`lifecycle`)."""
-    if lifeline is not None:
-        lifeline.hold()
-    lifecycle.Heartbeat(results, spec.rank)
+def _worker(spec: WorkerSpec, state: str, inputs: str | None, results: Any) -> None:
+    """A worker process: weights and inputs from files, its result to the driver's queue."""
     os.environ["MASTER_ADDR"] = spec.master_addr
     os.environ["MASTER_PORT"] = str(spec.port)
     try:
