@@ -1,6 +1,5 @@
-"""`kcloud.runtime.lifecycle` on its own: children die with a SIGKILLed parent, stale run
-directories of dead owners are removed, SIGTERM unwinds through `finally`, user code runs in a
-child under a time limit."""
+"""`kcloud.runtime.lifecycle` on its own: children die with a SIGKILLed parent, SIGTERM
+unwinds through `finally`, user code runs in a child under a time limit."""
 
 from __future__ import annotations
 
@@ -74,35 +73,6 @@ def test_children_die_when_the_parent_is_killed(tmp_path: Path, how: str) -> Non
         parent.kill()
         for p in psutil.Process().children(recursive=True):
             p.kill()
-
-
-def test_stale_run_dir_of_a_dead_owner_is_removed(tmp_path: Path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / "kcloud-run-stale"
-    stale.mkdir()
-    (stale / "state0.pt").write_bytes(b"x" * 1000)
-    (stale / lifecycle._OWNER).write_text(f"{dead.pid} 1")
-    live = tmp_path / "kcloud-run-live"
-    live.mkdir()
-    (live / lifecycle._OWNER).write_text(f"{os.getpid()} {lifecycle._start_time(os.getpid())}")
-    reused = tmp_path / "kcloud-run-reused"  # our PID, but another process's start time
-    reused.mkdir()
-    (reused / lifecycle._OWNER).write_text(f"{os.getpid()} 1")
-    other = tmp_path / "kcloud-run-unmarked"  # not ours to judge: left alone
-    other.mkdir()
-    with lifecycle.run_dir("kcloud-run-", tmp_path) as mine:
-        assert mine.is_dir()
-        assert not stale.exists() and not reused.exists()
-        assert live.is_dir() and other.is_dir()
-    assert not mine.exists()
-
-
-def test_run_dir_is_removed_when_the_block_fails(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError), lifecycle.run_dir("kcloud-run-", tmp_path) as d:
-        (d / "weights").write_bytes(b"x")
-        raise RuntimeError("a failed run")
-    assert not list(tmp_path.glob("kcloud-run-*"))
 
 
 def test_sigterm_unwinds_through_finally(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""Process lifecycle: no process of a run outlives its driver, no run directory outlives its
-owner, SIGTERM and Ctrl-C unwind a driver like an error. Torch-free, so that the CLI and any
+"""Process lifecycle: no process of a run outlives its driver, SIGTERM and Ctrl-C unwind a
+driver like an error. Torch-free, so that the CLI and any
 driver can use it.
 
 - `Lifeline` (made in the parent, held by each child): the child dies when the parent dies,
@@ -8,8 +8,6 @@ driver can use it.
   pipe whose write end only the parent holds, and ends the child at end-of-file. The
   parent-death signal follows the parent *thread* that started the child, so it is only set
   when the child is started from the main thread; the pipe covers the rest.
-- `run_dir`: a temporary directory that names its owner (PID and start time); the next
-  `run_dir` of the same prefix removes the directories of owners that are gone.
 - `signals_unwind`: SIGTERM (and SIGINT) raise `Interrupted` in the main thread, so `finally`
   clean-ups run as they do for an error; the CLI turns it into one line and exit 128 + signal.
 - `call_in_child`: user code (a model file's import and factory) in a child process under a
@@ -22,21 +20,17 @@ import contextlib
 import ctypes
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from kcloud.errors import KCloudError, one_line
 
 STARTUP_S = 120.0  # a child's start (interpreter, imports) on a loaded host, at most
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_OWNER = ".kcloud-owner"
 
 
 # ---- children die with their parent -----------------------------------------------------------
@@ -118,60 +112,6 @@ def ignore_sigint() -> None:
     alone answers it (and reaps the child)."""
     with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-# ---- run directories -------------------------------------------------------------------------
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time (clock ticks since boot; '' where unknown): with the PID, it
-    names one process, even after the PID is reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not start or _start_time(pid) in ("", start)
-
-
-def clean_stale(prefix: str, root: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Remove the directories `root/prefix*` whose owner process is gone; those removed."""
-    base = Path(root or tempfile.gettempdir())
-    removed = []
-    for d in base.glob(f"{prefix}*"):
-        try:
-            pid_s, _, start = (d / _OWNER).read_text().partition(" ")
-            pid = int(pid_s)
-        except (OSError, ValueError):
-            continue  # not one of ours, or its owner is still writing the mark
-        if not _alive(pid, start.strip()):
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
-
-
-@contextlib.contextmanager
-def run_dir(prefix: str = "kcloud-run-",
-            root: str | os.PathLike[str] | None = None) -> Iterator[Path]:
-    """A temporary directory marked with its owner; removed on every way out of the block,
-    and, should the owner be killed, at the next start of a `run_dir` of this prefix."""
-    clean_stale(prefix, root)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-    try:
-        pid = os.getpid()
-        (path / _OWNER).write_text(f"{pid} {_start_time(pid)}")
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # ---- signals -----------------------------------------------------------------------------------
