@@ -189,7 +189,7 @@ def test_a_worker_killed(tmp_path: Path, model: tuple[str, int], sig: int) -> No
         assert len(err) == 1, err
         assert err[0].startswith("kcloud: error: stage 1 of replica 0 on "
                                  "atom-0/rebellions-atom/1 (rebellions-atom, emulated) died "
-                                 f"with exit code -{int(sig)}"), err
+                                 f"with signal {int(sig)}"), err
         assert took < 30 and gone < 5
         assert clitools.run_dirs(run.tmp) == []
     finally:
