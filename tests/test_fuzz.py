@@ -277,6 +277,8 @@ CASES: list[tuple[str, list[str], dict[str, str], str, str]] = [
     ("serve-runs-no-code", ["serve", "--plan", "{d}/code-plan.json"], {},
      "--trust-model-code", ""),
     ("serve-plan-list", ["serve", "--plan", "{d}/list.json"], {}, "JSON list", ""),
+    ("serve-ray-nobody", ["serve", "--model", "mlp", "--ray", "127.0.0.1:9"], {},
+     "nothing answers", ""),
     ("serve-port", ["serve", "--model", "mlp", "--port", "0"], {}, "--port", ""),
     ("serve-queue", ["serve", "--model", "mlp", "--max-queue", "0"], {}, "--max-queue", ""),
     # demo

@@ -95,6 +95,28 @@ def load_plan_file(path: Path, model: str | None, trust_model_code: bool,
     return p
 
 
+def check_ray_address(address: str, timeout_s: float = 3.0) -> None:
+    """A Ray cluster address (host:port, ray://host:port) must answer within `timeout_s`
+    (Ray itself retries for minutes)."""
+    import socket
+
+    if address in ("local", "auto"):
+        return
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise KCloudError(f"--ray '{address}' is not host:port",
+                          "pass --ray local, or the address of a running Ray cluster "
+                          "(host:port)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise KCloudError(f"nothing answers at --ray {address} within {timeout_s:g} s ({why})",
+                          "start the cluster (`ray start --head`), or pass --ray local"
+                          ) from None
+
+
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-model-code", help="Run the Python model file a plan file names (a plan is data: "
     "without this, or --model naming that file, its code does not run)")]

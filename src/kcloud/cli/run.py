@@ -13,6 +13,7 @@ from kcloud.cli._common import (
     ModelTimeoutOpt,
     TrustOpt,
     check_model_code,
+    check_ray_address,
     check_writable,
     console,
     emit_json,
@@ -189,28 +190,6 @@ def _vs(measured: float | None, modeled: float | None) -> str:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v * 1e3:,.3f}"
     return f"{ms(measured)} / {ms(modeled)} ms"
-
-
-def check_ray_address(address: str, timeout_s: float = 3.0) -> None:
-    """A Ray cluster address (host:port, ray://host:port) must answer within `timeout_s`
-    (Ray itself retries for minutes)."""
-    import socket
-
-    if address in ("local", "auto"):
-        return
-    host, colon, port = address.removeprefix("ray://").rpartition(":")
-    if not colon or not port.isdigit() or not host:
-        raise KCloudError(f"--ray '{address}' is not host:port",
-                          "pass --ray local, or the address of a running Ray cluster "
-                          "(host:port)")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        raise KCloudError(f"nothing answers at --ray {address} within {timeout_s:g} s ({why})",
-                          "start the cluster (`ray start --head`), or pass --ray local"
-                          ) from None
 
 
 def _plan_to_run(plan_file: Path | None, model: str | None, cluster: str | None,

@@ -15,6 +15,7 @@ from kcloud.cli._common import (
     ModelTimeoutOpt,
     TrustOpt,
     check_model_code,
+    check_ray_address,
     console,
     err_console,
     load_plan_file,
@@ -73,6 +74,9 @@ def serve(
         "--weights", help="Local checkpoint to load (state dict or .safetensors)")] = None,
     trust_model_code: TrustOpt = False,
     model_timeout_s: ModelTimeoutOpt = 120.0,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray", help="Run the workers as Ray actors: 'local' or a cluster address; nodes "
+        "declare resources kcloud/<device-type>")] = None,
 ) -> None:
     """Serve a model: plan it (or load its plan), start its workers once, and answer
     OpenAI-compatible requests with continuous batching until Ctrl-C or SIGTERM (which drains:
@@ -87,6 +91,8 @@ def serve(
     if max_batch is not None and max_batch < 1:
         raise KCloudError(f"--max-batch must be at least 1, got {max_batch}",
                           "pass --max-batch 1 or more")
+    if ray_address is not None:
+        check_ray_address(ray_address)
     if plan_file is not None:
         plan = load_plan_file(plan_file, model, trust_model_code, model_timeout_s)
     else:
@@ -109,12 +115,14 @@ def serve(
     start_server(plan, mode=mode, host=host, port=port, uds=uds,
                  served_name=served_name or plan.model, max_queue=max_queue,
                  max_batch=max_batch, kv_blocks=kv_blocks, max_wait_s=max_wait_ms / 1e3,
-                 weights=str(weights) if weights is not None else None)
+                 weights=str(weights) if weights is not None else None,
+                 ray_address=ray_address)
 
 
 def start_server(plan: Any, *, mode: str, host: str, port: int, uds: Path | None,
                  served_name: str, max_queue: int, max_batch: int | None,
-                 kv_blocks: int | None, max_wait_s: float, weights: str | None) -> None:
+                 kv_blocks: int | None, max_wait_s: float, weights: str | None,
+                 ray_address: str | None = None) -> None:
     """Start the engine and the HTTP server; return when it has stopped (drained)."""
     import uvicorn
 
@@ -127,7 +135,8 @@ def start_server(plan: Any, *, mode: str, host: str, port: int, uds: Path | None
 
     llm = is_llm_plan(plan)
     engine = Engine(plan, mode=mode, max_batch=max_batch, max_queue=max_queue,
-                    kv_blocks=kv_blocks, max_wait_s=max_wait_s, weights=weights)
+                    kv_blocks=kv_blocks, max_wait_s=max_wait_s, weights=weights,
+                    ray_address=ray_address)
     tok = load_tokenizer(plan.model) if llm else None
     shape: tuple[int, ...] = ()
     if not llm:
