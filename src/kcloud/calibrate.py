@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
+from kcloud import inputs
 from kcloud.errors import FitError, KCloudError
 from kcloud.graph.layergraph import LayerGraph
 from kcloud.hardware.cost import CLASS_PRIORS, Calibration, default_calibration, tp_max_degree
@@ -38,6 +39,7 @@ from kcloud.predict import Prediction, predict_graph, predict_llm
 from kcloud.workloads import BENCHMARK_WORKLOADS
 
 PRIOR_WEIGHT = 0.02  # pull of the class prior, relative to a row's log error
+UNITS = ("samples/s", "tokens/s", "s")  # a row's figure: throughput, or latency in seconds
 BOUNDS = {"matrix_eff": (0.05, 1.0), "matmul_factor": (0.25, 4.0), "memory_eff": (0.2, 0.95),
           "k_half": (1.0, 2048.0)}
 
@@ -67,10 +69,8 @@ def load_rows(path: str | Path | None = None) -> list[Row]:
         text = (resources.files("kcloud.hardware") / "data" / "calibration.csv").read_text()
         name = "calibration.csv"
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise KCloudError(f"no calibration file at {p}", "give the path of a CSV file")
-        text, name = p.read_text(), str(p)
+        name = str(path)
+        text = inputs.read_text(path, "calibration file", "give the path of a CSV file")
     rows: list[Row] = []
     reader = csv.DictReader(text.splitlines())
     need = {"device", "model", "scenario", "precision", "input_tokens", "output_tokens",
@@ -80,22 +80,39 @@ def load_rows(path: str | Path | None = None) -> list[Row]:
         raise KCloudError(f"{name}: missing columns {', '.join(sorted(missing))}",
                           "use the columns of the shipped calibration.csv")
     for i, r in enumerate(reader, start=2):
+        if None in r or any(v is None for v in r.values()):
+            raise KCloudError(f"{name} line {i}: {len(reader.fieldnames or [])} columns "
+                              "expected", "fix the row")
         try:
+            value = float(r["value"])
+            unit = r["unit"].strip()
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"value must be a finite positive number, got {r['value']}")
+            if unit not in UNITS:
+                raise ValueError(f"unknown unit '{unit}' (use one of: {', '.join(UNITS)})")
             rows.append(Row(
                 device=r["device"].strip(),
                 model=r["model"].strip(),
                 scenario=r["scenario"].strip(),
                 precision=Precision.parse(r["precision"].strip()),
-                input_tokens=int(r["input_tokens"]) if r["input_tokens"].strip() else None,
-                output_tokens=int(r["output_tokens"]) if r["output_tokens"].strip() else None,
-                value=float(r["value"]),
-                unit=r["unit"].strip(),
+                input_tokens=_tokens(r, "input_tokens"),
+                output_tokens=_tokens(r, "output_tokens"),
+                value=value,
+                unit=unit,
                 source=r["source"].strip(),
             ))
         except (ValueError, KCloudError) as exc:
-            msg = exc.message if isinstance(exc, KCloudError) else str(exc)
+            msg = exc.problem if isinstance(exc, KCloudError) else str(exc)
             raise KCloudError(f"{name} line {i}: {msg}", "fix the row") from None
+    if not rows:
+        raise KCloudError(f"{name} holds no rows, only its header",
+                          "add published results, one per line")
     return rows
+
+
+def _tokens(r: dict[str, str], col: str) -> int | None:
+    text = r[col].strip()
+    return inputs.check_count(col, int(text), 1, inputs.MAX_TOKENS) if text else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +139,12 @@ def _prepare(rows: Iterable[Row]) -> list[_Case]:
         probe = load_model_spec(row.model, batch=1, seq_len=None, phase=None, kv_len=None)
         wl = BENCHMARK_WORKLOADS.get(row.model)
         note = ""
-        if probe.meta.get("is_llm"):
+        llm = bool(probe.meta.get("is_llm"))
+        if row.unit != "s" and (row.unit == "tokens/s") != llm:
+            raise KCloudError(f"calibration row {row.device} {row.model}: unit {row.unit}, but "
+                              f"{row.model} is predicted in "
+                              f"{'tokens/s' if llm else 'samples/s'}", "fix the row's unit")
+        if llm:
             prompt = row.input_tokens or (wl.input_tokens if wl else 128)
             out = row.output_tokens or (wl.output_tokens if wl and wl.output_tokens else 128)
             if row.input_tokens is None or row.output_tokens is None:

@@ -126,6 +126,10 @@ class LayerGraph:
     def __post_init__(self) -> None:
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickles (a capture in a child process) with its read-only meta as a plain dict.
+        return (_rebuild, (self.__class__, {**self.__dict__, "meta": dict(self.meta)}))
+
     @property
     def total_flops(self) -> float:
         return sum(layer.total_flops for layer in self.layers)
@@ -172,3 +176,7 @@ class LayerGraph:
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(**kw))
+
+
+def _rebuild(cls: type[LayerGraph], fields: dict[str, Any]) -> LayerGraph:
+    return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kcloud.errors import CaptureError
+from kcloud.errors import CaptureError, one_line
 from kcloud.graph.capture import CaptureRunError, capture
 from kcloud.graph.layergraph import LayerGraph
 from kcloud.graph.onnx_graph import capture_onnx
@@ -35,10 +34,14 @@ class _FactoryFailed(CaptureError):
 
 
 def _one_line(exc: BaseException) -> str:
-    text = re.sub(r"\s+", " ", str(exc)).strip()
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return one_line(exc)
+
+
+def runs_code(spec: str) -> bool:
+    """Whether loading `spec` runs Python code of the user's (a `file.py:factory`); zoo names
+    and ONNX files are data."""
+    file_part, colon, _ = spec.rpartition(":")
+    return bool(colon) and file_part.endswith(".py") and not is_zoo_model(spec)
 
 
 def load_model_spec(

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kcloud.errors import KCloudError
+from kcloud.inputs import MAX_BATCH, MAX_TOKENS
 from kcloud.precision import Precision
 from kcloud.predict import DEFAULT_LLM_INPUT, DEFAULT_LLM_OUTPUT
 
@@ -48,9 +49,11 @@ class Goal:
             v = getattr(self, name)
             if v is None and name != "batch":
                 continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise GoalError(f"{name.replace('_', ' ')} must be a positive integer, got {v!r}",
-                                f"give --{name.replace('_', '-')} 1 or more")
+            high = MAX_BATCH if name == "batch" else MAX_TOKENS
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= high:
+                raise GoalError(f"{name.replace('_', ' ')} must be an integer from 1 to "
+                                f"{high:,}, got {v!r}",
+                                f"give --{name.replace('_', '-')} from 1 to {high:,}")
         if self.power_cap_w is not None and not self.power_cap_w > 0:
             raise GoalError(f"power cap must be positive, got {self.power_cap_w:g} W",
                             "give --power-cap-w greater than 0")

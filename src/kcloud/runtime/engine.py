@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 
 from kcloud.errors import KCloudError
 from kcloud.planner.plan import Plan
-from kcloud.runtime import backends
+from kcloud.runtime import backends, lifecycle
 from kcloud.runtime.scheduler import (
     Batcher,
     BlockManager,
@@ -230,8 +230,7 @@ class Engine:
                 daemon=True, name=f"kcloud-r{rep.index}s{spec.stage}t{spec.tp_rank}")
             w.beat = time.monotonic()
             rep.workers.append(w)
-        for w in rep.workers:
-            w.proc.start()
+        lifecycle.start([w.proc for w in rep.workers])  # children ignore Ctrl-C from birth
         rep.state = "starting"
         rep.started = time.monotonic()
         rep.inflight = None
