@@ -395,8 +395,7 @@ def predict(
     tp: int = 1,
 ) -> Prediction:
     """Predict `model` (zoo name, file.py:factory or .onnx) on one device (or `tp` of them)."""
-    from kcloud.graph import zoo
-    from kcloud.graph.loaders import load_model_spec
+    from kcloud.graph.loaders import check_generation, load_model_spec
     from kcloud.hardware.catalog import get_device
 
     dev = get_device(device) if isinstance(device, str) else device
@@ -408,7 +407,7 @@ def predict(
                              calibration=calibration, tp=tp)
     prompt = input_tokens or seq_len or DEFAULT_LLM_INPUT
     out = output_tokens or DEFAULT_LLM_OUTPUT
-    zoo.check_generation(model, prompt, out)
+    check_generation(probe, prompt, out)
     prefill = load_model_spec(model, batch=1, seq_len=prompt, phase="prefill", kv_len=None)
     decode = load_model_spec(model, batch=1, seq_len=1, phase="decode",
                              kv_len=prompt + out // 2)

@@ -104,14 +104,13 @@ def llm_graphs(spec: str, prefill: LayerGraph, decode: LayerGraph,
 
 def load_model(spec: str, goal: Goal) -> ModelGraphs:
     """Capture `spec` (zoo name, file.py:factory or .onnx) for `goal`'s lengths."""
-    from kcloud.graph import zoo
-    from kcloud.graph.loaders import load_model_spec
+    from kcloud.graph.loaders import check_generation, load_model_spec
 
     probe = load_model_spec(spec, batch=1, seq_len=goal.input_tokens, phase=None, kv_len=None)
     if not probe.meta.get("is_llm"):
         return ModelGraphs(spec, probe)
     prompt, out = goal.prompt_tokens, goal.generated_tokens
-    zoo.check_generation(spec, prompt, out)
+    check_generation(probe, prompt, out)
     prefill = load_model_spec(spec, batch=1, seq_len=prompt, phase="prefill", kv_len=None)
     decode = load_model_spec(spec, batch=1, seq_len=1, phase="decode", kv_len=prompt + out // 2)
     return ModelGraphs(spec, prefill, decode, out)
