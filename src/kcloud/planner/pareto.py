@@ -46,6 +46,7 @@ def candidates(ctx: Context, extra: list[Template] | None = None) -> list[Templa
     g = ctx.goal
     wide = Goal(objective="energy", batch=g.batch, precision=g.precision,
                 input_tokens=g.input_tokens, output_tokens=g.output_tokens,
+                workload=g.workload,
                 max_devices=g.max_devices)
     c = make_context(ctx.model, ctx.cluster, wide, calibration=ctx.calibration)
     if [t.id for t in c.types] == [t.id for t in ctx.types]:

@@ -560,7 +560,8 @@ def _mix_ok(ctx: Context, mix: Mix) -> bool:
 def diagnose(ctx: Context) -> KCloudError:
     g = ctx.goal
     relaxed = Goal(objective="latency", batch=g.batch, precision=g.precision,
-                   input_tokens=g.input_tokens, output_tokens=g.output_tokens)
+                   input_tokens=g.input_tokens, output_tokens=g.output_tokens,
+                   workload=g.workload)
     free = Context(ctx.model, ctx.cluster, relaxed, ctx.types, ctx.notes, ctx.calibration,
                    Limits(ctx.limits.per_type), sorted({1, *ctx.micro_batches}),
                    ctx.restrictions, ctx.spaces)
