@@ -50,15 +50,30 @@ class StageActor:
             s.bind((ip, 0))
             return ip, int(s.getsockname()[1])
 
+    def node_ip(self) -> str:
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+
     def run(self, spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerResult:
         os.environ["MASTER_ADDR"] = spec.master_addr
         os.environ["MASTER_PORT"] = str(spec.port)
         return run_worker(spec, state, inputs)
 
 
+def _node_alive(ray: Any, ip: str) -> bool:
+    with contextlib.suppress(Exception):  # the cluster state cannot be read: say nothing more
+        return any(n.get("Alive") for n in ray.nodes() if n.get("NodeManagerAddress") == ip)
+    return True
+
+
 def run_on_ray(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes | None],
-               timeout_s: float, address: str) -> dict[int, tuple[bytes | None, list[Any]]]:
-    """Run the workers as Ray actors; results by rank as `_run_workers` gives them."""
+               timeout_s: float, address: str,
+               placement: dict[int, str] | None = None,
+               ) -> dict[int, tuple[bytes | None, list[Any]]]:
+    """Run the workers as Ray actors; results by rank as `_run_workers` gives them.
+    `placement`, when given, receives the address of the node each rank's actor runs on; a
+    node that leaves mid-run ends it with one line naming the node."""
     ray = _import_ray()
     need = Counter(resource_name(s.device_type) for s in specs)
     started = False
@@ -100,6 +115,11 @@ def run_on_ray(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes 
                               f"{min(timeout_s, 120.0):.0f} s",
                               "check that the cluster's nodes are up and declare the plan's "
                               "devices") from None
+        where = dict(zip((s.rank for s in specs),
+                         ray.get([a.node_ip.remote() for a in actors],
+                                 timeout=min(timeout_s, 120.0)), strict=True))
+        if placement is not None:
+            placement.update(where)
         specs = [replace(s, master_addr=ip, port=port,
                          torch_device="cuda:0" if s.backend == "cuda" else s.torch_device)
                  for s in specs]
@@ -113,7 +133,12 @@ def run_on_ray(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes 
                 try:
                     got.take(ray.get(ref))
                 except Exception as exc:  # the actor died or its process failed
-                    got.lost(refs[ref], f"a Ray actor failure ({type(exc).__name__})")
+                    rank = refs[ref]
+                    node = where[rank]
+                    cause = (f"its Ray node {node} leaving the cluster"
+                             if not _node_alive(ray, node)
+                             else f"a Ray actor failure on node {node}")
+                    got.lost(rank, f"{cause} ({type(exc).__name__})")
         return got.outcome()
     finally:
         for a in actors:
