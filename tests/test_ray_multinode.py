@@ -28,8 +28,7 @@ from pathlib import Path
 import pytest
 
 from kcloud.errors import KCloudError
-from kcloud.runtime import execute
-from kcloud.runtime import ray_executor
+from kcloud.runtime import execute, ray_executor
 from tests.test_runtime import HOST, _layers, _plan
 
 pytestmark = pytest.mark.slow
@@ -93,10 +92,8 @@ class Node:
         """Stop this node's processes (its own process group) and wait for them."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # what SIGTERM left (gcs, raylet, agents)
         with contextlib.suppress(subprocess.TimeoutExpired):
