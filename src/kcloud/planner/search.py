@@ -50,7 +50,9 @@ Templates for combining replicas: the fewest-device chain under each period cap 
 (for every device budget the best pipeline within it, at the grid's resolution: small efficient
 replicas exist), the least-energy chains when there is a power cap, and the fastest single
 pipeline (for every micro-batch on small instances; on large ones for the micro-batches whose
-mix comes within `FASTEST_WITHIN` of the best). `kcloud.planner.ilp` then picks replica counts
+mix comes within `FASTEST_WITHIN` of the best). On large instances the throughput objective's
+mixed-type family (the costliest search) is likewise run only for the micro-batches whose
+one-type families come within `FASTEST_WITHIN` of the best (a heuristic). `kcloud.planner.ilp` then picks replica counts
 per micro-batch (throughput); for energy and cost the single best template is replicated as far
 as the constraints allow (replicas do not change per-item figures); for latency one replica.
 Under a power cap or a domestic floor the latency objective also considers the small replicas
@@ -431,11 +433,10 @@ def dedupe(ts: Iterable[Template | None]) -> list[Template]:
     return list(seen.values())
 
 
-def latency_floor(ctx: Context, b: int) -> float:
-    """A lower bound on the latency of any pipeline at micro-batch b: the least DP latency
-    over every type with the device limits dropped (the DP's latency leaves out only what
+def latency_floor(ctx: Context, b: int, tys: tuple[int, ...]) -> float:
+    """A lower bound on the latency of any pipeline of types `tys` at micro-batch b: the
+    least DP latency with the device limits dropped (the DP's latency leaves out only what
     `evaluate` adds: network feedback, shared caches)."""
-    tys = ctx.restrictions[0][1]
     opts = ctx.options(b, tys)
     if not opts:
         return math.inf
@@ -445,39 +446,75 @@ def latency_floor(ctx: Context, b: int) -> float:
     return math.inf if path is None else stage_costs(sp, batch, 0, path)
 
 
-def _micro_batches(ctx: Context) -> list[int]:
-    """The micro-batches a plan may use: under an SLO, those whose fastest micro-batch alone
-    meets it (a request waits behind its own earlier micro-batches too)."""
+def _searched(ctx: Context) -> list[tuple[int, tuple[int, ...]]]:
+    """The (micro-batch, restriction) pairs worth searching: under an SLO, those whose fastest
+    micro-batch alone meets it (a request also waits behind its own earlier micro-batches)."""
     g = ctx.goal
-    if g.slo_s is None or len(ctx.micro_batches) == 1:
-        return list(ctx.micro_batches)
-    return [b for b in ctx.micro_batches if latency_floor(ctx, b) <= g.slo_s * (1 + 1e-9)]
+    pairs = [(b, tys) for b in ctx.micro_batches for _, tys in ctx.restrictions]
+    if g.slo_s is None:
+        return pairs
+    ok_all: dict[int, bool] = {}
+    out = []
+    for b, tys in pairs:
+        if b not in ok_all:  # every restriction's chains are chains of the first (all types)
+            ok_all[b] = latency_floor(ctx, b, ctx.restrictions[0][1]) <= g.slo_s * (1 + 1e-9)
+        if ok_all[b] and (tys == ctx.restrictions[0][1]
+                          or latency_floor(ctx, b, tys) <= g.slo_s * (1 + 1e-9)):
+            out.append((b, tys))
+    return out
 
 
 def templates_for(ctx: Context, objective: str) -> list[Template]:
     out: list[Template | None] = []
-    for b in _micro_batches(ctx):
-        for _, tys in ctx.restrictions:
-            opts = ctx.options(b, tys)
-            if not opts:
-                continue
-            if objective == "latency":
-                p = min_latency(ctx, b, opts, np.array([np.inf]))[0]
-                t = None if p is None else ctx.evaluate(b, p)
-                out.append(t if t is not None and ctx.meets_slo(t) else None)
-                if ctx.goal.power_cap_w is not None or ctx.goal.min_domestic_share > 0:
-                    out.extend(device_family(ctx, b, opts))
-            elif objective == "throughput":
-                out.extend(device_family(ctx, b, opts))
-                if ctx.goal.power_cap_w is not None:
-                    out.extend(per_item_family(ctx, b, opts, "energy"))
-            else:
-                out.extend(per_item_family(ctx, b, opts, objective, refine=False))
+    pairs = _searched(ctx)
+    mixed = ctx.restrictions[0][1] if len(ctx.restrictions) > 1 else None
+    deferred: list[tuple[int, tuple[int, ...]]] = []
+    for b, tys in pairs:
+        opts = ctx.options(b, tys)
+        if not opts:
+            continue
+        if (objective == "throughput" and tys == mixed
+                and len(candidate_caps(ctx, b, opts)) > EXACT_CANDIDATES):
+            deferred.append((b, tys))  # large: after the one-type families have ranked b
+            continue
+        out.extend(_templates_at(ctx, objective, b, opts))
+    if deferred:
+        # Large instances: the mixed-type family (the costliest search) only for the
+        # micro-batches whose one-type replica mix comes within `FASTEST_WITHIN` of the best.
+        found = dedupe(out)
+        value = {}
+        for b, _ in deferred:
+            mix = choose(ctx, [t for t in found if t.b == b])
+            value[b] = mix.throughput if mix is not None else 0.0
+        top = max(value.values(), default=0.0)
+        keep = [b for b in value if value[b] >= FASTEST_WITHIN * top and value[b] > 0] or \
+            list(value)
+        for b, tys in deferred:
+            if b in keep:
+                out.extend(_templates_at(ctx, objective, b, ctx.options(b, tys)))
     if objective in ("energy", "cost"):
         out.extend(_refine_best(ctx, objective, dedupe(out)))
     if objective == "throughput":
         out.extend(_fastest(ctx, dedupe(out)))
     return dedupe(out)
+
+
+def _templates_at(ctx: Context, objective: str, b: int, opts: list[int]
+                  ) -> list[Template | None]:
+    out: list[Template | None] = []
+    if objective == "latency":
+        p = min_latency(ctx, b, opts, np.array([np.inf]))[0]
+        t = None if p is None else ctx.evaluate(b, p)
+        out.append(t if t is not None and ctx.meets_slo(t) else None)
+        if ctx.goal.power_cap_w is not None or ctx.goal.min_domestic_share > 0:
+            out.extend(device_family(ctx, b, opts))
+    elif objective == "throughput":
+        out.extend(device_family(ctx, b, opts))
+        if ctx.goal.power_cap_w is not None:
+            out.extend(per_item_family(ctx, b, opts, "energy"))
+    else:
+        out.extend(per_item_family(ctx, b, opts, objective, refine=False))
+    return out
 
 
 def _refine_best(ctx: Context, kind: str, found: list[Template]) -> list[Template]:
