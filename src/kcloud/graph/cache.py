@@ -3,7 +3,7 @@
 A graph is stored under `$KCLOUD_CACHE_DIR/graphs/` (see `kcloud.paths.cache_dir`), keyed by
 - the model: the spec as given, and for a file (`file.py:factory`, `.onnx`) its resolved path
   and its contents (a digest of a Python file; size and modification time of an ONNX file,
-  which may be gigabytes);
+  which may be gigabytes; the JSON configs of a Hugging Face model directory);
 - the shapes asked for: batch, sequence length, phase, KV length;
 - the K-Cloud version and a digest of the capture code itself (every source file of
   `kcloud.graph`, the zoo's configs included), so that a change to either captures afresh.
@@ -16,6 +16,7 @@ A file that cannot be read (truncated, another version's format) is a miss.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -62,6 +63,13 @@ def _model_identity(spec: str) -> str:
         except OSError:
             return f"missing {spec}"
         return f"onnx {path.resolve()} {st.st_size} {st.st_mtime_ns}"
+    path = Path(spec).expanduser()
+    if path.is_dir():  # a Hugging Face model directory: its graph follows its JSON configs
+        h = hashlib.sha256()
+        for f in sorted(path.glob("*.json")):
+            with contextlib.suppress(OSError):
+                h.update(f.name.encode() + f.read_bytes())
+        return f"dir {path.resolve()} {h.hexdigest()}"
     return f"zoo {spec}"
 
 

@@ -52,9 +52,10 @@ replicas exist), the least-energy chains when there is a power cap, and the fast
 pipeline (for every micro-batch on small instances; on large ones for the micro-batches whose
 mix comes within `FASTEST_WITHIN` of the best). On large instances the throughput objective's
 mixed-type family (the costliest search) is likewise run only for the micro-batches whose
-one-type families come within `FASTEST_WITHIN` of the best (a heuristic). `kcloud.planner.ilp` then picks replica counts
-per micro-batch (throughput); for energy and cost the single best template is replicated as far
-as the constraints allow (replicas do not change per-item figures); for latency one replica.
+one-type families come within `FASTEST_WITHIN` of the best (a heuristic).
+`kcloud.planner.ilp` then picks replica counts per micro-batch (throughput); for energy and
+cost the single best template is replicated as far as the constraints allow (replicas do not
+change per-item figures); for latency one replica.
 Under a power cap or a domestic floor the latency objective also considers the small replicas
 and keeps the fastest that meets them (a heuristic). Slots: `kcloud.planner.assign`.
 """
