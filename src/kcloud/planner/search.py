@@ -454,15 +454,10 @@ def _searched(ctx: Context) -> list[tuple[int, tuple[int, ...]]]:
     pairs = [(b, tys) for b in ctx.micro_batches for _, tys in ctx.restrictions]
     if g.slo_s is None:
         return pairs
-    ok_all: dict[int, bool] = {}
-    out = []
-    for b, tys in pairs:
-        if b not in ok_all:  # every restriction's chains are chains of the first (all types)
-            ok_all[b] = latency_floor(ctx, b, ctx.restrictions[0][1]) <= g.slo_s * (1 + 1e-9)
-        if ok_all[b] and (tys == ctx.restrictions[0][1]
-                          or latency_floor(ctx, b, tys) <= g.slo_s * (1 + 1e-9)):
-            out.append((b, tys))
-    return out
+    # Every restriction's chains are chains of the first (all types): one floor per b.
+    ok = {b: latency_floor(ctx, b, ctx.restrictions[0][1]) <= g.slo_s * (1 + 1e-9)
+          for b in ctx.micro_batches}
+    return [(b, tys) for b, tys in pairs if ok[b]]
 
 
 def templates_for(ctx: Context, objective: str) -> list[Template]:
