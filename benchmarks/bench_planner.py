@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -63,15 +64,21 @@ def big_cluster(nodes: int) -> Cluster:
     return cluster_from_dict(big_cluster_doc(nodes), f"benchmark: {nodes} nodes x {NODE}")
 
 
-def _command(args: list[str], env: dict[str, str]) -> tuple[float, dict[str, Any]]:
-    """Wall time (measured) of one whole `kcloud` command, and its JSON."""
-    t0 = time.perf_counter()
+def _cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _command(args: list[str], env: dict[str, str]) -> tuple[float, float, dict[str, Any]]:
+    """Wall and CPU time (measured) of one whole `kcloud` command, and its JSON. On a shared
+    host the CPU time is the figure other tenants disturb least."""
+    t0, c0 = time.perf_counter(), _cpu_children()
     out = subprocess.run([sys.executable, "-m", "kcloud.cli", *args, "--json"], env=env,
                          capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_children() - c0
     if out.returncode != 0:
         raise SystemExit(f"kcloud {' '.join(args)} failed: {out.stderr.strip()}")
-    return wall, json.loads(out.stdout)
+    return wall, cpu, json.loads(out.stdout)
 
 
 def commands() -> None:
@@ -81,10 +88,11 @@ def commands() -> None:
         rack = ["plan", "--model", "llama-2-70b", "--cluster", "k-cloud-rack"]
         print("whole commands (wall time measured; graph cache fresh at the start)")
         for label, target in (("first (captures)", None), ("second (graph cache)", 2.0)):
-            wall, doc = _command(rack, env)
+            wall, cpu, doc = _command(rack, env)
             verdict = "" if target is None else \
                 f"  (target < {target:g} s: {'met' if wall < target else 'MISSED'})"
-            print(f"  kcloud plan llama-2-70b on k-cloud-rack, {label}: {wall:.2f} s wall, "
+            print(f"  kcloud plan llama-2-70b on k-cloud-rack, {label}: {wall:.2f} s wall "
+                  f"({cpu:.2f} s CPU), "
                   f"search {doc['search_time_s']:.2f} s (target < 1 s: "
                   f"{'met' if doc['search_time_s'] < 1.0 else 'MISSED'}){verdict}")
         pred = doc["predicted"]
@@ -93,8 +101,10 @@ def commands() -> None:
               f" ms), workload {doc['workload']['workload']}")
         big = Path(tmp) / "hetero-1024.yaml"
         big.write_text(yaml.safe_dump(big_cluster_doc(32)))
-        wall, doc = _command(["plan", "--model", "llama-2-70b", "--cluster", str(big)], env)
-        print(f"  kcloud plan llama-2-70b on 1,024 devices (4 types): {wall:.2f} s wall, "
+        wall, cpu, doc = _command(["plan", "--model", "llama-2-70b", "--cluster", str(big)],
+                                  env)
+        print(f"  kcloud plan llama-2-70b on 1,024 devices (4 types): {wall:.2f} s wall "
+              f"({cpu:.2f} s CPU), "
               f"search {doc['search_time_s']:.2f} s (target < 1 s: "
               f"{'met' if doc['search_time_s'] < 1.0 else 'MISSED'})")
 
