@@ -29,6 +29,7 @@ import pytest
 
 from kcloud.errors import KCloudError
 from kcloud.runtime import execute, ray_executor
+from kcloud.runtime.engine import Engine
 from tests.test_runtime import HOST, _layers, _plan
 
 pytestmark = pytest.mark.slow
@@ -171,14 +172,16 @@ def cluster() -> Iterator[tuple[str, Node, Node]]:
 
 
 def _placing(monkeypatch: pytest.MonkeyPatch) -> dict[int, str]:
-    """Record where `execute` places each rank's actor."""
+    """Record where the engine of `execute` placed each rank's actor (it keeps the nodes in
+    `Engine.placement` when it stops)."""
     where: dict[int, str] = {}
-    run = ray_executor.run_on_ray
+    stop = Engine.stop
 
-    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
-        return run(*args, placement=where, **kwargs)
+    def recording(self: Engine) -> None:
+        stop(self)
+        where.update(self.placement)
 
-    monkeypatch.setattr(ray_executor, "run_on_ray", recording)
+    monkeypatch.setattr(Engine, "stop", recording)
     return where
 
 
@@ -198,26 +201,28 @@ def test_each_stage_runs_on_the_node_with_its_device_type(
 
 
 def test_a_node_that_leaves_mid_run_ends_it_with_one_line_naming_it(
-        cluster: tuple[str, Node, Node], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        cluster: tuple[str, Node, Node], tmp_path: Path) -> None:
     address, _, worker = cluster
     f = tmp_path / "slow.py"
     f.write_text(_SLOW)
     plan = _plan(f"{f}:slow", 2, [1], types=[HOST, RNGD])
-    where = _placing(monkeypatch)
+    import ray
+
+    rngd = ray_executor.resource_name(RNGD)
 
     def leave_once_placed() -> None:
         end = time.monotonic() + 120
-        while not where and time.monotonic() < end:
+        # the stage's actor holds one of the worker's two RNGD units once it is placed
+        while ray.available_resources().get(rngd, 0) >= 2 and time.monotonic() < end:
             time.sleep(0.2)
-        time.sleep(2.0)  # the run is under way (each stage has 400 forwards of 50 ms to go)
+        time.sleep(5.0)  # built and under way (600 forwards of 25 ms to go in each stage)
         worker.leave()
 
     killer = threading.Thread(target=leave_once_placed, daemon=True)
     killer.start()
     t0 = time.monotonic()
     with pytest.raises(KCloudError) as info:
-        execute(plan, n_micro=400, trace_path=None, ray_address=address, warmup=0, probes=1)
+        execute(plan, n_micro=600, trace_path=None, ray_address=address, warmup=0, probes=1)
     killer.join(timeout=30)
     msg = info.value.message
     assert "\n" not in msg, msg
