@@ -56,11 +56,15 @@ InputTokensOpt = Annotated[int | None, typer.Option(
     "--input-tokens", min=1, max=MAX_TOKENS, help="Tokens per sample (LLM prompt)")]
 OutputTokensOpt = Annotated[int | None, typer.Option(
     "--output-tokens", min=1, max=MAX_TOKENS, help="LLM generated tokens per request")]
+WorkloadOpt = Annotated[str | None, typer.Option(
+    "--workload", help="Benchmark workload whose lengths to use (default: the model's "
+    "benchmark, if it has one; 'none': the raw default lengths)")]
 
 
 def build_goal(objective: str, slo_ms: float | None, batch: int, power_cap_w: float | None,
                max_devices: int | None, min_domestic_share: float, precision: str | None,
-               input_tokens: int | None = None, output_tokens: int | None = None) -> Goal:
+               input_tokens: int | None = None, output_tokens: int | None = None,
+               workload: str | None = None) -> Goal:
     """The `Goal` the plan options describe (a bad value raises a one-line `KCloudError`)."""
     from kcloud.planner.goal import Goal
     from kcloud.precision import Precision
@@ -70,7 +74,7 @@ def build_goal(objective: str, slo_ms: float | None, batch: int, power_cap_w: fl
         power_cap_w=power_cap_w, max_devices=max_devices,
         min_domestic_share=min_domestic_share,
         precision=Precision.parse(precision) if precision else None,
-        input_tokens=input_tokens, output_tokens=output_tokens,
+        input_tokens=input_tokens, output_tokens=output_tokens, workload=workload,
     )
 
 
@@ -89,6 +93,7 @@ def plan(
     precision: PrecisionOpt = None,
     input_tokens: InputTokensOpt = None,
     output_tokens: OutputTokensOpt = None,
+    workload: WorkloadOpt = None,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also plan the baselines and show them beside the plan")] = False,
     pareto: Annotated[bool, typer.Option(
@@ -105,7 +110,7 @@ def plan(
     from kcloud.planner.explain import render
 
     goal = build_goal(objective, slo_ms, batch, power_cap_w, max_devices, min_domestic_share,
-                      precision, input_tokens, output_tokens)
+                      precision, input_tokens, output_tokens, workload)
     cl = load_cluster(cluster)  # a bad cluster fails before the model is captured
     if output is not None:
         check_writable(output, "-o")
@@ -136,6 +141,7 @@ def plan(
 
     if as_json:
         doc: dict[str, Any] = {"plan": p.to_dict(), "predicted": p.predicted.to_dict(),
+                               "workload": m.workload.to_dict() if m.workload else None,
                                "search_time_s": out.search_time_s}
         if rows is not None:
             doc["baselines"] = rows
@@ -145,6 +151,11 @@ def plan(
         return
 
     render(ctx, p, console)
+    if m.workload is not None:
+        console.print(f"workload: {escape(m.workload.describe())}")
+        if m.workload.beams > 1:
+            console.print("  the plan generates one sequence per request: beam search is "
+                          "costed by `kcloud predict`, not planned")
     if rows is not None:
         t = Table(title=f"compared with baselines (modeled; objective {objective})",
                   header_style="bold", title_justify="left")

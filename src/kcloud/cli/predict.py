@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kcloud.cli import app
@@ -29,12 +30,16 @@ def predict(
         min=1, max=MAX_TOKENS, help="LLM generated tokens")] = None,
     tp: Annotated[int, typer.Option(
         min=1, max=MAX_DEVICES, help="Tensor-parallel over N such devices")] = 1,
+    workload: Annotated[str | None, typer.Option(
+        "--workload", help="Benchmark workload whose lengths to use (default: the model's "
+        "benchmark, if it has one; 'none': the raw default lengths)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout")] = False,
     model_timeout_s: ModelTimeoutOpt = 120.0,
 ) -> None:
     """Predict throughput, latency, power and energy of a model on one device (modeled)."""
     from kcloud.predict import SCENARIOS
     from kcloud.predict import predict as run_predict
+    from kcloud.workloads import Shape
 
     if scenario not in SCENARIOS:
         raise KCloudError(f"unknown scenario '{scenario}'", "use offline or single-stream")
@@ -45,7 +50,8 @@ def predict(
                               f"pass {name} 1 or more")
     check_model_code(model, model_timeout_s, batch=batch, seq_len=seq_len or input_tokens)
     p = run_predict(model, device, scenario, precision=precision, batch=batch, seq_len=seq_len,
-                    input_tokens=input_tokens, output_tokens=output_tokens, tp=tp)
+                    input_tokens=input_tokens, output_tokens=output_tokens, tp=tp,
+                    workload=workload)
     if as_json:
         emit_json(p.to_dict())
         return
@@ -58,6 +64,8 @@ def predict(
     t.add_row("latency" if p.scenario == "single-stream" else "batch time",
               f"{p.latency_s * 1e3:,.3f} ms")
     t.add_row("batch", str(p.batch))
+    if p.workload is not None:
+        t.add_row("workload", escape(Shape(**p.workload).describe()))
     t.add_row("precision", p.precision_used + ("" if p.precision_used == p.precision
                                                else f" (asked {p.precision})"))
     if p.tp > 1:

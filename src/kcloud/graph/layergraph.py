@@ -127,8 +127,11 @@ class LayerGraph:
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Pickles (a capture in a child process) with its read-only meta as a plain dict.
-        return (_rebuild, (self.__class__, {**self.__dict__, "meta": dict(self.meta)}))
+        # Pickled with its meta as a plain dict (a mapping proxy does not pickle); the graph
+        # cache stores graphs this way.
+        return (LayerGraph, (self.model, self.layers, self.batch, self.seq_len, self.phase,
+                             self.kv_len, self.input_elems, self.output_elems,
+                             self.capture_dtype_bytes, dict(self.meta)))
 
     @property
     def total_flops(self) -> float:

@@ -14,6 +14,7 @@ from kcloud.errors import KCloudError
 from kcloud.inputs import MAX_BATCH, MAX_TOKENS
 from kcloud.precision import Precision
 from kcloud.predict import DEFAULT_LLM_INPUT, DEFAULT_LLM_OUTPUT
+from kcloud.workloads import NONE, WORKLOADS
 
 OBJECTIVES: tuple[str, ...] = ("latency", "throughput", "energy", "cost")
 
@@ -37,6 +38,9 @@ class Goal:
     precision: Precision | None = None  # None: each device type's default inference precision
     input_tokens: int | None = None  # tokens per sample (LLM prompt); None: the model's default
     output_tokens: int | None = None  # LLMs: generated tokens per request; None: the default
+    # The workload whose lengths the model runs (`kcloud.workloads`); None: the model's own
+    # benchmark workload where it has one; "none": the raw defaults.
+    workload: str | None = None
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -63,6 +67,12 @@ class Goal:
         if not 0.0 <= self.min_domestic_share <= 1.0:
             raise GoalError(f"domestic share floor must lie in [0, 1], got "
                             f"{self.min_domestic_share:g}", "give --min-domestic-share 0..1")
+        if self.workload is not None:
+            name = self.workload.strip().lower()
+            if name != NONE and name not in WORKLOADS:
+                raise GoalError(f"unknown workload '{self.workload}'",
+                                f"use one of: {', '.join([*WORKLOADS, NONE])}")
+            object.__setattr__(self, "workload", name)
         if self.precision is not None and not isinstance(self.precision, Precision):
             object.__setattr__(self, "precision", Precision.parse(str(self.precision)))
 
