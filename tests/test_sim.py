@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -157,7 +158,7 @@ def test_synthetic_stream_rate_and_seed():
 
 
 def test_every_request_completes_or_is_dropped_under_preemption(llm):
-    spec, planned = llm
+    _spec, planned = llm
     stream = synthetic_stream(400.0, limit=3000, seed=4,
                               lengths=__import__("kcloud.sim.streams", fromlist=["Lengths"])
                               .Lengths(60, 80, 0.8))
@@ -172,7 +173,7 @@ def test_every_request_completes_or_is_dropped_under_preemption(llm):
 
 
 def test_fast_path_equals_stepping_every_iteration(llm):
-    spec, planned = llm
+    _spec, planned = llm
 
     def run(fast: bool):
         stream = synthetic_stream(30.0, limit=600, seed=5,
@@ -191,7 +192,7 @@ def test_fast_path_equals_stepping_every_iteration(llm):
 
 
 def test_single_request_matches_its_steps(llm):
-    spec, planned = llm
+    _spec, planned = llm
     m = planned.models[0]
     st = m.stages[0]
     res = _run(_llm_service(planned, iter([(1.0, 40, 10)])))
@@ -206,7 +207,7 @@ def test_single_request_matches_its_steps(llm):
 def test_single_replica_matches_an_independent_queue(cnn):
     """Batch-1 FIFO service of a non-LLM model: the Lindley recursion c_i = max(a_i, c_i-1)
     + S over the same arrivals gives the same latencies."""
-    spec, planned = cnn
+    _spec, planned = cnn
     m = planned.models[0]
     arrivals = list(synthetic_stream(0.8 / m.forward(1)[0], limit=4000, seed=7))
     svc = Service("vision", [m], iter(arrivals), Slo(latency_s=1.0), 1, "round-robin",
@@ -225,18 +226,19 @@ def test_single_replica_matches_an_independent_queue(cnn):
 
 @pytest.mark.parametrize("router", ["round-robin", "least-outstanding", "speed-aware"])
 def test_more_replicas_never_worsen_p99(llm, router):
-    spec, planned = llm
+    _spec, planned = llm
     p99 = []
     for n in (1, 2, 4):
         stream = trace_stream(read_trace(CONV), rate_scale=8.0, limit=1500, max_tokens=200)
         r = _run(_llm_service(planned, stream, replicas=n, router=router)).to_dict()
-        p99.append((r["services"]["chat"]["ttft_s"]["p99"], r["services"]["chat"]["e2e_s"]["p99"]))
-    for worse, better in zip(p99, p99[1:], strict=False):
+        s = r["services"]["chat"]
+        p99.append((s["ttft_s"]["p99"], s["e2e_s"]["p99"]))
+    for worse, better in itertools.pairwise(p99):
         assert better[0] <= worse[0] * 1.01 and better[1] <= worse[1] * 1.01
 
 
 def test_idle_fleet_energy_is_idle_power_times_time(llm):
-    spec, planned = llm
+    _spec, planned = llm
     m = planned.models[0]
     res = Simulator([_llm_service(planned, iter([]), replicas=3)]).run(horizon_s=3600.0)
     assert res.energy_j == pytest.approx(3 * m.idle_power_w * 3600.0, rel=1e-12)
@@ -244,7 +246,7 @@ def test_idle_fleet_energy_is_idle_power_times_time(llm):
 
 
 def test_idle_power_down_saves_idle_energy(cnn):
-    spec, planned = cnn
+    _spec, planned = cnn
     m = planned.models[0]
     arrivals = [(1.0, 0, 1), (500.0, 0, 1)]
     on = _run(Service("v", [m], iter(arrivals), replicas=1, max_batch=1))
@@ -258,12 +260,13 @@ def test_idle_power_down_saves_idle_energy(cnn):
 def test_autoscaling_adds_replicas_under_load(cnn):
     from kcloud.sim.fleet import Autoscale
 
-    spec, planned = cnn
+    _spec, planned = cnn
     m = planned.models[0]
     svc_s = m.forward(1)[0]
     rate = 3.0 / svc_s  # three replicas' worth
-    mk = (lambda a: Service("v", [m] * 6, synthetic_stream(rate, limit=20000, seed=1),
-                            Slo(latency_s=0.5), 1, max_batch=1, autoscale=a))
+    def mk(a):
+        return (Service("v", [m] * 6, synthetic_stream(rate, limit=20000, seed=1),
+                                Slo(latency_s=0.5), 1, max_batch=1, autoscale=a))
     fixed = _run(mk(None)).to_dict()
     scaled = _run(mk(Autoscale(1, 6, up=4, down=0.5, interval_s=50 * svc_s,
                                startup_s=200 * svc_s))).to_dict()
@@ -272,7 +275,7 @@ def test_autoscaling_adds_replicas_under_load(cnn):
 
 
 def test_deterministic_for_a_seed(llm):
-    spec, planned = llm
+    _spec, planned = llm
 
     def run(seed: int):
         s = ServiceSpec(name="chat", model="tiny-gpt", rate=20.0, prompt_tokens=48,
@@ -338,5 +341,5 @@ def test_size_meets_slo_and_domestic_floor():
     tight = parse_spec({"services": [
         {"name": "vision", "model": "tiny-resnet", "rate": 10.0, "slo": {"latency_ms": 1e-4},
          "devices": ["furiosa-warboy"]}]}, "test")
-    with pytest.raises(SizingError, match="service vision: .*nearest"):
+    with pytest.raises(SizingError, match=r"service vision: .*nearest"):
         size_fleet(tight, 2025)
