@@ -24,6 +24,17 @@ from kcloud.sim.services import FleetSpec, parse_spec
 from kcloud.sim.size import YEARS, size_fleet
 
 DOMESTIC_TARGET = 0.8
+# The devices each stage is sized over (a service file's `devices:` overrides them): the
+# domestic NPUs of the year and two GPU reference points; DRAM PIM from 2028 (alone, or joined
+# to each NPU); analog NVM PIM from 2030.
+STAGE_DEVICES = {
+    2025: ["rebellions-atom-max", "furiosa-rngd", "furiosa-warboy", "nvidia-h100-sxm",
+           "nvidia-l4"],
+    2028: ["rebellions-atom-max", "rebellions-rebel-quad", "furiosa-rngd", "furiosa-warboy",
+           "skhynix-aimx", "nvidia-h100-sxm", "nvidia-l4"],
+    2030: ["rebellions-rebel-quad", "furiosa-rngd", "furiosa-warboy", "skhynix-aimx",
+           "nvm-analog-pim", "nvidia-h100-sxm", "nvidia-l4"],
+}
 
 
 def traces_dir() -> Path:
@@ -62,7 +73,7 @@ def roadmap(spec: FleetSpec | None = None, *, objective: str = "energy",
     scenarios = []
     for year in YEARS:
         s = size_fleet(spec, year, min_domestic_share=DOMESTIC_TARGET, objective=objective,
-                       strict=False, progress=progress)
+                       strict=False, progress=progress, devices=STAGE_DEVICES[year])
         s["domestic_target"] = DOMESTIC_TARGET
         s["meets_domestic_target"] = s["domestic_share"] >= DOMESTIC_TARGET - 1e-9
         scenarios.append(s)

@@ -272,7 +272,7 @@ def _pareto(fleets: list[Fleet]) -> list[Fleet]:
 def size_fleet(spec: FleetSpec, year: int, *, min_domestic_share: float = 0.0,
                objective: str = "cost", power_cap_w: float | None = None,
                target: float = DEFAULT_ATTAINMENT, strict: bool = True,
-               progress: Any = None) -> dict[str, Any]:
+               progress: Any = None, devices: list[str] | None = None) -> dict[str, Any]:
     """Size every service of `spec` for `year`; see the module docstring."""
     if objective not in ("cost", "energy"):
         raise KCloudError(f"unknown sizing objective '{objective}'", "use cost or energy")
@@ -283,7 +283,7 @@ def size_fleet(spec: FleetSpec, year: int, *, min_domestic_share: float = 0.0,
     nearest: dict[str, Option | None] = {}
     for s in spec.services:
         feasible, best_miss = [], None
-        for devs in candidate_sets(year, s.devices):
+        for devs in candidate_sets(year, s.devices or devices):
             if progress:
                 progress(f"{year} {s.name}: {'+'.join(devs)}")
             opt = size_service(s, devs, seed=spec.seed, target=target)
