@@ -282,6 +282,8 @@ class StageTables:
         return hit
 
     def _bucketed(self, fn: Any, batch: int) -> tuple[float, float]:
+        if batch <= 4:
+            return fn(batch)
         lo, hi = batch_buckets(batch)
         a = fn(lo)
         if lo == hi:

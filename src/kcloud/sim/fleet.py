@@ -226,7 +226,10 @@ class SimResult:
 
 
 class Simulator:
-    def __init__(self, services: list[Service], *, bin_s: float = 10.0) -> None:
+    def __init__(self, services: list[Service], *, bin_s: float = 10.0,
+                 fast: bool = True) -> None:
+        """`fast`: advance runs of decode-only iterations in one event (the same result as
+        stepping each, which `fast=False` does)."""
         if not services:
             raise ValueError("no services to simulate")
         self.services = services
@@ -250,6 +253,7 @@ class Simulator:
                                      [self.ledger.index[t] for t in m.device_types],
                                      m.nominal_rate(min(b, 32), svc.mean_context)))
             self.replicas.append(reps)
+        self.fast = fast
         self._rr = [0] * len(services)
         self._heap: list[tuple[float, int, int, Any, int]] = []
         self._n = 0
@@ -276,10 +280,12 @@ class Simulator:
             m = r.model
             for ti, n, w in zip(r.types, m.tps, m.idle_w, strict=True):
                 self.ledger.powered(ti, r.on_since, t, n, w)
+                self.stats[r.service].energy_j += n * w * (t - r.on_since)
         r.on_since = -1.0
 
-    def run(self, until: float | None = None) -> SimResult:
-        """Simulate until every request has completed or been dropped (or `until`)."""
+    def run(self, until: float | None = None, horizon_s: float | None = None) -> SimResult:
+        """Simulate until every request has completed or been dropped (or `until`); the
+        fleet stays powered (idle) at least until `horizon_s`."""
         wall = time.perf_counter()
         for si, svc in enumerate(self.services):
             for r in self.replicas[si][:max(0, svc.replicas)]:
@@ -312,7 +318,9 @@ class Simulator:
                         self._kick(lane, t)
             elif kind == _IDLE:
                 self._idle_check(obj, t, version)
-        end = self._last
+        end = max(self._last, horizon_s or 0.0)
+        if until is not None:
+            end = min(end, until) if self._heap else end
         for reps in self.replicas:
             for r in reps:
                 if r.on_since >= 0:
@@ -425,7 +433,7 @@ class Simulator:
             lane.macro = None
             self._start(lane, t + dt)
             return
-        k = sch.steady_decode_steps()
+        k = sch.steady_decode_steps() if self.fast else 0
         if k >= 2:
             b = len(sch.running)
             k0 = 0

@@ -72,6 +72,12 @@ class ReplicaModel:
               pairs: float) -> tuple[float, list[tuple[float, float]]]:
         """An iteration with decode steps and prompt chunks: its time, and per stage (time,
         dynamic energy) per device."""
+        if len(self.stages) == 1:
+            c = self.stages[0].step(batch, kv_tokens, prefill_tokens, pairs)
+            t = c.time_s
+            if self.hops:
+                t += self.hop_s(batch + prefill_tokens)
+            return t, [(c.time_s, c.energy_j - self.idle_w[0] * c.time_s)]
         per = []
         for st, idle in zip(self.stages, self.idle_w, strict=True):
             c = st.step(batch, kv_tokens, prefill_tokens, pairs)

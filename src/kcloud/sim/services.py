@@ -147,6 +147,7 @@ class Planned:
 def plan_service(spec: ServiceSpec, *, prompt: int | None = None, output: int | None = None,
                  cluster: Any = None, allow: Any = None, calibration: Any = None) -> Planned:
     """Plan `spec.model` on its cluster (or load its plan), with the mean lengths given."""
+    from kcloud.graph.loaders import load_model_spec
     from kcloud.hardware.cluster import load_cluster
     from kcloud.planner.api import make_plan
     from kcloud.planner.goal import Goal
@@ -155,6 +156,9 @@ def plan_service(spec: ServiceSpec, *, prompt: int | None = None, output: int | 
 
     c = cluster if cluster is not None else load_cluster(spec.cluster)
     goal_kw: dict[str, Any] = {"objective": spec.objective}
+    probe = load_model_spec(spec.model, batch=1, seq_len=None, phase=None, kv_len=None)
+    if not probe.meta.get("is_llm"):
+        prompt = output = None
     if prompt:
         goal_kw["input_tokens"] = int(prompt)
     if output:
