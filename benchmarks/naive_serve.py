@@ -205,11 +205,16 @@ def main() -> None:
     ap.add_argument("--mode", choices=("sequential", "static"), default="sequential")
     ap.add_argument("--batch", type=int, default=8, help="static: requests per batch")
     ap.add_argument("--wait-ms", type=float, default=50.0, help="static: wait for a full batch")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's own choice)")
     ap.add_argument("--served-name", default=None)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8100)
     a = ap.parse_args()
     import uvicorn
+
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
 
     uvicorn.run(make_app(a.model, mode=a.mode, batch=a.batch, wait_s=a.wait_ms / 1e3,
                          served_name=a.served_name), host=a.host, port=a.port,
