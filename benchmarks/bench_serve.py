@@ -407,8 +407,9 @@ def main() -> None:
         return
     out = Console(width=None if sys.stdout.isatty() else 150)
     out.print(table(lines))
-    out.print(f"load: requests x prompt/output tokens at concurrency c, or the first rows of "
-              f"{a.trace} replayed faster; TTFT, TPOT in ms")
+    out.print("load: requests x prompt/output tokens at concurrency c"
+              + (f", or the first rows of {a.trace} replayed faster" if a.trace else "")
+              + "; TTFT and TPOT in ms")
     for reason in dict.fromkeys(ln.skipped for ln in lines if ln.skipped):
         names = ", ".join(ln.name for ln in lines if ln.skipped == reason)
         out.print(f"skipped {names}: {reason}")

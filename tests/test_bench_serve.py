@@ -177,7 +177,7 @@ def test_trace_is_replayed_at_its_arrival_times(paced: tuple[str, Paced],
     for (at, n_in, n_out), (arrived, prompt, max_tokens) in zip(
             [((a - 10.0) / 2, i, o) for a, i, o in rows], got, strict=True):
         assert (prompt, max_tokens) == (n_in, n_out)
-        assert at - 0.01 <= arrived <= at + 0.3
+        assert at - 0.01 <= arrived <= at + 0.5
     assert s["duration_s"] >= 1.0
 
 
@@ -226,7 +226,7 @@ def test_poisson_arrivals_follow_the_seeded_schedule(paced: tuple[str, Paced]) -
     assert all(g >= 0 for g in gaps) and 1 / 80 < sum(gaps) / len(gaps) < 1 / 20
     result = run_bench(url, "paced", specs, seed=11)
     for r in result.records:
-        assert r.ok and r.scheduled_s - 0.001 <= r.sent_s <= r.scheduled_s + 0.3
+        assert r.ok and r.scheduled_s - 0.001 <= r.sent_s <= r.scheduled_s + 0.5
 
 
 def test_cli_json_is_one_object(paced: tuple[str, Paced], capsys: pytest.CaptureFixture) -> None:
