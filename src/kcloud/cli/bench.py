@@ -110,7 +110,8 @@ def print_summary(s: dict[str, Any]) -> None:
               header_style="bold")
     t.add_column("quantity")
     t.add_column("value", justify="right")
-    t.add_row("load", f"{s['source']}, concurrency {cap}")
+    t.add_row("load", s["source"])
+    t.add_row("concurrency", cap)
     t.add_row("requests / completed / errors",
               f"{s['requests']} / {s['completed']} / {s['errors']}")
     t.add_row("duration", f"{s['duration_s']:,.2f} s")
