@@ -1,1 +1,1 @@
-"""Serving: the scheduler above the engine, the OpenAI-compatible API, metrics, load generator."""
+"""Serving: the OpenAI-compatible HTTP service over the engine, and its load generator."""
