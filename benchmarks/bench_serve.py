@@ -74,8 +74,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(name: str, cmd: list[str], port: int, logdir: Path, *, start_timeout_s: float,
-           env: dict[str, str] | None = None) -> Iterator[Path]:
-    """Start a server process (its own process group), wait until `/v1/models` answers, yield its
+           env: dict[str, str] | None = None, ready: str = "/v1/models") -> Iterator[Path]:
+    """Start a server process (its own process group), wait until `ready` answers 200, yield its
     log file, and stop it (SIGTERM, then SIGKILL) on the way out."""
     log = logdir / f"{name}.log"
     with log.open("w") as out:
@@ -91,7 +91,7 @@ def server(name: str, cmd: list[str], port: int, logdir: Path, *, start_timeout_
                 raise Skip(f"{name} did not answer within {start_timeout_s:.0f} s: "
                            f"{last_line(log)}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}{ready}", timeout=5).status_code == 200:
                     break
             time.sleep(1.0)
         yield log
@@ -202,7 +202,7 @@ def kcloud_lines(a: argparse.Namespace, model_dir: Path, logdir: Path) -> list[L
     try:
         with (contextlib.nullcontext() if a.kcloud_port else
               server("kcloud-serve", kcloud_serve_cmd(model_dir, port), port, logdir,
-                     start_timeout_s=600)):
+                     start_timeout_s=600, ready="/ready")):
             warm_up(port, a)
             for (c, _), ln in zip(loads, lines, strict=False):
                 console.print(f"[bold]K-Cloud[/]: concurrency {c}")
@@ -272,7 +272,7 @@ def vllm_lines(a: argparse.Namespace, model_dir: Path, logdir: Path) -> list[Lin
                 if missing is None:
                     stack.enter_context(server("kcloud-serve-1core",
                                                kcloud_serve_cmd(model_dir, kport, core), kport,
-                                               logdir, start_timeout_s=600))
+                                               logdir, start_timeout_s=600, ready="/ready"))
                     warm_up(kport, a)
                 for r in range(a.rounds):
                     console.print(f"[bold]vLLM[/] round {r + 1}/{a.rounds}")

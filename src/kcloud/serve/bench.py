@@ -158,6 +158,7 @@ class BenchResult:
     source: str
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
+    clock_origin: float = 0.0  # time.perf_counter() when the run started (records count from it)
 
     def meets_slo(self, r: RequestRecord) -> bool:
         if not r.ok:
@@ -353,7 +354,7 @@ async def run_bench_async(url: str, model: str, specs: Sequence[RequestSpec], *,
         await asyncio.gather(*(one(s, r) for s, r in zip(specs, records, strict=True)))
     return BenchResult(url=root, model=model, records=records, duration_s=end - t0,
                        concurrency=concurrency, source=source, slo_ttft_s=slo_ttft_s,
-                       slo_tpot_s=slo_tpot_s)
+                       slo_tpot_s=slo_tpot_s, clock_origin=t0)
 
 
 def run_bench(url: str, model: str, specs: Sequence[RequestSpec], *, progress: bool = False,
