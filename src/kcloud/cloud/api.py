@@ -7,7 +7,6 @@ deployment a 404, an admin call with a tenant key a 403. No traceback reaches a 
 unexpected error is a 500 with one line. Every mutating call is written to the audit log.
 """
 
-from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
@@ -217,18 +216,18 @@ def create_app(control: Control, *, reconcile: bool = True) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
+        errs = [e for e in exc.errors() if e.get("type") == "json_invalid"] or exc.errors()
         first = errs[0] if errs else {"loc": ("body",), "msg": "invalid"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         field = ".".join(loc) if loc else "body"
         if first.get("type") == "json_invalid":
             field = "body"
         msg = first.get("msg", "invalid")
+        detail = [{"field": "body" if e.get("type") == "json_invalid" else
+                   ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
+                   "msg": e.get("msg")} for e in errs]
         return JSONResponse({"error": f"field {field}: {msg}", "field": field,
-                             "detail": [{"field": ".".join(str(p) for p in e.get("loc", ())
-                                                           if p != "body") or "body",
-                                         "msg": e.get("msg")} for e in errs]},
-                            status_code=422)
+                             "detail": detail}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(_r: Request, exc: Exception) -> JSONResponse:

@@ -109,8 +109,9 @@ class Cgroups:
 
     def wrap(self, argv: list[str]) -> list[str]:
         """argv that first joins these cgroups, then execs `argv`."""
-        script = 'for d in "$0" "$1"; do echo $$ > "$d/cgroup.procs"; done; shift 2; exec "$@"'
-        return ["sh", "-c", script, str(self.dirs["memory"]), str(self.dirs["pids"]), *argv]
+        script = 'for d in "$1" "$2"; do echo $$ > "$d/cgroup.procs"; done; shift 2; exec "$@"'
+        return ["sh", "-c", script, "kcloud-sandbox", str(self.dirs["memory"]),
+                str(self.dirs["pids"]), *argv]
 
     def pids(self) -> list[int]:
         try:
