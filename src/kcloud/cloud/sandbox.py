@@ -312,7 +312,10 @@ class RuncBackend:
         return None
 
     def config(self, spec: SandboxSpec) -> dict:
-        mounts = [
+        # the host's system directories, read-only, in an otherwise empty root
+        mounts = [{"destination": f"/{d}", "type": "bind", "source": f"/{d}",
+                   "options": ["rbind", "ro", "nosuid"]} for d in _system_dirs()]
+        mounts += [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
@@ -347,7 +350,7 @@ class RuncBackend:
                 "cwd": str(spec.root), "noNewPrivileges": True,
                 "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
             },
-            "root": {"path": "/", "readonly": True},
+            "root": {"path": "rootfs", "readonly": True},
             "hostname": spec.name[:60],
             "mounts": mounts,
             "linux": {
@@ -360,8 +363,13 @@ class RuncBackend:
         }
 
     def start(self, spec: SandboxSpec) -> Sandbox:
-        bundle = spec.root.parent / f".{spec.root.name}.oci"
-        bundle.mkdir(exist_ok=True)
+        bundle = self.state / "bundles" / spec.name
+        rootfs = bundle / "rootfs"
+        rootfs.mkdir(parents=True, exist_ok=True)
+        for name, target in _system_links():
+            link = rootfs / name
+            if not link.is_symlink():
+                link.symlink_to(target)
         (bundle / "config.json").write_text(json.dumps(self.config(spec), indent=1))
         self.state.mkdir(parents=True, exist_ok=True)
         subprocess.run(["runc", "--root", str(self.state), "delete", "--force", spec.name],
@@ -374,6 +382,18 @@ class RuncBackend:
         finally:
             os.close(log)
         return RuncSandbox(spec.name, proc, spec.root, self.state, spec.name)
+
+
+_NOT_SYSTEM = {"proc", "sys", "dev", "tmp", "run", "mnt", "media", "lost+found", "boot"}
+
+
+def _system_dirs() -> list[str]:
+    return sorted(e.name for e in os.scandir("/") if e.is_dir(follow_symlinks=False)
+                  and e.name not in _NOT_SYSTEM)
+
+
+def _system_links() -> list[tuple[str, str]]:
+    return sorted((e.name, os.readlink(e.path)) for e in os.scandir("/") if e.is_symlink())
 
 
 BACKENDS = {"bwrap": BwrapBackend, "runc": RuncBackend, "none": NoneBackend}
