@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -44,7 +45,7 @@ def _pg_bin(name: str) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_server() -> Iterator[str]:
     """A PostgreSQL server URL without a database name (`postgresql+psycopg://u@h:p`)."""
     url = os.environ.get(ENV_PG)
     if url:
@@ -55,7 +56,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(f"no PostgreSQL: set {ENV_PG} or install postgresql (.ci/run does)")
     if os.geteuid() != 0:
         pytest.skip(f"starting PostgreSQL here needs root (su postgres); set {ENV_PG}")
-    base = Path(tmp_path_factory.mktemp("pg"))
+    base = Path(tempfile.mkdtemp(prefix="kcloud-pg-"))  # pytest's own tmp is root-only
     data = base / "data"
     shutil.chown(base, "postgres")
     os.chmod(base, 0o700)
@@ -73,6 +74,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         subprocess.run(["su", "postgres", "-c", f"{pg_ctl} -D {data} -m fast -w stop"],
                        capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def fresh_postgres(server: str) -> str:
