@@ -31,13 +31,13 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         if self.path in ("/ready", "/health"):
             self._json(200, {"ok": True, "pid": os.getpid()})
         else:
             self._json(404, {"error": "no such path"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         n = int(self.headers.get("content-length") or 0)
         req = json.loads(self.rfile.read(n) or b"{}")
         text = f"{self.name}:{req.get('prompt', '')}"

@@ -44,8 +44,8 @@ def _pg_bin(name: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
+@pytest.fixture(scope="session", name="postgres_server")
+def postgres_server_fixture() -> Iterator[str]:
     """A PostgreSQL server URL without a database name (`postgresql+psycopg://u@h:p`)."""
     url = os.environ.get(ENV_PG)
     if url:
@@ -87,8 +87,8 @@ def fresh_postgres(server: str) -> str:
     return f"{server}/{name}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
+@pytest.fixture(params=["sqlite", "postgresql"], name="db_url")
+def db_url_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
     """None (SQLite in the data directory) or a fresh PostgreSQL database."""
     if request.param == "sqlite":
         return None
@@ -96,10 +96,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
 
 
 def engine_argv(d: Any, plan_file: Path, sock: Path) -> list[str]:
-    return [sys.executable, str(ENGINE), "--uds", str(sock), "--name", d.name]
+    return [sys.executable, str(ENGINE), "--uds", sock.name, "--name", d.name]
 
 
-def make_control(data_dir: Path, database: str | None = None, **kw: Any):  # noqa: ANN201
+def make_control(data_dir: Path, database: str | None = None, **kw: Any):
     from kcloud.cloud.control import Config, Control
 
     kw.setdefault("local_cores", 0)

@@ -11,7 +11,7 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from kcloud.cloud.db import Base, Deployment, Tenant, database_url, open_db
-from tests.cloud_support import db_url, make_control, postgres_server  # noqa: F401
+from tests.cloud_support import db_url_fixture, make_control, postgres_server_fixture  # noqa: F401
 
 
 def test_migrations_build_exactly_the_models_schema(db_url: str | None, tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _backend(name: str, tmp_path: Path):  # noqa: ANN202
+def _backend(name: str, tmp_path: Path):
     b = BwrapBackend() if name == "bwrap" else RuncBackend(
         Path(f"/run/kcloud-runc-test-{uuid.uuid4().hex[:8]}"))
     problem = b.problem()

@@ -90,33 +90,28 @@ class BodyLimit:
             await _too_large(send, limit)
             return
         seen = 0
+        state = {"started": False, "refused": False}
 
         async def counted() -> Message:
             nonlocal seen
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge
+                if seen > limit and not state["refused"]:
+                    state["refused"] = True
+                    if not state["started"]:
+                        await _too_large(send, limit)
+                    return {"type": "http.disconnect"}  # the app stops reading here
             return msg
 
-        started = False
-
         async def watch(msg: Message) -> None:
-            nonlocal started
+            if state["refused"]:
+                return  # the 413 has been sent; drop what the app says after it
             if msg["type"] == "http.response.start":
-                started = True
+                state["started"] = True
             await send(msg)
 
-        try:
-            await self.app(scope, counted, watch)
-        except _TooLarge:
-            if not started:
-                await _too_large(send, limit)
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, counted, watch)
 
 
 async def _too_large(send: Send, limit: int) -> None:

@@ -155,6 +155,7 @@ class Control:
         self.meters: dict[tuple[str, str], Meter] = defaultdict(Meter)  # (deployment, day)
         self.key_cache: dict[str, tuple[str, Principal, bool]] = {}
         self.quota_cache: dict[str, dict[str, Any]] = {}
+        self._dir_fds: dict[str, int] = {}
         self.last_accrual = now()
         self.admin_key_path = self.dir / "admin.key"
         self.admin_key_created = self._ensure_admin_key()
@@ -380,13 +381,13 @@ class Control:
                 return self._best(model, goal, free_q)
             except KCloudError as exc:
                 if room is None or not isinstance(exc, InfeasibleGoal):
-                    raise Refusal(422, exc.problem, nearest=exc.hint) from None
+                    raise Refusal(422, exc.problem, nearest=as_request(exc.hint)) from None
                 inside = exc
         # not within the quota: would it fit the free fleet at all?
         try:
             wide = self._best(model, goal, free_all)
         except KCloudError as exc:
-            raise Refusal(422, exc.problem, nearest=exc.hint) from None
+            raise Refusal(422, exc.problem, nearest=as_request(exc.hint)) from None
         assert room is not None
         need: dict[str, float] = defaultdict(float)
         for st in (st for r in wide.replicas for st in r.stages):
@@ -395,7 +396,7 @@ class Control:
         k, v = over[0] if over else next(iter(need.items()))
         raise Refusal(403, f"quota devices.{k}: this deployment needs {v:g} and the tenant has "
                       f"{room.get(k, 0.0):g} left", quota=f"devices.{k}",
-                      nearest=inside.hint if inside else None)
+                      nearest=as_request(inside.hint) if inside else None)
 
     def submit(self, who: Principal, req: dict[str, Any]) -> dict[str, Any]:
         if who.tenant_id is None:
@@ -404,7 +405,7 @@ class Control:
         try:
             goal = goal_of(req)
         except KCloudError as exc:
-            raise Refusal(422, exc.problem, nearest=exc.hint) from None
+            raise Refusal(422, exc.problem, nearest=as_request(exc.hint)) from None
         real = req.get("mode", "emulated") == "real"
         with self.lock, self.Session() as s:
             tenant = s.get(Tenant, who.tenant_id)
@@ -499,7 +500,7 @@ class Control:
             return list(self.config.engine_argv(d, plan_file, sock))
         return [sys.executable, "-m", "kcloud.cli", "serve", "--model", d.model,
                 "--plan", str(plan_file), "--mode", d.spec.get("mode") or "emulated",
-                "--served-name", d.name, "--uds", str(sock)]
+                "--served-name", d.name, "--uds", sock.name]  # cwd: its own directory
 
     def get(self, who: Principal, dep_id: str) -> Deployment:
         with self.Session() as s:
@@ -533,7 +534,27 @@ class Control:
                                                      Deployment.live_name == name))
 
     def socket_of(self, d: Deployment) -> Path:
-        return self.dir / "deployments" / d.id / "engine.sock"
+        return self.socket_of_id(d.id)
+
+    def socket_of_id(self, dep_id: str) -> Path:
+        return self.dir / "deployments" / dep_id / "engine.sock"
+
+    def socket_address(self, dep_id: str) -> str:
+        """The engine socket's path as a client connects to it: unix socket paths are limited
+        to 107 bytes, so a longer one is reached through an O_PATH descriptor of its
+        directory (`/proc/self/fd/N/engine.sock`)."""
+        sock = self.dir / "deployments" / dep_id / "engine.sock"
+        if len(str(sock)) < 100:
+            return str(sock)
+        fd = self._dir_fds.get(dep_id)
+        if fd is None:
+            fd = self._dir_fds[dep_id] = os.open(sock.parent, os.O_PATH | os.O_DIRECTORY)
+        return f"/proc/self/fd/{fd}/{sock.name}"
+
+    def _forget_socket(self, dep_id: str) -> None:
+        fd = self._dir_fds.pop(dep_id, None)
+        if fd is not None:
+            os.close(fd)
 
     def deployment_doc(self, d: Deployment) -> dict[str, Any]:
         e = self.engines.get(d.id)
@@ -751,6 +772,7 @@ class Control:
             d.placement = []
             self._set(s, d, "deleted", "deleted by its tenant")
             self.engines.pop(d.id, None)
+            self._forget_socket(d.id)
             root = self.dir / "deployments" / d.id
             shutil.rmtree(root, ignore_errors=True)
             return
@@ -786,7 +808,7 @@ class Control:
                 self._set(s, d, "starting", d.reason)
             return
         if not e.run.ready:
-            if self._probe(self.socket_of(d)):
+            if self._probe(d.id):
                 e.run.ready = True
                 e.failures = 0
                 self._set(s, d, "running", "")
@@ -816,11 +838,12 @@ class Control:
                 env[k] = os.environ[k]
         return env
 
-    def _probe(self, sock: Path) -> bool:
-        if not sock.exists():
+    def _probe(self, dep_id: str) -> bool:
+        if not self.socket_of_id(dep_id).exists():
             return False
         try:
-            with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=2.0) as c:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=self.socket_address(dep_id)),
+                              timeout=2.0) as c:
                 return c.get("http://engine/ready").status_code == 200
         except httpx.HTTPError:
             return False
@@ -853,6 +876,19 @@ class Control:
             d.restarts += 1
             self._set(s, d, "replacing", f"devices {', '.join(gone)} gone; re-placed on "
                       f"{len(d.placement)} free device(s)")
+
+
+_FLAGS = {"--slo-ms": "slo_ms", "--max-devices": "max_devices",
+          "--min-domestic-share": "min_domestic_share", "--objective": "objective"}
+
+
+def as_request(hint: str | None) -> str | None:
+    """The planner's hint (in CLI flags) in the request's field names."""
+    if hint is None:
+        return None
+    for flag, name in _FLAGS.items():
+        hint = hint.replace(f"give {flag} ", f"{name}: ").replace(flag, name)
+    return hint
 
 
 def goal_of(req: dict[str, Any]) -> Goal:

@@ -83,8 +83,8 @@ def mount(app: FastAPI, control: Control, principal: Callable[..., Principal]) -
     def client_for(dep_id: str) -> httpx.AsyncClient:
         c = clients.get(dep_id)
         if c is None:
-            sock = control.dir / "deployments" / dep_id / "engine.sock"
-            c = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sock)),
+            uds = control.socket_address(dep_id)
+            c = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=uds),
                                   base_url="http://engine", timeout=httpx.Timeout(None))
             clients[dep_id] = c
         return c
@@ -134,13 +134,18 @@ def mount(app: FastAPI, control: Control, principal: Callable[..., Principal]) -
         if wait > 0:
             return _error(429, "rate limit: requests_per_minute exceeded", "rate_limit_error",
                           {"Retry-After": str(max(1, math.ceil(wait)))})
-        client = client_for(d.id)
-        req = client.build_request(request.method, f"/v1/{path}", content=body,
-                                   headers={"content-type": request.headers.get(
-                                       "content-type", "application/json")})
-        try:
-            resp = await client.send(req, stream=True)
-        except httpx.HTTPError:
+        headers = {"content-type": request.headers.get("content-type", "application/json")}
+        resp = None
+        for _ in range(2):  # a restarted engine has a new socket: one retry on a new client
+            client = client_for(d.id)
+            req = client.build_request(request.method, f"/v1/{path}", content=body,
+                                       headers=headers)
+            try:
+                resp = await client.send(req, stream=True)
+                break
+            except httpx.HTTPError:
+                await clients.pop(d.id).aclose()
+        if resp is None:
             return _error(502, f"deployment {name!r} did not answer", "unavailable",
                           {"Retry-After": "5"})
         plan = d.plan
