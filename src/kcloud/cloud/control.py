@@ -325,13 +325,14 @@ class Control:
         held = self._held_equivalents(s, tenant.id)
         return {k: max(0.0, float(v) - held.get(k, 0.0)) for k, v in devices.items()}
 
-    def _views(self, real: bool, room: dict[str, float] | None) -> list[Cluster]:
+    def _views(self, real: bool, room: dict[str, float] | None,
+               max_devices: int | None = None) -> list[Cluster]:
         """The free fleet as the planner sees it: whole devices, and once per partition
         profile with the free devices of that type split into its instances."""
         out = []
         for profile in (None, *self.fleet.profiles(real)):
             c = self.fleet.free_cluster(real=real, name="fleet-free", allow=room,
-                                        profile=profile)
+                                        profile=profile, max_devices=max_devices)
             if c is not None:
                 out.append(c)
         return out
@@ -369,13 +370,13 @@ class Control:
 
     def _plan(self, model: str, goal: Goal, real: bool, room: dict[str, float] | None) -> Plan:
         """A plan on the free fleet within `room`, or a Refusal saying why not."""
-        free_all = self._views(real, None)
+        free_all = self._views(real, None, goal.max_devices)
         if not free_all:
             raise Refusal(422, f"no free {'real' if real else 'emulated'} devices in the fleet",
                           nearest="mode emulated" if real else
                           "fewer devices: wait for a deployment to end")
         inside: KCloudError | None = None
-        free_q = free_all if room is None else self._views(real, room)
+        free_q = free_all if room is None else self._views(real, room, goal.max_devices)
         if free_q:
             try:
                 return self._best(model, goal, free_q)

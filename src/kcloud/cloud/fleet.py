@@ -252,11 +252,15 @@ class Fleet:
 
     def free_cluster(self, *, real: bool | None = None, name: str = "free",
                      allow: dict[str, float] | None = None,
-                     profile: str | None = None) -> Cluster | None:
+                     profile: str | None = None, max_devices: int | None = None
+                     ) -> Cluster | None:
         """What is free, as a cluster the planner can plan on, each free slice counted once: a
         partly held device as the largest partitions its free slices still make; a fully free
         one as itself, or (`profile` = `id:partition`) one of that id as that partition's
-        instances. `allow` caps the device-equivalents of each catalog id (a quota)."""
+        instances. `allow` caps the device-equivalents of each catalog id (a quota).
+        `max_devices`: the plan will use at most this many, so each node offers at most that
+        many of a type and at most that many nodes of one shape are kept (nodes of one shape
+        are interchangeable to the planner; the placer picks among them)."""
         budget = dict(allow) if allow is not None else None
         split_type, _, split_part = (profile or "").partition(":")
         nodes: list[dict[str, Any]] = []
@@ -278,8 +282,19 @@ class Fleet:
                         budget[d.type] = left - units / d.units
                     counts[type_] += 1
             if counts:
+                if max_devices is not None:
+                    counts = {k: min(v, max_devices) for k, v in counts.items()}
                 nodes.append({"name": node, "devices": dict(counts),
                               "link": _link_spec(self.node_links[node])})
+        if max_devices is not None:
+            kept: list[dict[str, Any]] = []
+            shapes: dict[str, int] = defaultdict(int)
+            for n in nodes:
+                shape = repr((sorted(n["devices"].items()), sorted(n["link"].items())))
+                if shapes[shape] < max_devices:
+                    shapes[shape] += 1
+                    kept.append(n)
+            nodes = kept
         if not nodes:
             return None
         net = self.network
