@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kcloud.errors import CaptureError
+from kcloud.graph import hf
 from kcloud.graph.capture import capture
 from kcloud.graph.layergraph import LayerGraph
 from kcloud.graph.models.mlp import MLPNet
@@ -48,6 +49,7 @@ class _Entry:
     default_seq_len: int | None = None
     image_shape: tuple[int, ...] | None = None  # per-sample input shape of non-token models
     factory: Callable[[], nn.Module] | None = None  # non-token models
+    hf: bool = False  # a local Hugging Face directory: weights from its safetensors
 
     @property
     def is_llm(self) -> bool:
@@ -137,6 +139,8 @@ _ZOO: dict[str, _Entry] = {
 
 def _entry(name: str) -> _Entry:
     entry = _ZOO.get(name) or _ZOO.get(name.lower())
+    if entry is None and hf.is_hf_dir(name):
+        return _hf_entry(name)
     if entry is None:
         close = difflib.get_close_matches(name.lower(), list(_ZOO), n=1, cutoff=0.5)
         guess = f" (did you mean '{close[0]}'?)" if close else ""
@@ -144,12 +148,34 @@ def _entry(name: str) -> _Entry:
     return entry
 
 
+def _hf_entry(path: str) -> _Entry:
+    """A local Hugging Face Llama directory as a zoo entry named by its path."""
+    cfg, raw = hf.hf_config(path)
+    params = cfg.n_layers * (4 * cfg.hidden * cfg.hidden + 3 * cfg.hidden * cfg.ffn)
+    return _Entry(
+        path, "llama", "text-generation",
+        f"Hugging Face Llama directory: {cfg.n_layers} x {cfg.hidden}, {cfg.heads} heads, "
+        f"{cfg.n_kv_heads} KV heads, vocab {cfg.vocab}",
+        params <= HF_RUNNABLE_PARAMS, _HF_DTYPES.get(str(raw.get("dtype") or
+                                                         raw.get("torch_dtype")),
+                                                     torch.float32),
+        config=cfg, default_seq_len=min(128, cfg.max_seq_len // 2), hf=True,
+    )
+
+
+# A Hugging Face directory runs with real weights on this host up to this size (fp32 on the
+# host CPU: 4 bytes a parameter).
+HF_RUNNABLE_PARAMS = 2_000_000_000
+_HF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def model_names() -> list[str]:
     return list(_ZOO)
 
 
 def is_zoo_model(name: str) -> bool:
-    return name in _ZOO or name.lower() in _ZOO
+    """A zoo name, or a local Hugging Face Llama directory (which the zoo builds alike)."""
+    return name in _ZOO or name.lower() in _ZOO or hf.is_hf_dir(name)
 
 
 @functools.cache
@@ -272,6 +298,15 @@ def build(
                 assert e.factory is not None
                 module = e.factory()
             module = module.to(dtype=dtype).eval()
+            if e.hf and dev.type != "meta":
+                assert e.config is not None
+                tied = bool(hf.hf_config(e.name)[1].get("tie_word_embeddings", False))
+                state = hf.hf_state_dict(e.name, e.config.n_layers, tied)
+                missing = sorted(set(module.state_dict()) - set(state))
+                if missing:
+                    raise CaptureError(f"{e.name} lacks the weights {', '.join(missing[:3])}",
+                                       "give a complete LlamaForCausalLM directory")
+                module.load_state_dict({k: v.to(dtype) for k, v in state.items()})
             if e.config is not None:
                 assert seq is not None
                 inputs = torch.randint(0, e.config.vocab, (batch, seq), device=dev)

@@ -94,6 +94,37 @@ class KVCache:
         return self.k[:, :, :need], self.v[:, :, :need]
 
 
+@dataclass
+class StepLayout:
+    """Where the tokens of one engine step sit: every sequence's new tokens packed into one row
+    ([1, tokens, hidden]), their positions, and their slots in a `PagedKV` pool (block * size +
+    offset). `decode_*`: the sequences with one new token, attended as one batch over their
+    blocks (`decode_slots` [n, longest], padded; `decode_mask` [n, 1, 1, longest]);
+    `chunks`: the others (prompt chunks), each (first token, tokens, slots of its whole
+    context), attended one by one. Built once per step by the worker (`kcloud.runtime`); the
+    same for every layer of a stage."""
+
+    positions: torch.Tensor  # [tokens] int64
+    slots: torch.Tensor  # [tokens] int64
+    decode_rows: torch.Tensor  # [n] int64: indices into the packed tokens
+    decode_slots: torch.Tensor  # [n, longest] int64
+    decode_mask: torch.Tensor  # [n, 1, 1, longest] bool
+    chunks: tuple[tuple[int, int, torch.Tensor], ...]
+
+
+class PagedKV:
+    """The KV blocks of one attention module: pools of [blocks * block_size, kv_heads,
+    head_dim] for keys and values, written at a step's slots and read by gathering each
+    sequence's slots (its block table, expanded), as paged attention keeps them."""
+
+    def __init__(self, blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (blocks * block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.step: StepLayout | None = None
+
+
 def _norm(cfg: TransformerConfig) -> nn.Module:
     if cfg.norm == "rms":
         return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
@@ -109,6 +140,7 @@ class Embeddings(nn.Module):
         self.typ = nn.Embedding(cfg.type_vocab, cfg.hidden) if cfg.type_vocab else None
         self.norm = _norm(cfg) if cfg.embed_norm else None
         self.kv: KVCache | None = None  # eager generation: positions continue from its count
+        self.paged: PagedKV | None = None  # an engine step: positions from its layout
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         offset = self.offset
@@ -116,7 +148,10 @@ class Embeddings(nn.Module):
             offset += self.kv.advance(int(input_ids.size(1)))
         h = self.tok(input_ids)
         if self.pos is not None or self.typ is not None:
-            positions = torch.arange(input_ids.size(1), device=input_ids.device) + offset
+            if self.paged is not None and self.paged.step is not None:
+                positions = self.paged.step.positions
+            else:
+                positions = torch.arange(input_ids.size(1), device=input_ids.device) + offset
             if self.pos is not None:
                 h = h + self.pos(positions)
             if self.typ is not None:
@@ -151,6 +186,7 @@ class Attention(nn.Module):
             self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
             self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
         self.kv: KVCache | None = None  # eager generation (prefill-phase modules only)
+        self.paged: PagedKV | None = None  # an engine step over KV blocks
 
     def _rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = self.rotary_dim // 2
@@ -165,11 +201,17 @@ class Attention(nn.Module):
         k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
         past = 0 if self.kv is None else self.kv.length
+        step = self.paged.step if self.paged is not None else None
         if self.rotary_dim:
-            positions = torch.arange(x.size(1), device=x.device) + (self.offset + past)
+            if step is not None:
+                positions = step.positions
+            else:
+                positions = torch.arange(x.size(1), device=x.device) + (self.offset + past)
             angles = positions.unsqueeze(-1).float() * self.inv_freq
             cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if step is not None:
+            return self.o_proj(self._attend_paged(q, k, v, step).transpose(1, 2).flatten(2))
         if self.kv is not None:
             return self.o_proj(self._attend_cached(q, k, v, past).transpose(1, 2).flatten(2))
         if self.has_cache:
@@ -191,6 +233,42 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
         mask = torch.ones(new, past + new, dtype=torch.bool, device=q.device).tril(past)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+
+
+    def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      step: StepLayout) -> torch.Tensor:
+        """Attention of an engine step's packed tokens ([1, heads, tokens, head_dim]) over the
+        KV blocks: the new K/V are written at their slots first; one-token sequences attend as
+        a batch over their gathered slots (padding masked), prompt chunks one by one, causally
+        from their first position."""
+        assert self.paged is not None
+        pool_k, pool_v = self.paged.k, self.paged.v
+        pool_k[step.slots] = k[0].transpose(0, 1).to(pool_k.dtype)
+        pool_v[step.slots] = v[0].transpose(0, 1).to(pool_v.dtype)
+        out = torch.empty_like(q)
+        if step.decode_rows.numel():
+            qd = q[0][:, step.decode_rows].unsqueeze(2).transpose(0, 1)  # [n, heads, 1, hd]
+            kd = pool_k[step.decode_slots].transpose(1, 2).to(q.dtype)  # [n, kv, longest, hd]
+            vd = pool_v[step.decode_slots].transpose(1, 2).to(q.dtype)
+            yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=step.decode_mask,
+                                                enable_gqa=self.gqa)
+            out[0][:, step.decode_rows] = yd.squeeze(2).transpose(0, 1)
+        for first, n, ctx in step.chunks:
+            qc = q[:, :, first:first + n]
+            kc = pool_k[ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, kv, ctx, hd]
+            vc = pool_v[ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            past = ctx.numel() - n
+            if not self.causal:
+                yc = F.scaled_dot_product_attention(qc, kc, vc, enable_gqa=self.gqa)
+            elif past == 0:
+                yc = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True,
+                                                    enable_gqa=self.gqa)
+            else:
+                mask = torch.ones(n, past + n, dtype=torch.bool, device=q.device).tril(past)
+                yc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask,
+                                                    enable_gqa=self.gqa)
+            out[:, :, first:first + n] = yc
+        return out
 
 
 class GatedMLP(nn.Module):
