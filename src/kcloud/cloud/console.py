@@ -123,8 +123,9 @@ def mount(app: FastAPI, control: Control) -> None:
         for dv in fleet["devices"]:
             nodes[dv["node"]].append(dv)
         tenants = control.tenants() if who.admin else []
+        tnames = {t["id"]: t["name"] for t in tenants}
         return page("index.html", request, who, deployments=deps, fleet=fleet,
-                    nodes=dict(nodes), tenants=tenants)
+                    nodes=dict(nodes), tenants=tenants, tnames=tnames)
 
     @app.get("/deployments/{dep_id}", response_class=HTMLResponse)
     def deployment(dep_id: str, request: Request) -> Response:
