@@ -233,8 +233,14 @@ class Fleet:
                 continue
             if policy == "first-fit":
                 return picks
+            # tightest devices first (a partition fills a partly held card anywhere before
+            # it splits a whole one), then the tightest node, then the previous stage's node
+            after = defaultdict(int)
+            for a in picks:
+                after[a.device] += a.units
+            dev_left = sum(self.devices[k].free_units - u for k, u in after.items())
             left = sum(d.free_units for d in devs) - sum(a.units for a in picks)
-            key = (left, 0 if node == prev_node else 1, rank)
+            key = (dev_left, left, 0 if node == prev_node else 1, rank)
             if best is None or key < best[0]:
                 best = (key, picks)
         return best[1] if best else None
