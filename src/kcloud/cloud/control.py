@@ -392,7 +392,10 @@ class Control:
         assert room is not None
         need: dict[str, float] = defaultdict(float)
         for st in (st for r in wide.replicas for st in r.stages):
-            need[st.device_type.split(":")[0]] += self._share(st.device_type) * st.tp
+            fam = st.device_type if any(d.type == st.device_type
+                                        for d in self.fleet.devices.values()) \
+                else st.device_type.split(":")[0]
+            need[fam] += self._share(st.device_type) * st.tp
         over = [(k, v) for k, v in need.items() if v > room.get(k, 0.0) + 1e-9]
         k, v = over[0] if over else next(iter(need.items()))
         raise Refusal(403, f"quota devices.{k}: this deployment needs {v:g} and the tenant has "
