@@ -16,6 +16,8 @@ Files use engineering units; the loader converts them to the SI base units of `D
 | `host_link_gbps`, `chip_link_gbps` | link bandwidth, GB/s, one direction | bytes/s (x 1e9) |
 | `power_w.max`, `power_w.idle` | board power, W | W |
 | `price_usd_per_hour` | USD per device-hour | USD/h |
+| `pci.vendor`, `pci.device` | PCI vendor and device ids, 4 hex digits | lower-case text |
+| `k8s.resource` | Kubernetes extended-resource name (`furiosa.ai/rngd`) | text |
 
 Memory capacities follow the DRAM vendors' (JEDEC) convention that 1 GB = 2^30 bytes, so an
 "80 GB" GPU holds 80 GiB; bandwidths and link rates are decimal (1 GB/s = 1e9 B/s).
@@ -45,7 +47,14 @@ from pydantic import (
 )
 
 from kcloud.errors import CatalogError
-from kcloud.hardware.device import Device, DeviceKind, Figure, Partition
+from kcloud.hardware.device import (
+    DEFAULT_PARTITION_RESOURCE,
+    Device,
+    DeviceKind,
+    Figure,
+    Partition,
+    PciId,
+)
 from kcloud.hardware.host import HOST_ID
 from kcloud.precision import Precision
 
@@ -117,6 +126,25 @@ class _PartitionIn(_Strict):
     source: str = ""
 
 
+_Hex4 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{4}$")]
+# A Kubernetes extended-resource name: a DNS subdomain prefix, '/', a name of at most 63
+# characters (Kubernetes' IsQualifiedName).
+_RESOURCE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+
+
+class _PciIn(_Strict):
+    vendor: _Hex4
+    device: _Hex4
+    source: _Text
+    estimated: StrictBool = False
+    note: str = ""
+
+
+class _K8sIn(_Strict):
+    resource: Annotated[str, Field(pattern=_RESOURCE)]
+    partition_resource: Annotated[str, Field(min_length=1)] = DEFAULT_PARTITION_RESOURCE
+
+
 class _DeviceIn(_Strict):
     id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")]
     name: _Text
@@ -124,6 +152,8 @@ class _DeviceIn(_Strict):
     kind: DeviceKind
     year: Annotated[StrictInt, Field(ge=1990, le=2100)]
     domestic: StrictBool
+    pci: _PciIn | None = None
+    k8s: _K8sIn | None = None
     projected: StrictBool = False
     sources: dict[str, _Text] = Field(default_factory=dict)
     tflops: Annotated[dict[Precision, _FigureIn], Field(min_length=1)]
@@ -218,6 +248,17 @@ def _check(raw: _DeviceIn, path: Path) -> None:
             raise _FieldProblem(f"partitions.{i}.memory_gb",
                                 f"{p.count} x {p.memory_gb:g} GB is more than the device's "
                                 f"{memory:g} GB")
+    if raw.k8s is not None:
+        for p in raw.partitions or [None]:
+            try:
+                name = raw.k8s.partition_resource.format_map(
+                    {"resource": raw.k8s.resource, "partition": p.name if p else "x"})
+            except (KeyError, ValueError, IndexError):
+                raise _FieldProblem("k8s.partition_resource",
+                                    "only {resource} and {partition} may be filled in") from None
+            if not re.match(_RESOURCE, name):
+                raise _FieldProblem("k8s.partition_resource",
+                                    f"'{name}' is not a Kubernetes resource name")
     if raw.projected:
         for field, fig in _figures_in(raw):
             if not fig.estimated:
@@ -266,6 +307,11 @@ def _to_device(raw: _DeviceIn) -> Device:
         share = p.compute_fraction if p.compute_fraction is not None else 1.0 / p.count
         partitions.append(Partition(p.name, p.count, share, p.memory_gb * GIB, source))
 
+    pci = None
+    if raw.pci is not None:
+        pci = PciId(raw.pci.vendor.lower(), raw.pci.device.lower(),
+                    _resolve_source(raw.pci.source, raw.sources, "pci.source"),
+                    raw.pci.estimated or raw.projected, _one_line(raw.pci.note))
     return Device(
         id=raw.id,
         name=raw.name,
@@ -286,6 +332,10 @@ def _to_device(raw: _DeviceIn) -> Device:
         projected=raw.projected,
         notes=_one_line(raw.notes),
         sources=dict(raw.sources),
+        pci=pci,
+        k8s_resource=raw.k8s.resource if raw.k8s else f"kcloud.io/{raw.id}",
+        k8s_partition_resource=(raw.k8s.partition_resource if raw.k8s
+                                else DEFAULT_PARTITION_RESOURCE),
     )
 
 
@@ -469,6 +519,10 @@ def device_to_dict(dev: Device) -> dict[str, Any]:
             }
             for p in dev.partitions
         ],
+        "pci": None if dev.pci is None else {
+            "vendor": dev.pci.vendor, "device": dev.pci.device, "source": dev.pci.source,
+            "estimated": dev.pci.estimated, "note": dev.pci.note},
+        "k8s_resource": dev.k8s_resource,
         "notes": dev.notes,
         "sources": dict(dev.sources),
     }

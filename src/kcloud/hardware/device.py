@@ -42,6 +42,29 @@ class Partition:
 
 
 @dataclass(frozen=True)
+class PciId:
+    """A device's PCI vendor and device ids (4 lower-case hex digits each), with their source.
+
+    `estimated` marks ids that are not published (in the PCI ID Repository or by the vendor)."""
+
+    vendor: str
+    device: str
+    source: str
+    estimated: bool = False
+    note: str = ""
+
+    @property
+    def selector(self) -> str:
+        """`vendor:device`, as lspci -d, sysfs matching and KubeVirt's pciVendorSelector take it."""
+        return f"{self.vendor}:{self.device}"
+
+
+# The Kubernetes extended-resource name of a partition when the catalog does not say: the
+# device's resource with the partition name appended (`furiosa.ai/rngd-2core.12gb`).
+DEFAULT_PARTITION_RESOURCE = "{resource}-{partition}"
+
+
+@dataclass(frozen=True)
 class Device:
     id: str
     name: str
@@ -62,6 +85,12 @@ class Device:
     projected: bool = False  # a device that does not exist yet: every figure is a projection
     notes: str = ""
     sources: Mapping[str, str] = field(default_factory=dict)  # key -> citation
+    pci: PciId | None = None
+    # Kubernetes extended-resource name a device plug-in advertises it under ("" for devices
+    # that are not handed out as devices, such as CPU cores), and the template of its
+    # partitions' names ({resource} and {partition} are filled in).
+    k8s_resource: str = ""
+    k8s_partition_resource: str = DEFAULT_PARTITION_RESOURCE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", MappingProxyType(dict(self.peak_flops)))
@@ -96,6 +125,12 @@ class Device:
     @property
     def estimated_fields(self) -> list[str]:
         return [k for k, f in self.figures.items() if f.estimated or self.projected]
+
+    def partition_resource(self, name: str) -> str:
+        """The Kubernetes resource name of partition `name` of this device."""
+        if not self.k8s_resource:
+            return ""
+        return self.k8s_partition_resource.format(resource=self.k8s_resource, partition=name)
 
     def partition(self, name: str) -> Device:
         """This device cut down to one partition: compute, bandwidth and power scale by share."""
@@ -132,4 +167,6 @@ class Device:
             projected=self.projected,
             notes=self.notes,
             sources=self.sources,
+            pci=self.pci,
+            k8s_resource=self.partition_resource(p.name),
         )

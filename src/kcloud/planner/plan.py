@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kcloud.errors import KCloudError
+from kcloud.planner.actions import Action, Kind, render
 
 PLAN_SCHEMA_VERSION = 1
 
@@ -192,12 +193,12 @@ class Plan:
             last = len(r.stages) - 1
             for si, st in enumerate(r.stages):
                 for dev in st.devices:
-                    acts: list[str] = []
+                    acts: list[Action] = []
                     for m in range(n):
                         if si > 0:
-                            acts.append(f"R{m}")
-                        acts.append(f"F{m}" + ("+AR" if st.tp > 1 else ""))
+                            acts.append(Action(Kind.RECV, m))
+                        acts.append(Action(Kind.FORWARD, m, reduced=st.tp > 1))
                         if si < last:
-                            acts.append(f"S{m}")
-                    out[dev] = acts
+                            acts.append(Action(Kind.SEND, m))
+                    out[dev] = render(acts)
         return out

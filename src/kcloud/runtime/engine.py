@@ -129,6 +129,7 @@ class Engine:
         token_budget: int = 256, max_wait_s: float = 0.005, weights: str | None = None,
         worker_timeout_s: float = 10.0, start_timeout_s: float = 180.0,
         pace: bool = True, modeled_step: Callable[[int, Any], float | None] | None = None,
+        serving: bool = True, generate: bool = True, comm_timeout_s: float = 60.0,
     ) -> None:
         if mode not in backends.MODES:
             raise KCloudError(f"unknown mode '{mode}'", "use --mode real or --mode emulated")
@@ -143,10 +144,13 @@ class Engine:
         self.start_timeout_s = start_timeout_s
         self.pace = pace and mode == "emulated"
         self.modeled_step = modeled_step
-        llm = is_llm_plan(plan)
+        llm = is_llm_plan(plan) and generate
         self.max_batch = max_batch or (max(plan.micro_batch, 64) if llm else plan.micro_batch)
+        self.serving = serving
         layout = stage_plan(plan, mode, weights=weights, block_size=block_size,
-                            kv_blocks=kv_blocks, max_seqs=self.max_batch)
+                            kv_blocks=kv_blocks, max_seqs=self.max_batch, serving=serving,
+                            generate=generate, comm_timeout_s=comm_timeout_s)
+        self.layout = layout
         self.llm = layout.llm
         self.max_len = layout.max_len
         self.eos = layout.eos
@@ -167,17 +171,19 @@ class Engine:
         self.failed_requests = 0
         for ri, specs in enumerate(layout.replicas):
             sched = Scheduler(BlockManager(self.kv_blocks, block_size), max_batch=self.max_batch,
-                              token_budget=token_budget, max_len=self.max_len) if self.llm \
-                else None
-            batcher = None if self.llm else Batcher(self.max_batch, max_wait_s)
+                              token_budget=token_budget, max_len=self.max_len) \
+                if self.llm and serving else None
+            batcher = Batcher(self.max_batch, max_wait_s) if not self.llm and serving else None
             self.replicas.append(_Replica(ri, specs, sched, batcher))
         self._stopped = False
+        self.runs: list[Any] = []  # the results of `run` schedules, as they come
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Start every replica's workers and wait until they are ready (or fail)."""
+        shared = None if self.serving else _free_port()  # a run: one process group
         for rep in self.replicas:
-            self._launch(rep)
+            self._launch(rep, shared)
         deadline = time.monotonic() + self.start_timeout_s
         while any(r.state == "starting" for r in self.replicas):
             if time.monotonic() > deadline:
@@ -189,12 +195,14 @@ class Engine:
             if dead:
                 err = dead[0].last_error
                 self.stop()
+                if not self.serving:
+                    raise KCloudError(err, "fix the model or the plan and run again")
                 raise KCloudError(f"replica {dead[0].index} did not start: {err}",
                                   "fix the model or the plan and start again")
 
-    def _launch(self, rep: _Replica) -> None:
+    def _launch(self, rep: _Replica, port: int | None = None) -> None:
         rep.incarnation += 1
-        port = _free_port()
+        port = port or _free_port()
         rep.workers = []
         for spec in rep.specs:
             spec = _with(spec, port=port)
@@ -401,13 +409,15 @@ class Engine:
         rep = self.replicas[ri]
         if inc != rep.incarnation or rep.state == "failed":
             return []  # from a replica's earlier incarnation
-        w = rep.workers[rank]
+        w = next(x for x in rep.workers if x.spec.rank == rank)
         w.beat = time.monotonic()
         if kind == "ready":
             w.ready = True
             if all(x.ready for x in rep.workers) and rep.state == "starting":
                 rep.state = "idle"
                 rep.failures = [t for t in rep.failures if time.monotonic() - t < 60]
+        elif kind == "run":
+            self.runs.append(rest[0])
         elif kind == "error":
             return self._fail(rep, f"{w.spec.label} ({w.spec.device_type}, "
                                    f"{w.spec.backend}) failed in {rest[0]}")
@@ -454,8 +464,8 @@ class Engine:
         events: list[Event] = []
         now = time.monotonic()
         for rep in self.replicas:
-            if rep.state == "failed":
-                continue
+            if rep.state == "failed" or (not self.serving and rep.state != "starting"):
+                continue  # a run watches its own workers once they are up (`run`)
             for w in rep.workers:
                 code = w.proc.exitcode
                 if code is not None and not self._stopped:
@@ -476,7 +486,8 @@ class Engine:
                                               f"{now - w.beat:.0f} s (hung)")
                     break
         for rep in self.replicas:
-            if rep.state == "failed" and not self._stopped and len(rep.failures) <= 3:
+            if rep.state == "failed" and not self._stopped and len(rep.failures) <= 3 \
+                    and self.serving:
                 self._launch(rep)
                 self.restarts += 1
         return events
@@ -494,8 +505,9 @@ class Engine:
         _reap([w.proc for w in rep.workers])
         events: list[Event] = []
         others = [r for r in self.replicas if r is not rep and r.healthy]
-        sched = rep.scheduler or rep.batcher
-        assert sched is not None
+        sched: Any = rep.scheduler or rep.batcher
+        if sched is None:  # a run's workers: nothing queued here
+            return events
         pending = list(sched.running) if rep.scheduler is not None else []
         pending += list(sched.waiting)
         for what in pending:
@@ -521,6 +533,37 @@ class Engine:
             (target.scheduler or target.batcher).add(what)  # type: ignore[union-attr, arg-type]
             self._where[what.id] = (target, what)
         return events
+
+    # -- a benchmark run (`kcloud run`) ------------------------------------------------------
+    def run(self, commands: dict[int, Any], collect: Any, timeout_s: float) -> None:
+        """Send each worker (by rank) its whole schedule, then hand what comes back to
+        `collect` (`take(result)`, `lost(rank, how)`, `over()`), watching for workers that
+        die or stop beating, until `collect.over()`."""
+        workers = {w.spec.rank: w for r in self.replicas for w in r.workers}
+        for rank, cmd in commands.items():
+            workers[rank].commands.put(cmd)
+        now = time.monotonic()
+        for w in workers.values():
+            w.beat = now
+        lost: set[int] = set()
+        while not collect.over():
+            self.runs.clear()
+            self._poll(0.1)
+            for res in self.runs:
+                collect.take(res)
+            now = time.monotonic()
+            for rank, w in workers.items():
+                if rank in lost or collect.reported(rank):
+                    continue
+                code = w.proc.exitcode
+                if code not in (None, 0):
+                    lost.add(rank)
+                    collect.lost(rank, f"signal {-code}" if code < 0 else f"exit code {code}")
+                elif now - w.beat > self.worker_timeout_s:
+                    raise KCloudError(
+                        f"{w.spec.label} ({w.spec.device_type}, {w.spec.backend}) stopped "
+                        f"responding: no heartbeat for {now - w.beat:.1f} s (stopped or hung)",
+                        "check that process, or raise --worker-timeout")
 
     def worker_pids(self) -> list[dict[str, Any]]:
         return [{"replica": r.index, "stage": w.spec.stage, "tp_rank": w.spec.tp_rank,

@@ -21,52 +21,37 @@ greedy token back to the first stage's lead (the token hop).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import queue as queue_mod
 import socket
 import statistics
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 from kcloud.errors import KCloudError
+from kcloud.planner.actions import Action, Kind, from_events, render
 from kcloud.planner.plan import Plan
 from kcloud.runtime import backends
+from kcloud.runtime.engine import Engine
 from kcloud.runtime.generate import (
     GenSpec,
-    GenStage,
     check_length,
-    eager_layout,
     generates,
-    layer_units,
     reference_generate,
-    stage_state,
-    stage_units,
 )
+from kcloud.runtime.layout import stage_plan
 from kcloud.runtime.model import layer_graph, load_checkpoint, load_runnable, micro_batches
-from kcloud.runtime.split import flat_tensors, split_model
-from kcloud.runtime.tensor_parallel import (
-    ShardError,
-    ShardLayout,
-    check_degree,
-    find_layout,
-    shard_state,
-    stage_groups,
-)
+from kcloud.runtime.split import flat_tensors
+from kcloud.runtime.stage_worker import RunCommand, StageSpec
 from kcloud.runtime.trace import save_trace, trace_events, write_trace
 from kcloud.runtime.worker import (
     WorkerResult,
     WorkerSpec,
     _from_bytes,
-    _to_bytes,
-    _worker,
 )
 
 FP32_TOLERANCE = 1e-4
@@ -224,7 +209,6 @@ def execute(
     gen = generates(plan.model, plan.output_tokens, prompt_only)
     steps = (plan.output_tokens or 0) if gen else 0
     prompt = int(example[0].shape[1]) if gen else 0
-    units: list[list[str]] = []
     dec_graph = None
     if probes is None:
         probes = 1 if gen else 3
@@ -232,111 +216,44 @@ def execute(
         raise KCloudError(f"--probes must be 0 or more, got {probes}", "pass --probes 0 or more")
     if gen:
         check_length(module, plan.model, prompt, steps)
-        units = layer_units(module, example, plan.model)
-        if len(units) != plan.n_layers:
-            raise KCloudError(
-                f"{plan.model} has {len(units)} layers here but the plan has "
-                f"{plan.n_layers}", "re-create the plan for this model with `kcloud plan`")
         dec_graph = layer_graph(plan.model, batch=plan.micro_batch, seq_len=1, phase="decode",
                                 kv_len=prompt + steps // 2)
 
-    # Stages, their tensor-parallel layouts (errors before any worker starts).
-    splits = []
-    layouts: dict[tuple[int, int], ShardLayout | None] = {}
-    for ri, rep in enumerate(plan.replicas):
-        if gen:
-            _gen_layouts(plan, module, units, ri, graph, layouts, notes)
-            continue
-        bounds = tuple((s.start, s.end) for s in rep.stages)
-        split = split_model(module, example, bounds)
-        if split.n_layers != plan.n_layers:
-            raise KCloudError(
-                f"{plan.model} has {split.n_layers} layers here but the plan has "
-                f"{plan.n_layers}", "re-create the plan for this model with `kcloud plan`")
-        splits.append(split)
-        stage_in = None
-        for si, st in enumerate(rep.stages):
-            if st.tp == 1:
-                continue
-            groups = stage_groups(graph, st.start, st.end)
-            check_degree(groups, st.tp, f"stage {si} of replica {ri}")
-            if not groups:
-                layouts[ri, si] = None
-                notes.append(f"stage {si} of replica {ri} holds nothing the runtime shards "
-                             f"(no MLP, heads, convolution or vocabulary group): it ran whole on "
-                             f"{st.devices[0]}")
-                continue
-            if stage_in is None:
-                stage_in = split.stage_inputs(*example)
-            sub = split.stages[si]
-            try:
-                layouts[ri, si] = find_layout(sub.sub, sub.sub_args(*stage_in[si]), groups,
-                                              st.tp)
-            except ShardError as exc:
-                layouts[ri, si] = None
-                notes.append(f"stage {si} of replica {ri} cannot be sharded ({exc}): it ran "
-                             f"whole on {st.devices[0]}")
-
-    # One worker per device of a sharded stage, one per other stage.
-    specs: list[WorkerSpec] = []
-    states: list[bytes] = []
-    inputs: list[bytes | None] = []
-    plan_groups: list[list[int]] = []  # ranks of each stage, in plan order
-    rank = 0
-    for ri, rep in enumerate(plan.replicas):
-        for si, st in enumerate(rep.stages):
-            width = st.tp if layouts.get((ri, si)) is not None else 1
-            plan_groups.append(list(range(rank, rank + width)))
-            rank += width
-    world = rank
-    tp_groups = tuple(tuple(g) for g in plan_groups if len(g) > 1)
-    port = _free_port()
-    # Local CPU workers get a core each when there are enough (one thread per core, pinned,
-    # as CPU inference servers run); a cpu backend's slot index picks the core.
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    n_cpu = sum(st.tp for rep in plan.replicas for st in rep.stages
-                if backends.choose(st.device_type, mode, st.devices[0]).name == "cpu")
-    pin = ray_address is None and 0 < n_cpu <= len(cores)
-    next_core = 0
-    whole_state = module.state_dict() if gen else {}
-    k = 0
-    for ri, rep in enumerate(plan.replicas):
-        bounds = tuple((s.start, s.end) for s in rep.stages)
-        for si, st in enumerate(rep.stages):
-            ranks = plan_groups[k]
-            layout = layouts.get((ri, si))
-            last = si == len(rep.stages) - 1
-            gspec = None
-            if gen:
-                su = stage_units(units, st.start, st.end)
-                full = stage_state(whole_state, su)
-                ends = (plan_groups[k - si][0], plan_groups[k - si + len(rep.stages) - 1][0])
-                gspec = GenSpec(steps=steps, units=su, layout=layout,
-                                feedback=None if len(rep.stages) == 1 else
-                                ends[1] if si == 0 else ends[0] if last else None)
-            else:
-                full = splits[ri].stages[si].state_dict()
-            for ti, r in enumerate(ranks):
-                slot = st.devices[ti]
-                be = backends.choose(st.device_type, mode, slot)
-                core = None
-                if pin and be.name == "cpu":
-                    core, next_core = cores[next_core], next_core + 1
-                specs.append(WorkerSpec(
-                    rank=r, world=world, port=port, replica=ri, stage=si, device=slot,
-                    device_type=st.device_type, backend=be.name, torch_device=be.torch_device,
-                    model=plan.model, micro_batch=plan.micro_batch, seq_len=plan.seq_len,
-                    phase=plan.phase, bounds=bounds, n_micro=n, n_warmup=warmup,
-                    n_probe=probes, per_request=per_request,
-                    prev=None if si == 0 else plan_groups[k - 1][0],
-                    next=None if last else plan_groups[k + 1][0],
-                    comm_timeout_s=comm_timeout_s, group=tuple(ranks), tp_groups=tp_groups,
-                    layout=None if gen else layout, pin_core=core, gen=gspec,
-                ))
-                states.append(_to_bytes(full if layout is None else shard_state(
-                    full, layout, ti, prefix="" if gen else "sub.")))
-                inputs.append(_to_bytes(feeds[ri * n:(ri + 1) * n]) if si == 0 else None)
-            k += 1
+    # The workers, their layers, shards and ranks (`layout`: errors before any starts).
+    # Emulated replicas of one configuration (the same layers and shards, all emulated)
+    # compute alike: one of them runs, with the micro-batches of the first, and the others
+    # take its outputs and timeline (their own times stay the cost model's).
+    computed, copy_of = sample_replicas(plan, mode)
+    run_plan = plan if not copy_of else replace(
+        plan, replicas=tuple(plan.replicas[i] for i in computed))
+    w = None if weights is None else str(weights)
+    engine = None
+    if ray_address is None:
+        engine = Engine(run_plan, mode=mode, weights=w, serving=False, generate=gen,
+                        comm_timeout_s=comm_timeout_s, start_timeout_s=timeout_s)
+        lay = engine.layout
+    else:
+        lay = stage_plan(run_plan, mode, weights=w, serving=False, generate=gen,
+                         comm_timeout_s=comm_timeout_s)
+    notes += lay.notes
+    layouts = {(computed[ri], si): v for (ri, si), v in lay.layouts.items()}
+    for r, i in copy_of.items():
+        layouts.update({(r, si): layouts[i, si] for si in range(len(plan.replicas[r].stages))
+                        if (i, si) in layouts})
+    stage_specs = [s for rep in lay.replicas for s in rep]
+    run_specs = [_run_spec(s, lay.replicas[s.replica], n=n, warmup=warmup, probes=probes,
+                           per_request=per_request, steps=steps if gen else None,
+                           comm_timeout_s=comm_timeout_s) for s in stage_specs]
+    specs = _all_specs(plan, run_specs, computed, copy_of)
+    feed_of = {r: copy_of.get(r, r) for r in range(len(plan.replicas))}
+    feeds = [x for r in range(len(plan.replicas))
+             for x in feeds[feed_of[r] * n:(feed_of[r] + 1) * n]]
+    inputs: list[Any] = [feeds[computed[s.replica] * n:(computed[s.replica] + 1) * n]
+                         if s.stage == 0 else None for s in run_specs]
+    if copy_of:
+        notes.append(f"{len(computed)} of {len(plan.replicas)} replicas computed on the host; "
+                     f"the other {len(copy_of)} (emulated, of the same layers and shards as a "
+                     "computed one) took its outputs and timeline, their times modeled")
 
     # The cost model's times of emulated stages (before starting workers: errors come early).
     # ... and the power each stage's devices draw (the cost model's, for the energy figures).
@@ -344,17 +261,24 @@ def execute(
     power: dict[int, tuple[float, float]] = {}  # lead rank -> (busy W, idle W) per device
     step_costs: dict[int, tuple[float, float]] = {}  # lead rank -> (prefill, decode step) s
     power_estimated = False  # built on a power figure without a primary source
+    stage_costs: dict[tuple[Any, ...], Any] = {}
     for sp in specs:
         if not sp.leads:
             continue
         st = plan.replicas[sp.replica].stages[sp.stage]
-        cost, dev = _stage_cost(graph, st.device_type, st.precision, plan.micro_batch,
-                                st.start, st.end, st.tp)
+        key = (st.device_type, st.precision, st.start, st.end, st.tp)
+        if key not in stage_costs:  # replicas of one device type share their figures
+            stage_costs[key] = _stage_cost(graph, st.device_type, st.precision,
+                                           plan.micro_batch, st.start, st.end, st.tp)
+            if dec_graph is not None:
+                stage_costs[("decode", *key)] = _stage_cost(
+                    dec_graph, st.device_type, st.precision, plan.micro_batch, st.start,
+                    st.end, st.tp)
+        cost, dev = stage_costs[key]
         power[sp.rank] = (cost.power_w(dev), dev.idle_power_w.value)
         power_estimated |= dev.max_power_w.estimated or dev.idle_power_w.estimated
         if dec_graph is not None:
-            dec, _ = _stage_cost(dec_graph, st.device_type, st.precision, plan.micro_batch,
-                                 st.start, st.end, st.tp)
+            dec, _ = stage_costs[("decode", *key)]
             step_costs[sp.rank] = (cost.time_s, dec.time_s)
         if sp.backend == "emulated":  # a generation: its prefill, then steps - 1 decode steps
             modeled[sp.rank] = cost.time_s + (
@@ -363,9 +287,11 @@ def execute(
     if ray_address is not None:
         from kcloud.runtime.ray_executor import run_on_ray
 
-        results = run_on_ray(specs, states, inputs, timeout_s, ray_address)
+        ran = run_on_ray(stage_specs, run_specs, inputs, timeout_s, ray_address)
     else:
-        results = _run_workers(specs, states, inputs, timeout_s)
+        assert engine is not None
+        ran = _run_on_engine(engine, run_specs, inputs, timeout_s)
+    results = _spread(ran, plan, specs, run_specs, computed, copy_of)
 
     # Reference: the whole model in this process, micro-batch by micro-batch.
     outputs: list[Any] = []
@@ -379,7 +305,9 @@ def execute(
     err = 0.0
     same_tokens = True
     with torch.inference_mode():
-        for x, got in zip(feeds, outputs, strict=True):
+        for k, (x, got) in enumerate(zip(feeds, outputs, strict=True)):
+            if k // n in copy_of:  # a copy of a computed replica's outputs
+                continue
             if gen:  # the same tokens, and every step's logits close
                 ref_tokens, ref_logits = reference_generate(module, x[0], steps)
                 same_tokens &= torch.equal(ref_tokens, got[0])
@@ -434,7 +362,7 @@ def execute(
         predicted={"latency_s": pred.latency_s, "throughput": pred.throughput,
                    "unit": pred.unit, "figures": "modeled"},
         stages=stages, trace_file=trace_file, notes=notes, outputs=outputs,
-        schedule={s.device: (_gen_actions if gen else _actions)(timeline[s.rank])
+        schedule={s.device: _actions(timeline[s.rank])
                   for s in specs},
         executor="ray" if ray_address is not None else "processes", generated=gen,
     )
@@ -451,39 +379,14 @@ def execute(
     return report
 
 
-def _actions(events: list[tuple[str, int, int, int]]) -> list[str]:
-    """A worker's actions in the order it ran them, written as `Plan.schedule` writes them:
-    `R<m>`, `F<m>` (`F<m>+AR` when its stage all-reduced over the group), `S<m>`."""
-    reduced = {m for a, m, _, _ in events if a == "AR"}
-    return [f"{a}{m}" + ("+AR" if a == "F" and m in reduced else "")
-            for a, m, _, _ in events if a not in ("AR", "L")]
+def _actions(events: list[tuple[Any, ...]]) -> list[str]:
+    """A worker's actions in the order it ran them, written as `Plan.schedule` writes them
+    (`kcloud.planner.actions`): `R<m>`, `F<m>` (`F<m>+AR` when its stage all-reduced over the
+    group), `S<m>`; a generation's `P<m>`, `D<m>.<step>`, `RT`/`ST` token hops."""
+    return render(from_events(events))
 
 
 # ---- generation: layouts, figures, trace -----------------------------------------------------
-
-
-def _gen_layouts(plan: Plan, module: torch.nn.Module, units: list[list[str]], ri: int,
-                 graph: Any, layouts: dict[tuple[int, int], ShardLayout | None],
-                 notes: list[str]) -> None:
-    """The eager tensor-parallel layouts of replica `ri`'s stages (errors before any worker
-    starts; a stage that cannot be split runs whole, with a note)."""
-    for si, st in enumerate(plan.replicas[ri].stages):
-        if st.tp == 1:
-            continue
-        where = f"stage {si} of replica {ri}"
-        check_degree(stage_groups(graph, st.start, st.end), st.tp, where)
-        try:
-            lay = eager_layout(GenStage(module, stage_units(units, st.start, st.end)), st.tp)
-        except ShardError as exc:
-            layouts[ri, si] = None
-            notes.append(f"{where} cannot be sharded ({exc}): it ran whole on {st.devices[0]}")
-            continue
-        if not (lay.columns or lay.gathers or lay.vocab):
-            layouts[ri, si] = None
-            notes.append(f"{where} holds nothing the runtime shards (no attention, MLP or "
-                         f"vocabulary): it ran whole on {st.devices[0]}")
-            continue
-        layouts[ri, si] = lay
 
 
 def _gen_measured(plan: Plan, specs: list[WorkerSpec], timeline: dict[int, list[Any]],
@@ -554,15 +457,7 @@ def _gen_predicted(plan: Plan, specs: list[WorkerSpec],
 def _gen_name(action: str, m: int, step: int) -> str:
     """`P<m>` (prefill), `D<m>.<step>` (decode step), hops `R`/`S` (hidden state) and
     `RT`/`ST` (token) as `<action><m>.<step>`; `L` prefixes a latency probe's."""
-    return f"{action}{m}" if action in ("P", "LP") else f"{action}{m}.{step}"
-
-
-def _gen_actions(events: list[tuple[str, int, int, int, int]]) -> list[str]:
-    """A generating worker's actions in the order it ran them (the stream's), computes
-    marked `+AR` when its stage all-reduced over the group."""
-    reduced = {(m, t) for a, m, _, _, t in events if a == "AR"}
-    return [_gen_name(a, m, t) + ("+AR" if a in ("P", "D") and (m, t) in reduced else "")
-            for a, m, _, _, t in events if a not in ("AR", "LP", "LD")]
+    return str(Action(Kind(action), m, step))
 
 
 _GEN_TRACE = {"P": ("F", "prefill compute"), "D": ("F", "decode compute"),
@@ -649,41 +544,90 @@ class Results:
         return self.done
 
 
-def _run_workers(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes | None],
-                 timeout_s: float) -> dict[int, tuple[bytes | None, list[Any]]]:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    # Weights and inputs go through files, so that starting a worker never blocks on a pipe.
-    tmp = tempfile.TemporaryDirectory(prefix="kcloud-run-")
-    args = []
-    for s, st, x in zip(specs, states, inputs, strict=True):
-        sp = Path(tmp.name) / f"state{s.rank}.pt"
-        sp.write_bytes(st)
-        xp = None
-        if x is not None:
-            xp = Path(tmp.name) / f"inputs{s.rank}.pt"
-            xp.write_bytes(x)
-        args.append((s, str(sp), None if xp is None else str(xp), results))
-    procs = [ctx.Process(target=_worker, args=a, daemon=True,
-                         name=f"kcloud-stage-r{a[0].replica}s{a[0].stage}t{a[0].tp_rank}")
-             for a in args]
+def sample_replicas(plan: Plan, mode: str) -> tuple[list[int], dict[int, int]]:
+    """The replicas a run computes, and each other replica's computed twin: replicas whose
+    stages are all emulated and have the same layers and widths compute alike on the host."""
+    computed: list[int] = []
+    seen: dict[tuple[Any, ...], int] = {}
+    copy_of: dict[int, int] = {}
+    for ri, rep in enumerate(plan.replicas):
+        emulated = all(backends.choose(st.device_type, mode, st.devices[0]).name == "emulated"
+                       for st in rep.stages)
+        key = tuple((st.start, st.end, st.tp) for st in rep.stages)  # host numerics: fp32
+        if emulated and key in seen:
+            copy_of[ri] = seen[key]
+            continue
+        if emulated:
+            seen[key] = ri
+        computed.append(ri)
+    return computed, copy_of
+
+
+def _all_specs(plan: Plan, run_specs: list[WorkerSpec], computed: list[int],
+               copy_of: dict[int, int]) -> list[WorkerSpec]:
+    """Every replica's workers (ranks numbered over the whole plan): a computed replica's
+    are the ones that ran, a copy's are its twin's on its own devices."""
+    by_replica: dict[int, list[WorkerSpec]] = {}
+    for s in run_specs:
+        by_replica.setdefault(computed[s.replica], []).append(s)
+    out: list[WorkerSpec] = []
+    for ri, rep in enumerate(plan.replicas):
+        twin = by_replica[copy_of.get(ri, ri)]
+        first = len(out)
+        base = twin[0].rank
+        for s in twin:
+            st = rep.stages[s.stage]
+            out.append(replace(
+                s, rank=first + s.rank - base, replica=ri, device=st.devices[s.tp_rank],
+                device_type=st.device_type,
+                group=tuple(first + g - base for g in s.group),
+                prev=None if s.prev is None else first + s.prev - base,
+                next=None if s.next is None else first + s.next - base))
+    return out
+
+
+def _spread(ran: dict[int, tuple[bytes | None, list[Any]]], plan: Plan, specs: list[WorkerSpec],
+            run_specs: list[WorkerSpec], computed: list[int],
+            copy_of: dict[int, int]) -> dict[int, tuple[bytes | None, list[Any]]]:
+    """The results of every replica's workers: the computed ones', and each copy's twin's."""
+    by_slot = {(computed[s.replica], s.stage, s.tp_rank): ran[s.rank] for s in run_specs}
+    return {s.rank: by_slot[copy_of.get(s.replica, s.replica), s.stage, s.tp_rank]
+            for s in specs}
+
+
+def _run_spec(s: StageSpec, replica: list[StageSpec], *, n: int, warmup: int, probes: int,
+              per_request: int, steps: int | None, comm_timeout_s: float) -> WorkerSpec:
+    """The schedule of one engine worker in a run: its micro-batches, warm-up and probes; for
+    a generation, its steps and the token hop between the last and the first stage."""
+    gspec = None
+    if steps is not None:
+        leads = {x.stage: x.rank for x in replica if x.leads}
+        last = max(leads)
+        feedback = None if last == 0 else leads[last] if s.stage == 0 else \
+            leads[0] if s.stage == last else None
+        gspec = GenSpec(steps=steps, units=s.units, layout=s.layout, feedback=feedback)
+    return WorkerSpec(
+        rank=s.rank, world=s.world, port=0, replica=s.replica, stage=s.stage,
+        device=s.device, device_type=s.device_type, backend=s.backend,
+        torch_device=s.torch_device, model=s.model, micro_batch=s.micro_batch,
+        seq_len=s.seq_len, phase=s.phase, bounds=s.bounds, n_micro=n, prev=s.prev,
+        next=s.next, comm_timeout_s=comm_timeout_s, group=s.group, tp_groups=s.tp_groups,
+        layout=None if gspec is not None else s.layout, n_warmup=warmup, n_probe=probes,
+        per_request=per_request, pin_core=s.pin_core, gen=gspec)
+
+
+def _run_on_engine(engine: Engine, specs: list[WorkerSpec], inputs: list[Any],
+                   timeout_s: float) -> dict[int, tuple[bytes | None, list[Any]]]:
+    """Start the engine's workers (each builds its own stage), run every worker's schedule
+    on them, collect their results; the workers are stopped on every way out."""
     got = Results(specs, timeout_s)
     try:
-        for p in procs:
-            p.start()
-        while not got.over():
-            with contextlib.suppress(queue_mod.Empty):
-                got.take(results.get(timeout=0.1))
-            for s, p in zip(specs, procs, strict=True):
-                if p.exitcode not in (None, 0) and not got.reported(s.rank) \
-                        and s.rank not in got.died:
-                    got.lost(s.rank, f"exit code {p.exitcode}")  # its message may follow
+        engine.start()
+        engine.run({s.rank: RunCommand(s, x) for s, x in zip(specs, inputs, strict=True)},
+                   got, timeout_s)
         return got.outcome()
     finally:
-        _reap(procs)
-        results.close()
-        results.cancel_join_thread()
-        tmp.cleanup()
+        engine.stop()
 
 
 def failure(specs: list[WorkerSpec], errors: list[tuple[int, str, bool]],
@@ -707,22 +651,6 @@ def failure(specs: list[WorkerSpec], errors: list[tuple[int, str, bool]],
         return KCloudError(f"{s.label} ({s.device_type}, {s.backend}) failed in {text}",
                            "check the stages before and after it")
     return KCloudError("a worker stopped without a result", "run again")
-
-
-def _reap(procs: list[Any]) -> None:
-    end = time.monotonic() + 2.0
-    for p in procs:
-        if p.pid is not None:
-            p.join(timeout=max(0.0, end - time.monotonic()))
-    for p in procs:
-        if p.pid is not None and p.is_alive():
-            p.terminate()
-    for p in procs:
-        if p.pid is not None:
-            p.join(timeout=1.0)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=1.0)
 
 
 def _measured(plan: Plan, specs: list[WorkerSpec], timeline: dict[int, list[Any]],

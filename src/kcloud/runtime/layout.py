@@ -44,6 +44,7 @@ class StagePlan:
     kv_blocks: int
     kv_blocks_plan: int  # what the plan's memory figures allow (before the host's cap)
     notes: list[str]
+    layouts: dict[tuple[int, int], ShardLayout | None]
 
 
 def is_llm_plan(plan: Plan) -> bool:
@@ -51,11 +52,16 @@ def is_llm_plan(plan: Plan) -> bool:
 
 
 def stage_plan(plan: Plan, mode: str, *, weights: str | None = None, block_size: int = 16,
-               kv_blocks: int | None = None, max_seqs: int = 64) -> StagePlan:
+               kv_blocks: int | None = None, max_seqs: int = 64,
+               serving: bool = True, generate: bool = True,
+               comm_timeout_s: float = 60.0) -> StagePlan:
     """The workers of every replica. The KV blocks of a replica: `kv_blocks`, or what the
     plan's devices hold, capped by the host memory a worker gives them and by what `max_seqs`
-    sequences of the whole context need."""
-    llm = is_llm_plan(plan)
+    sequences of the whole context need. `serving=False` (a benchmark run of `kcloud run`):
+    no KV blocks, and one process group over every replica (ranks numbered across them), so
+    that the run's phases start together. An LLM plan that does not `generate` (a run of its
+    prompt only) runs its traced stages, as other models do."""
+    llm = is_llm_plan(plan) and generate
     notes: list[str] = []
     graph = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
                         phase=plan.phase)
@@ -90,20 +96,30 @@ def stage_plan(plan: Plan, mode: str, *, weights: str | None = None, block_size:
     replicas: list[list[StageSpec]] = []
     plan_blocks: list[int] = []
     host_blocks: list[int] = []
+    all_widths = [[st.tp if layouts.get((ri, si)) is not None else 1
+                   for si, st in enumerate(rep.stages)] for ri, rep in enumerate(plan.replicas)]
+    offsets = [sum(map(sum, all_widths[:ri])) if not serving else 0
+               for ri in range(len(plan.replicas))]
+    every_group = tuple(
+        tuple(range(off + f, off + f + w))
+        for off, widths in zip(offsets, all_widths, strict=True)
+        for f, w in zip([sum(widths[:i]) for i in range(len(widths))], widths, strict=True)
+        if w > 1)
     for ri, rep in enumerate(plan.replicas):
-        widths = [st.tp if layouts.get((ri, si)) is not None else 1
-                  for si, st in enumerate(rep.stages)]
-        firsts = [sum(widths[:i]) for i in range(len(widths))]
-        world = sum(widths)
-        tp_groups = tuple(tuple(range(f, f + w)) for f, w in zip(firsts, widths, strict=True)
-                          if w > 1)
+        widths = all_widths[ri]
+        off = offsets[ri]
+        firsts = [off + sum(widths[:i]) for i in range(len(widths))]
+        world = sum(widths) if serving else sum(map(sum, all_widths))
+        # every rank of a process group creates every one of its groups, in the same order
+        tp_groups = every_group if not serving else tuple(
+            tuple(range(f, f + w)) for f, w in zip(firsts, widths, strict=True) if w > 1)
         bounds = tuple((s.start, s.end) for s in rep.stages)
         specs: list[StageSpec] = []
         for si, st in enumerate(rep.stages):
             lay = layouts.get((ri, si))
             group = tuple(range(firsts[si], firsts[si] + widths[si]))
             su = stage_units(units, st.start, st.end) if llm else ()
-            if llm:
+            if llm and serving:
                 assert cfg is not None
                 b_plan, b_host = _blocks(cfg, su, st, widths[si], block_size)
                 plan_blocks.append(b_plan)
@@ -123,13 +139,14 @@ def stage_plan(plan: Plan, mode: str, *, weights: str | None = None, block_size:
                     prev=None if si == 0 else firsts[si - 1],
                     next=None if si == len(rep.stages) - 1 else firsts[si + 1],
                     block_size=block_size, weights=weights, pin_core=core,
+                    comm_timeout_s=comm_timeout_s,
                 ))
         replicas.append(specs)
     blocks_plan = min(plan_blocks) if plan_blocks else 0
     enough = max_seqs * -(-max_len // block_size) if llm else 0
     blocks = kv_blocks if kv_blocks is not None else min(blocks_plan, enough,
                                                          min(host_blocks, default=0))
-    if llm:
+    if llm and serving:
         if blocks < 1:
             raise KCloudError("the plan leaves no memory for the KV cache on its devices",
                               "plan with more devices or a shorter context")
@@ -139,8 +156,9 @@ def stage_plan(plan: Plan, mode: str, *, weights: str | None = None, block_size:
                          "sequences of the whole context need, and by the host memory a "
                          "worker gives them)")
         replicas = [[_kv(s, blocks) for s in specs] for specs in replicas]
-    return StagePlan(replicas, llm, max_len, eos_token_id(plan.model) if llm else None,
-                     blocks if llm else 0, blocks_plan, notes)
+    return StagePlan(replicas, llm, max_len,
+                     eos_token_id(plan.model) if llm and serving else None,
+                     blocks if llm and serving else 0, blocks_plan, notes, layouts)
 
 
 def _kv(spec: StageSpec, blocks: int) -> StageSpec:

@@ -2,10 +2,11 @@
 
 Each worker becomes an actor that asks for one unit of the custom resource `kcloud/<device
 type>`, so Ray places it on a node that declares that device (`ray start --resources
-'{"kcloud/furiosa-rngd": 8}'`). The actors run the same body as the worker processes
-(`run_worker`) and talk over torch.distributed gloo; the first worker's node hosts the
+'{"kcloud/furiosa-rngd": 8}'`). The actors run the same stage worker as the engine's processes
+(`StageWorker`) and talk over torch.distributed gloo; the first worker's node hosts the
 rendezvous. `address="local"` starts a Ray instance on this host (127.0.0.1) with the plan's
-device types as resources, and stops it afterwards.
+device types as resources, and stops it afterwards. Each actor builds its own stage
+(`stage_worker.StageWorker`, as the engine's local workers do) and runs its schedule on it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 from kcloud.errors import KCloudError
 from kcloud.runtime.executor import Results
-from kcloud.runtime.worker import WorkerResult, WorkerSpec, run_worker
+from kcloud.runtime.stage_worker import RunCommand, StageSpec, StageWorker
+from kcloud.runtime.worker import WorkerResult, WorkerSpec, _one_line
 
 RESOURCE_PREFIX = "kcloud/"
 
@@ -50,13 +52,21 @@ class StageActor:
             s.bind((ip, 0))
             return ip, int(s.getsockname()[1])
 
-    def run(self, spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerResult:
-        os.environ["MASTER_ADDR"] = spec.master_addr
-        os.environ["MASTER_PORT"] = str(spec.port)
-        return run_worker(spec, state, inputs)
+    def run(self, stage: StageSpec, spec: WorkerSpec, feed: Any) -> WorkerResult:
+        os.environ["MASTER_ADDR"] = stage.master_addr
+        os.environ["MASTER_PORT"] = str(stage.port)
+        worker = StageWorker(stage)
+        try:
+            worker.setup()
+        except BaseException as exc:
+            return ("error", spec.rank, f"setup: {_one_line(exc)}", False)
+        try:
+            return worker.run_schedule(RunCommand(spec, feed))
+        finally:
+            worker.close()
 
 
-def run_on_ray(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes | None],
+def run_on_ray(stages: list[StageSpec], specs: list[WorkerSpec], inputs: list[Any],
                timeout_s: float, address: str) -> dict[int, tuple[bytes | None, list[Any]]]:
     """Run the workers as Ray actors; results by rank as `_run_workers` gives them."""
     ray = _import_ray()
@@ -100,11 +110,11 @@ def run_on_ray(specs: list[WorkerSpec], states: list[bytes], inputs: list[bytes 
                               f"{min(timeout_s, 120.0):.0f} s",
                               "check that the cluster's nodes are up and declare the plan's "
                               "devices") from None
-        specs = [replace(s, master_addr=ip, port=port,
-                         torch_device="cuda:0" if s.backend == "cuda" else s.torch_device)
-                 for s in specs]
-        refs = {a.run.remote(s, ray.put(st), None if x is None else ray.put(x)): s.rank
-                for a, s, st, x in zip(actors, specs, states, inputs, strict=True)}
+        stages = [replace(s, master_addr=ip, port=port, pin_core=None,
+                          torch_device="cuda:0" if s.backend == "cuda" else s.torch_device)
+                  for s in stages]
+        refs = {a.run.remote(st, s, None if x is None else ray.put(x)): s.rank
+                for a, st, s, x in zip(actors, stages, specs, inputs, strict=True)}
         got = Results(specs, timeout_s)
         pending = list(refs)
         while pending and not got.over():

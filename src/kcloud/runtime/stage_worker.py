@@ -35,7 +35,13 @@ from kcloud.runtime.comm import TupleBroadcast, TupleReceiver, TupleSender
 from kcloud.runtime.generate import GenStage, apply_eager_layout, stage_state
 from kcloud.runtime.model import load_checkpoint, load_runnable
 from kcloud.runtime.split import split_model
-from kcloud.runtime.tensor_parallel import ParallelShard, ShardLayout, apply_layout, shard_state
+from kcloud.runtime.tensor_parallel import (
+    CollectiveError,
+    ParallelShard,
+    ShardLayout,
+    apply_layout,
+    shard_state,
+)
 
 HEARTBEAT_S = 0.5
 
@@ -102,6 +108,16 @@ class Row:
 
 
 @dataclass(frozen=True)
+class RunCommand:
+    """A whole schedule of `kcloud run` for one worker (`kcloud.runtime.worker.WorkerSpec`)
+    and, for a first stage, its micro-batches."""
+
+    spec: Any
+    feed: Any = None
+    step: int = 0
+
+
+@dataclass(frozen=True)
 class StepCommand:
     step: int
     rows: tuple[Row, ...] = ()  # LLM
@@ -118,6 +134,11 @@ class StageWorker:
         self.dev = torch.device(spec.torch_device)
         self.pools: list[PagedKV] = []
         self.ar_log: list[tuple[int, int]] = []
+        self.group: Any = None
+        self.receiver: TupleReceiver | None = None
+        self.sender: TupleSender | None = None
+        self.shared: TupleBroadcast | None = None
+        self._hops = False
 
     # -- build -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -150,17 +171,25 @@ class StageWorker:
         if spec.llm:
             self._paged(stage)
         group = self._join()
+        self.group = group
         for mod in stage.modules():
             if isinstance(mod, ParallelShard):
                 mod.group = group
-        lead = spec.leads
+        self._hops = False
+
+    def _connect(self) -> None:
+        """The hops of serving steps, made at the first step (a run's schedule makes its own)."""
+        spec, lead = self.spec, self.spec.leads
         self.receiver = TupleReceiver(spec.prev) if spec.prev is not None and lead else None
         self.sender = TupleSender(spec.next) if spec.next is not None and lead else None
         tp = len(spec.group) if spec.group else 1
-        self.shared = TupleBroadcast(spec.group[0], group) if tp > 1 and \
+        self.shared = TupleBroadcast(spec.group[0], self.group) if tp > 1 and \
             spec.prev is not None else None
+        self._hops = True
 
     def _paged(self, stage: Any) -> None:
+        if self.spec.kv_blocks < 1:  # a benchmark run: its generation keeps its own caches
+            return
         """KV blocks for every attention module of the stage (its local KV heads)."""
         holder = PagedKV(0, 1, 1, 1, torch.float32, self.dev)  # positions for embeddings
         self.pools.append(holder)
@@ -193,10 +222,42 @@ class StageWorker:
     def execute(self, cmd: StepCommand) -> Any:
         """Run one step; the last stage's lead returns its result (sampled tokens by sequence,
         or the batch's outputs), every other worker None."""
+        if not self._hops:
+            self._connect()
         with torch.inference_mode():
             if self.spec.llm:
                 return self._llm_step(cmd)
             return self._forward_step(cmd)
+
+    def run_schedule(self, cmd: RunCommand) -> Any:
+        """A whole benchmark schedule of `kcloud run` (warm-up, latency probes, the timed
+        stream or generation; `worker`'s loops) on this built stage: ("done", rank, outputs
+        of the last stage's lead (bytes) or None, timed events), or ("error", rank,
+        "where: what", caused by communication). Never raises."""
+        from kcloud.runtime.worker import _detach, _generate, _one_line, _stream, _to_bytes, _Where
+
+        wspec = cmd.spec
+        where = _Where(step="start")
+        try:
+            if not dist.is_initialized():  # a one-worker run: its phases still barrier
+                import socket
+
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    port = sock.getsockname()[1]
+                dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                        rank=0, world_size=1)
+            feed = cmd.feed
+            run = _generate if wspec.gen is not None else _stream
+            outputs, events = run(wspec, self.stage, feed, self.group, self.ar_log, self.dev,
+                                  where)
+            last = wspec.next is None and wspec.leads
+            return ("done", wspec.rank, _to_bytes(_detach(outputs)) if last else None, events)
+        except BaseException as exc:
+            step = where.step
+            comm = step.startswith(("receive", "send", "finish", "barrier")) or isinstance(
+                exc, (dist.DistBackendError, CollectiveError))
+            return ("error", wspec.rank, f"{step}: {_one_line(exc)}", comm)
 
     def _incoming(self) -> tuple[Any, ...]:
         got = self.receiver.recv(True) if self.receiver is not None else None
@@ -247,7 +308,7 @@ class StageWorker:
         if self.sender is not None:
             with contextlib.suppress(Exception):
                 self.sender.wait()
-        if self.spec.world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
 
@@ -346,6 +407,10 @@ def process_main(spec: StageSpec, commands: Any, results: Any, parent: int) -> N
                 continue
             if cmd is None:
                 break
+            if isinstance(cmd, RunCommand):
+                where = "run"
+                results.put(("run", rank, worker.run_schedule(cmd)))
+                continue
             where = f"step {cmd.step}"
             t0 = time.perf_counter()
             out = worker.execute(cmd)
