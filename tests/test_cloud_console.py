@@ -50,8 +50,14 @@ def test_console_login_fleet_deploy_and_tenant_walls(tmp_path: Path) -> None:
             def login(key: str) -> None:
                 page.goto(srv.url + "/")
                 page.fill("#key", key)
-                page.click("#login")
+                with page.expect_navigation():
+                    page.click("#login")
                 page.wait_for_selector("#who")
+
+            def logout() -> None:
+                with page.expect_navigation():
+                    page.click("#logout")
+                page.wait_for_selector("#key")
 
             login(keys["acme"])
             assert "tenant acme" in page.inner_text("#who")
@@ -76,15 +82,14 @@ def test_console_login_fleet_deploy_and_tenant_walls(tmp_path: Path) -> None:
             page.fill("#dep-model", "/etc/passwd")
             page.click("#deploy")
             sync_api.expect(page.locator("#deploy-error")).to_contain_text("model")
-            page.click("#logout")
-            page.wait_for_selector("#key")
+            logout()
 
             login(keys["rival"])
             assert page.locator("#deployments tr[data-id]").count() == 0
             assert page.locator("#fleet-grid .slice.held").count() == 0
             page.goto(dep_url)
             assert "Not found" in page.inner_text("main")
-            page.click("#logout")
+            logout()
 
             login(control.admin_key_path.read_text().strip())
             assert page.inner_text("#who") == "admin"
@@ -98,7 +103,7 @@ def test_console_login_fleet_deploy_and_tenant_walls(tmp_path: Path) -> None:
             assert page.locator("figure.chart").count() == 5
             page.screenshot(path=str(shots / "console-usage.png"), full_page=True)
             # a wrong key is refused on the login page
-            page.click("#logout")
+            logout()
             page.fill("#key", "kc_nope")
             page.click("#login")
             sync_api.expect(page.locator("#login-error")).to_contain_text("invalid")

@@ -67,6 +67,9 @@ def test_state_survives_a_restart(db_url: str | None, tmp_path: Path) -> None:
     assert who == Principal(kid, "tenant", t["id"])
     d = c.submit(who, {"name": "m", "model": "mlp", "objective": "cost", "mode": "emulated"})
     held = c.fleet.held_by(d["id"])
+    with c.Session() as s:  # as if its engine had been serving when the plane stopped
+        s.get(Deployment, d["id"]).state = "running"
+        s.commit()
     c.engine.dispose()
 
     c2 = make_control(tmp_path / "data", db_url)
@@ -75,4 +78,7 @@ def test_state_survives_a_restart(db_url: str | None, tmp_path: Path) -> None:
     assert c2.authenticate(key) == who
     assert sorted(c2.fleet.held_by(d["id"]), key=str) == sorted(held, key=str)
     assert [x.id for x in c2.list(who)] == [d["id"]]
+    # no engine runs yet after a restart: the state says so until the loop sees one ready
+    assert [(x.state, x.reason) for x in c2.list(who)] == [("starting",
+                                                           "control plane restarted")]
     c2.engine.dispose()

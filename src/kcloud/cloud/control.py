@@ -201,6 +201,9 @@ class Control:
                 ok = [Alloc.from_dict(a) for a in d.placement
                       if a["device"] in self.fleet.devices]
                 self.fleet.hold(ok, d.id)
+                if d.state in ("running", "restarting"):  # no engine runs yet: observe anew
+                    d.state, d.reason, d.updated_at = "starting", "control plane restarted", now()
+            s.commit()
         # engines left behind by a control plane that did not stop cleanly
         for root in (self.dir / "deployments").iterdir():
             if root.is_dir() and reap_orphan(root):
