@@ -304,3 +304,24 @@ def test_a_group_shares_each_received_tuple_in_one_broadcast(monkeypatch):
         got = other.share(None)
         assert torch.equal(got[0], sent[0]) and got[1] == sent[1] and not wire
     assert calls == [3, 1, 1, 3, 1]
+
+
+def test_emulated_replicas_of_one_configuration_compute_once() -> None:
+    import dataclasses
+
+    from kcloud.planner.api import make_plan
+    from kcloud.planner.goal import Goal
+    from kcloud.planner.plan import Replica, Stage
+
+    base = make_plan("mlp", "k-cloud-rack", Goal(objective="latency")).plan
+    n = base.n_layers
+    reps = tuple(Replica((Stage(0, n, dt, (f"n{i}/{dt}/0",), "int8"),))
+                 for i, dt in enumerate(["furiosa-rngd", "furiosa-rngd", "rebellions-atom",
+                                         "furiosa-warboy"]))
+    plan = dataclasses.replace(base, replicas=reps)
+    r = execute(plan, n_micro=2, trace_path=None)
+    assert r.reference_ok and r.replicas == 4
+    assert any(note.startswith("1 of 4 replicas computed") for note in r.notes)
+    times = {s.device_type: s.modeled_time_s for s in r.stages}
+    assert len(times) == 3 and times["furiosa-rngd"] != times["rebellions-atom"]
+    assert len(r.outputs) == 8

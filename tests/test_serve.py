@@ -451,3 +451,14 @@ def test_sigterm_drains_running_requests(tmp_path: Path) -> None:
         while any(_alive(k) for k in kids) and time.monotonic() < end:
             time.sleep(0.1)
         assert not [k for k in kids if _alive(k)]
+
+
+@pytest.mark.slow
+def test_serve_on_ray_actors(tmp_path: Path, tiny_gpt: torch.nn.Module) -> None:
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'kcloud[ray]')")
+    with serving(tmp_path, "--plan", str(_plan(tmp_path, "tiny-gpt", 1, 2)), "--ray",
+                 "local") as s:
+        prompt = [9, 8, 7, 6, 5]
+        r = s.client.completions.create(model="tiny-gpt", prompt=prompt, max_tokens=10,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].model_extra["token_ids"] == _reference(tiny_gpt, prompt, 10)

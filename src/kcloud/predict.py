@@ -24,11 +24,11 @@ from kcloud.hardware.cost import (
     ForwardCost,
     activation_bytes_per_sample,
     default_calibration,
-    forward_cost,
     tp_max_degree,
     weight_bytes,
 )
 from kcloud.hardware.device import Device, DeviceKind
+from kcloud.hardware.steps import StageTables, StepTables, decode_steps, generation_cost
 from kcloud.precision import Precision
 
 Scenario = Literal["offline", "single-stream"]
@@ -205,8 +205,9 @@ def predict_graph(
     max_batch = max(1, min(4096, int((cap - w) // max(per_sample, 1.0))))
     candidates = _batches(scenario, batch, max_batch, f"{graph.model} does not fit on {device.id}")
     best: tuple[float, int, ForwardCost] | None = None
+    st = StageTables(StepTables(graph, None, device, used, params, tp))
     for b in candidates:
-        cost = forward_cost(graph, device, used, b, params, tp=tp)
+        cost = st.stage(st.tables.forward_table(b))
         thr = b / cost.time_s / tp
         if best is None or thr > best[0] * 1.0001:
             best = (thr, b, cost)
@@ -295,19 +296,23 @@ def llm_step(
     output_tokens: int,
     tp: int = 1,
     beams: int = 1,
+    overlap: bool = True,
 ) -> LLMStep:
-    """Serve `batch` sequences: prefill them, then decode `output_tokens` steps.
+    """Serve `batch` sequences: prefill them, then decode the rest of `output_tokens`.
 
     Each decode step advances `beams` hypotheses per sequence (beam search); the output counts
-    one sequence of tokens. Tokens/s are per device when `tp` devices share the work.
+    one sequence of tokens. Tokens/s are per device when `tp` devices share the work. The
+    tables and the request's composition are `kcloud.hardware.steps`' (as the planner's).
     """
-    pre = forward_cost(prefill, device, precision, batch, params, tp=tp)
-    dec = forward_cost(decode, device, precision, batch * beams, params, tp=tp)
-    # Continuous batching with chunked prefill: prompt chunks ride along the decode steps and
-    # use the compute those memory-bound steps leave idle; only the rest adds time.
+    st = StageTables(StepTables(prefill, decode, device, precision, params, tp))
+    pre = st.stage(st.tables.forward_table(batch))
+    dec = st.stage(st.tables.decode_table(batch * beams))
+    # Continuous batching with chunked prefill (`overlap`): prompt chunks ride along the
+    # decode steps and use the compute those memory-bound steps leave idle.
     idle = max(0.0, dec.time_s - dec.overhead_s - dec.comm_s - dec.busy_s)
-    total = output_tokens * dec.time_s + max(0.0, pre.time_s - output_tokens * idle)
-    return LLMStep(batch, pre, dec, total, batch * output_tokens / total / tp)
+    g = generation_cost(pre.time_s, 0.0, dec.time_s, 0.0, output_tokens,
+                        overlap_idle_s=idle if overlap else None)
+    return LLMStep(batch, pre, dec, float(g.time_s), batch * output_tokens / g.time_s / tp)
 
 
 def predict_llm(
@@ -335,13 +340,14 @@ def predict_llm(
     )
     best: LLMStep | None = None
     for b in candidates:
-        step = llm_step(prefill, decode, device, used, params, b, output_tokens, tp, beams)
+        step = llm_step(prefill, decode, device, used, params, b, output_tokens, tp, beams,
+                        overlap=scenario != "single-stream")
         if best is None or step.tokens_per_s > best.tokens_per_s * 1.0001:
             best = step
     assert best is not None
     # Energy: the decode steps at their power, the prefill's dynamic power on top (it runs in
     # the decode steps' idle compute), idle power for any time prefill adds beyond them.
-    t_pre, t_dec = best.prefill.time_s, output_tokens * best.decode.time_s
+    t_pre, t_dec = best.prefill.time_s, decode_steps(output_tokens) * best.decode.time_s
     idle_w = device.idle_power_w.value
     energy = (best.decode.power_w(device) * t_dec
               + (best.prefill.power_w(device) - idle_w) * t_pre

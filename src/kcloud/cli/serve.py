@@ -64,6 +64,9 @@ def serve(
         "--max-wait-ms", help="Non-LLM models: how long a batch waits to fill")] = 5.0,
     weights: Annotated[Path | None, typer.Option(
         "--weights", help="Local checkpoint to load (state dict or .safetensors)")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray", help="Run the workers as Ray actors: 'local' or a cluster address; nodes "
+        "declare resources kcloud/<device-type>")] = None,
 ) -> None:
     """Serve a model: plan it (or load its plan), start its workers once, and answer
     OpenAI-compatible requests with continuous batching until Ctrl-C or SIGTERM (which drains:
@@ -104,12 +107,14 @@ def serve(
     start_server(plan, mode=mode, host=host, port=port, uds=uds,
                  served_name=served_name or plan.model, max_queue=max_queue,
                  max_batch=max_batch, kv_blocks=kv_blocks, max_wait_s=max_wait_ms / 1e3,
-                 weights=str(weights) if weights is not None else None)
+                 weights=str(weights) if weights is not None else None,
+                 ray_address=ray_address)
 
 
 def start_server(plan: Any, *, mode: str, host: str, port: int, uds: Path | None,
                  served_name: str, max_queue: int, max_batch: int | None,
-                 kv_blocks: int | None, max_wait_s: float, weights: str | None) -> None:
+                 kv_blocks: int | None, max_wait_s: float, weights: str | None,
+                 ray_address: str | None = None) -> None:
     """Start the engine and the HTTP server; return when it has stopped (drained)."""
     import uvicorn
 
@@ -122,7 +127,8 @@ def start_server(plan: Any, *, mode: str, host: str, port: int, uds: Path | None
 
     llm = is_llm_plan(plan)
     engine = Engine(plan, mode=mode, max_batch=max_batch, max_queue=max_queue,
-                    kv_blocks=kv_blocks, max_wait_s=max_wait_s, weights=weights)
+                    kv_blocks=kv_blocks, max_wait_s=max_wait_s, weights=weights,
+                    ray_address=ray_address)
     tok = load_tokenizer(plan.model) if llm else None
     shape: tuple[int, ...] = ()
     if not llm:

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kcloud.hardware.steps import period_energy
 from kcloud.planner.dp import Path
 from kcloud.planner.space import StageSpace, shared_cache_times
 
@@ -140,8 +141,9 @@ def evaluate(space: StageSpace, path: Path, batch: int) -> Template:
     period = max([*times, *transfers])
     # energy per period: busy energy + idle power for the rest of the period
     e_period = energy + sum(
-        space.options[o].tp * space.types[space.options[o].type].device.idle_power_w.value
-        * (period - tau) for (o, _, _), tau in zip(path.stages, times, strict=True))
+        space.options[o].tp * period_energy(
+            0.0, space.types[space.options[o].type].device.idle_power_w.value, tau, period)
+        for (o, _, _), tau in zip(path.stages, times, strict=True))
     items = space.items
     return Template(
         space=space, path=path, stage_time=tuple(times), stage_comm=tuple(comms),

@@ -15,6 +15,7 @@ import numpy as np
 
 from kcloud.errors import KCloudError
 from kcloud.graph.layergraph import LayerGraph, OpClass
+from kcloud.hardware.steps import decode_steps
 from kcloud.planner.goal import Goal
 
 
@@ -54,7 +55,7 @@ class ModelGraphs:
     def decode_steps(self) -> int:
         """LLM: decode steps per request. The prompt's forward pass gives the first token;
         each later token takes one step (the runtime generates the same way)."""
-        return max(self.output_tokens - 1, 0) if self.is_llm else 0
+        return decode_steps(self.output_tokens) if self.is_llm else 0
 
     @property
     def unit(self) -> str:

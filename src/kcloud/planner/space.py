@@ -27,10 +27,10 @@ from kcloud.hardware.cost import (
     LayerTable,
     Precisions,
     default_calibration,
-    layer_table,
     tp_max_degree,
 )
 from kcloud.hardware.device import Device
+from kcloud.hardware.steps import StepTables, generation_cost
 from kcloud.planner.goal import Goal
 from kcloud.planner.model import ModelGraphs
 from kcloud.precision import Precision
@@ -247,17 +247,19 @@ class StageSpace:
         params = self.calibration.params(dev)
         link = (t.link.bandwidth, t.link.collective_s)
         m = self.model
-        pre = stage_matrices(layer_table(m.forward, dev, prec, b, params, tp, link))
+        tables = StepTables(m.forward, m.decode, dev, prec, params, tp, link)
+        pre = stage_matrices(tables.forward_table(b))
         p = Precisions.of(prec)
         if m.decode is None:
             time, energy, comm = pre.time, pre.power * pre.time, pre.comm
             resident, streamed = pre.resident, pre.streamed
             act = 2.0 * b * _range_max(m.peak_act_elems) * p.act_bytes / tp
         else:
-            dec = stage_matrices(layer_table(m.decode, dev, prec, b, params, tp, link))
-            n_out = m.decode_steps
-            time = pre.time + n_out * dec.time
-            energy = pre.power * pre.time + n_out * dec.power * dec.time
+            dec = stage_matrices(tables.decode_table(b))
+            g = generation_cost(pre.time, pre.power * pre.time, dec.time, dec.power * dec.time,
+                                m.output_tokens)
+            n_out = g.decode_steps
+            time, energy = g.time_s, g.energy_j
             comm = pre.comm + n_out * dec.comm
             resident = pre.resident + n_out * dec.resident
             streamed = pre.streamed + n_out * dec.streamed

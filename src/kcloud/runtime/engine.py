@@ -130,6 +130,7 @@ class Engine:
         worker_timeout_s: float = 10.0, start_timeout_s: float = 180.0,
         pace: bool = True, modeled_step: Callable[[int, Any], float | None] | None = None,
         serving: bool = True, generate: bool = True, comm_timeout_s: float = 60.0,
+        ray_address: str | None = None,
     ) -> None:
         if mode not in backends.MODES:
             raise KCloudError(f"unknown mode '{mode}'", "use --mode real or --mode emulated")
@@ -175,13 +176,25 @@ class Engine:
                 if self.llm and serving else None
             batcher = Batcher(self.max_batch, max_wait_s) if not self.llm and serving else None
             self.replicas.append(_Replica(ri, specs, sched, batcher))
+        if self.pace and self.modeled_step is None and serving and self.figures == "modeled":
+            self.modeled_step = _pacer(plan, mode, self.llm)
         self._stopped = False
+        self.ray_address = ray_address
+        self._ray: Any = None  # the Ray connection, when the workers are Ray actors
+        self._rendezvous: tuple[str, int] | None = None  # a run's one process group on Ray
+        self.placement: dict[int, str] = {}  # rank -> Ray node address
         self.runs: list[Any] = []  # the results of `run` schedules, as they come
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Start every replica's workers and wait until they are ready (or fail)."""
         shared = None if self.serving else _free_port()  # a run: one process group
+        if self.ray_address is not None:
+            from kcloud.runtime.ray_executor import RayConnection
+
+            self._ray = RayConnection(self.ray_address, [s.device_type for r in self.replicas
+                                                         for s in r.specs],
+                                      min(self.start_timeout_s, 120.0))
         for rep in self.replicas:
             self._launch(rep, shared)
         deadline = time.monotonic() + self.start_timeout_s
@@ -202,6 +215,9 @@ class Engine:
 
     def _launch(self, rep: _Replica, port: int | None = None) -> None:
         rep.incarnation += 1
+        if self._ray is not None:
+            self._launch_ray(rep)
+            return
         port = port or _free_port()
         rep.workers = []
         for spec in rep.specs:
@@ -212,6 +228,32 @@ class Engine:
                 args=(spec, w.commands, _Tagged(self._results, rep.index, rep.incarnation),
                       os.getpid()),
                 daemon=True, name=f"kcloud-r{rep.index}s{spec.stage}t{spec.tp_rank}")
+            w.beat = time.monotonic()
+            rep.workers.append(w)
+        for w in rep.workers:
+            w.proc.start()
+        rep.state = "starting"
+        rep.started = time.monotonic()
+        rep.inflight = None
+        rep.release = None
+
+    def _launch_ray(self, rep: _Replica) -> None:
+        """The replica's workers as resident Ray actors on the nodes of their device types."""
+        import queue
+
+        from kcloud.runtime.ray_executor import RayProc
+
+        actors = self._ray.actors(rep.specs)
+        rdv = self._rendezvous or self._ray.rendezvous(actors[0])
+        if not self.serving:
+            self._rendezvous = rdv
+        rep.workers = []
+        for spec, actor in zip(rep.specs, actors, strict=True):
+            spec = _with(spec, master_addr=rdv[0], port=rdv[1], pin_core=None,
+                         torch_device="cuda:0" if spec.backend == "cuda" else spec.torch_device)
+            w = _Worker(spec, queue.Queue())
+            w.proc = RayProc(self._ray, actor, spec, w.commands,
+                             _Tagged(self._results, rep.index, rep.incarnation))
             w.beat = time.monotonic()
             rep.workers.append(w)
         for w in rep.workers:
@@ -236,6 +278,13 @@ class Engine:
                 with contextlib.suppress(Exception):
                     w.commands.close()
                     w.commands.cancel_join_thread()
+        for rep in self.replicas:
+            for w in rep.workers:
+                node = getattr(w.proc, "node", None)
+                if node is not None:
+                    self.placement[w.spec.rank] = node
+        if self._ray is not None:
+            self._ray.close()
         with contextlib.suppress(Exception):
             self._results.close()
             self._results.cancel_join_thread()
@@ -469,7 +518,8 @@ class Engine:
             for w in rep.workers:
                 code = w.proc.exitcode
                 if code is not None and not self._stopped:
-                    how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                    how = getattr(w.proc, "how", None) or (
+                        f"signal {-code}" if code < 0 else f"exit code {code}")
                     events += self._fail(rep, f"{w.spec.label} ({w.spec.device_type}, "
                                               f"{w.spec.backend}) died with {how}")
                     break
@@ -558,7 +608,9 @@ class Engine:
                 code = w.proc.exitcode
                 if code not in (None, 0):
                     lost.add(rank)
-                    collect.lost(rank, f"signal {-code}" if code < 0 else f"exit code {code}")
+                    how = getattr(w.proc, "how", None)
+                    collect.lost(rank, how or (f"signal {-code}" if code < 0
+                                               else f"exit code {code}"))
                 elif now - w.beat > self.worker_timeout_s:
                     raise KCloudError(
                         f"{w.spec.label} ({w.spec.device_type}, {w.spec.backend}) stopped "
@@ -584,6 +636,46 @@ class Engine:
                 "kv_blocks_free": free, "preemptions": self.preemptions,
                 "restarts": self.restarts, "replicas_up": sum(r.healthy for r in self.replicas),
                 "replicas": len(self.replicas)}
+
+
+def _pacer(plan: Plan, mode: str, llm: bool) -> Callable[[int, Any], float | None]:
+    """The cost model's seconds of one step of a replica (`kcloud.hardware.steps`, the
+    composition predict, the planner and the simulator use): the sum over its emulated stages
+    of their step at this step's batch, KV tokens and prompt chunks."""
+    from kcloud.hardware.catalog import get_device
+    from kcloud.hardware.steps import prefill_pairs, stage_tables_for, step_cost
+    from kcloud.runtime.model import layer_graph
+
+    forward = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
+                          phase=plan.phase if llm else None)
+    decode = None
+    if llm:
+        kv = min((plan.seq_len or 1) + (plan.output_tokens or 0) // 2,
+                 (forward.meta.get("max_seq_len") or 1 << 30) - 1)
+        decode = layer_graph(plan.model, batch=plan.micro_batch, seq_len=1, phase="decode",
+                             kv_len=kv)
+    cache: dict[tuple[Any, ...], Any] = {}
+    tables = [[stage_tables_for(st, forward, decode, get_device(st.device_type), None,
+                                cache=cache)
+               for st in rep.stages
+               if backends.choose(st.device_type, mode, st.devices[0]).name == "emulated"]
+              for rep in plan.replicas]
+
+    def seconds(replica: int, work: Any) -> float | None:
+        stages = tables[replica]
+        if not stages:
+            return None
+        if isinstance(work, StepPlan):
+            dec = [r for r in work.rows if r.n == 1 and r.start > 0]
+            chunks = [r for r in work.rows if not (r.n == 1 and r.start > 0)]
+            kv = float(sum(r.start + 1 for r in dec))
+            tok = sum(r.n for r in chunks)
+            pairs = sum(prefill_pairs(r.n, r.start) for r in chunks)
+            return sum(step_cost(t, len(dec), kv, prefill_tokens=tok,
+                                 prefill_pairs=pairs).time_s for t in stages)
+        return sum(step_cost(t, sum(i.size for i in work)).time_s for t in stages)
+
+    return seconds
 
 
 class _Tagged:

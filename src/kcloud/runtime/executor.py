@@ -43,7 +43,6 @@ from kcloud.runtime.generate import (
     generates,
     reference_generate,
 )
-from kcloud.runtime.layout import stage_plan
 from kcloud.runtime.model import layer_graph, load_checkpoint, load_runnable, micro_batches
 from kcloud.runtime.split import flat_tensors
 from kcloud.runtime.stage_worker import RunCommand, StageSpec
@@ -227,14 +226,10 @@ def execute(
     run_plan = plan if not copy_of else replace(
         plan, replicas=tuple(plan.replicas[i] for i in computed))
     w = None if weights is None else str(weights)
-    engine = None
-    if ray_address is None:
-        engine = Engine(run_plan, mode=mode, weights=w, serving=False, generate=gen,
-                        comm_timeout_s=comm_timeout_s, start_timeout_s=timeout_s)
-        lay = engine.layout
-    else:
-        lay = stage_plan(run_plan, mode, weights=w, serving=False, generate=gen,
-                         comm_timeout_s=comm_timeout_s)
+    engine = Engine(run_plan, mode=mode, weights=w, serving=False, generate=gen,
+                    comm_timeout_s=comm_timeout_s, start_timeout_s=timeout_s,
+                    ray_address=ray_address)
+    lay = engine.layout
     notes += lay.notes
     layouts = {(computed[ri], si): v for (ri, si), v in lay.layouts.items()}
     for r, i in copy_of.items():
@@ -284,13 +279,7 @@ def execute(
             modeled[sp.rank] = cost.time_s + (
                 (steps - 1) * step_costs[sp.rank][1] if gen else 0.0)
 
-    if ray_address is not None:
-        from kcloud.runtime.ray_executor import run_on_ray
-
-        ran = run_on_ray(stage_specs, run_specs, inputs, timeout_s, ray_address)
-    else:
-        assert engine is not None
-        ran = _run_on_engine(engine, run_specs, inputs, timeout_s)
+    ran = _run_on_engine(engine, run_specs, inputs, timeout_s)
     results = _spread(ran, plan, specs, run_specs, computed, copy_of)
 
     # Reference: the whole model in this process, micro-batch by micro-batch.

@@ -1,0 +1,591 @@
+"""The fleet's discrete-event simulation.
+
+Events in one heap: request arrivals (each service's stream, merged lazily), the end of a lane's
+iteration, autoscaling ticks, replicas becoming ready, idle power-down checks. Each replica's
+lanes schedule as an LLM engine does (`kcloud.sim.policy`: iteration-level batching, chunked
+prefill, KV blocks, preemption) or, for a non-LLM model, as a dynamic batcher (whatever waits,
+up to `max_batch`, in one forward pass). A run of decode-only iterations whose batch cannot
+change is advanced in one event: its step times are linear in the KV tokens
+(`kcloud.hardware.steps`), so k steps take k a + s (k K + B k (k - 1) / 2) seconds in closed
+form; an arrival that could join the batch cuts the run at the end of the step in progress.
+The result is the same as stepping every iteration, at a fraction of the events.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kcloud.sim.policy import Iteration, SchedulerConfig, SchedulerState, Seq
+from kcloud.sim.replica import ReplicaModel
+from kcloud.sim.results import Ledger, ServiceStats
+
+ROUTERS = ("round-robin", "least-outstanding", "speed-aware")
+
+_ARRIVAL, _LANE, _TICK, _READY, _IDLE = range(5)
+
+
+@dataclass(frozen=True)
+class Slo:
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    latency_s: float | None = None  # end to end (non-LLM services; optional for LLMs)
+
+    def met(self, ttft: float, tpot: float, e2e: float) -> bool:
+        return ((self.ttft_s is None or ttft <= self.ttft_s)
+                and (self.tpot_s is None or tpot <= self.tpot_s)
+                and (self.latency_s is None or e2e <= self.latency_s))
+
+
+@dataclass(frozen=True)
+class Autoscale:
+    """Replicas added when the mean outstanding requests per replica exceed `up`, removed
+    (drained, then powered off) below `down`; a new replica serves after `startup_s`."""
+
+    min_replicas: int = 1
+    max_replicas: int = 8
+    up: float = 8.0
+    down: float = 1.0
+    interval_s: float = 10.0
+    startup_s: float = 30.0
+
+
+@dataclass
+class Service:
+    name: str
+    models: list[ReplicaModel]  # one per replica slot (the plan's replicas, repeated)
+    stream: Iterator[tuple[float, int, int]]
+    slo: Slo = field(default_factory=Slo)
+    replicas: int = 1  # replicas powered on at the start
+    router: str = "least-outstanding"
+    sched: SchedulerConfig | None = None  # LLM: per replica (blocks split over its lanes)
+    max_batch: int = 8  # non-LLM: dynamic batching bound
+    autoscale: Autoscale | None = None
+    power_down_idle_s: float | None = None  # power a replica off after this long idle
+    wake_s: float = 0.0  # time to power an idle replica back on
+    mean_context: int = 1024  # speed-aware routing: the context its rates are weighed at
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            from kcloud.errors import KCloudError
+
+            raise KCloudError(f"service {self.name}: unknown router '{self.router}'",
+                              f"use one of: {', '.join(ROUTERS)}")
+
+    @property
+    def is_llm(self) -> bool:
+        return self.models[0].is_llm
+
+
+class _Lane:
+    """One engine inside a replica (a pipeline of p stages runs p of them)."""
+
+    __slots__ = ("busy", "cur", "end", "macro", "replica", "sched", "version", "waiting")
+
+    def __init__(self, replica: _Replica, cfg: SchedulerConfig | None) -> None:
+        self.replica = replica
+        self.sched = SchedulerState(cfg) if cfg is not None else None
+        self.waiting: deque[Seq] = deque()  # non-LLM
+        self.busy = False
+        self.version = 0
+        self.end = 0.0
+        self.cur: Any = None  # the iteration (or batch) in progress
+        self.macro: tuple[float, int, int, int, Any] | None = None  # (t0, k, B, K0, coeffs)
+
+    @property
+    def outstanding(self) -> int:
+        if self.sched is not None:
+            return self.sched.outstanding
+        return len(self.waiting) + (len(self.cur) if self.busy and self.cur else 0)
+
+
+class _Replica:
+    __slots__ = ("draining", "idle_since", "index", "lanes", "model", "on_since", "rate",
+                 "service", "state", "types")
+
+    def __init__(self, service: int, index: int, model: ReplicaModel,
+                 cfg: SchedulerConfig | None, types: list[int], rate: float) -> None:
+        self.service, self.index, self.model = service, index, model
+        lane_cfg = None
+        if cfg is not None:
+            per = max(1, cfg.num_blocks // model.pp)
+            lane_cfg = SchedulerConfig(cfg.chunk_tokens, cfg.max_seqs, cfg.block_size, per,
+                                       cfg.watermark)
+        self.lanes = [_Lane(self, lane_cfg) for _ in range(model.pp)]
+        self.state = "off"  # off | starting | on | asleep
+        self.draining = False
+        self.on_since = -1.0
+        self.idle_since = 0.0
+        self.types = types  # ledger index per stage
+        self.rate = rate
+
+    @property
+    def outstanding(self) -> int:
+        return sum(lane.outstanding for lane in self.lanes)
+
+    @property
+    def routable(self) -> bool:
+        return self.state != "off" and not self.draining
+
+
+@dataclass
+class SimResult:
+    services: dict[str, ServiceStats]
+    ledger: Ledger
+    device_counts: dict[str, int]  # devices of each type in the fleet (all replica slots)
+    domestic: dict[str, bool]
+    price_per_hour: dict[str, float | None]
+    span_s: float  # first arrival to last completion
+    sim_wall_s: float
+    events: int
+    estimated: bool = False
+
+    @property
+    def requests(self) -> int:
+        return sum(s.requests for s in self.services.values())
+
+    @property
+    def completed(self) -> int:
+        return sum(s.completed for s in self.services.values())
+
+    @property
+    def dropped(self) -> int:
+        return sum(s.dropped for s in self.services.values())
+
+    @property
+    def energy_j(self) -> float:
+        lg = self.ledger
+        return sum(lg.idle_j) + sum(lg.dyn_total)
+
+    def device_seconds_on(self) -> dict[str, float]:
+        return {t: float(sum(self.ledger.on[i])) for i, t in enumerate(self.ledger.types)}
+
+    @property
+    def cost_usd(self) -> float | None:
+        """Device-hours powered on times the catalog's price (None: a device is unpriced)."""
+        total = 0.0
+        for t, sec in self.device_seconds_on().items():
+            p = self.price_per_hour.get(t)
+            if p is None:
+                if sec > 0:
+                    return None
+                continue
+            total += p * sec / 3600.0
+        return total
+
+    def domestic_share(self) -> dict[str, float]:
+        lg = self.ledger
+        devs = sum(self.device_counts.values())
+        dom_devs = sum(n for t, n in self.device_counts.items() if self.domestic[t])
+        energy = [lg.idle_j[i] + lg.dyn_total[i] for i in range(len(lg.types))]
+        e_all = sum(energy)
+        e_dom = sum(e for t, e in zip(lg.types, energy, strict=True) if self.domestic[t])
+        w_all = sum(lg.busy_total)
+        w_dom = sum(b for t, b in zip(lg.types, lg.busy_total, strict=True) if self.domestic[t])
+        return {"devices": dom_devs / devs if devs else 0.0,
+                "energy": e_dom / e_all if e_all else 0.0,
+                "work": w_dom / w_all if w_all else 0.0}
+
+    def to_dict(self) -> dict[str, Any]:
+        span = self.span_s
+        n = self.completed
+        tokens = sum(s.tokens for s in self.services.values() if s.is_llm)
+        e = self.energy_j
+        lg = self.ledger
+        per_type = {}
+        for i, t in enumerate(lg.types):
+            on = sum(lg.on[i])
+            per_type[t] = {
+                "devices": self.device_counts[t], "domestic": self.domestic[t],
+                "utilization": lg.busy_total[i] / on if on else 0.0,
+                "energy_j": lg.idle_j[i] + lg.dyn_total[i], "idle_energy_j": lg.idle_j[i],
+                "avg_power_w": (lg.idle_j[i] + lg.dyn_total[i]) / span if span else 0.0,
+            }
+        return {
+            "requests": self.requests, "completed": n, "dropped": self.dropped,
+            "services": {k: s.to_dict(span) for k, s in self.services.items()},
+            "energy_j": e,
+            "energy_per_request_j": e / n if n else None,
+            "energy_per_token_j": e / tokens if tokens else None,
+            "avg_power_w": e / span if span else 0.0,
+            "cost_usd": self.cost_usd,
+            "domestic_share": self.domestic_share(),
+            "device_types": per_type,
+            "timeline": {"bin_s": lg.bin_s, **lg.series(span)},
+            "span_s": span,
+            "sim_wall_s": self.sim_wall_s,
+            "events": self.events,
+            "estimated": self.estimated,
+            "figures": "modeled",
+        }
+
+
+class Simulator:
+    def __init__(self, services: list[Service], *, bin_s: float = 10.0) -> None:
+        if not services:
+            raise ValueError("no services to simulate")
+        self.services = services
+        types: list[str] = []
+        for svc in services:
+            for m in svc.models:
+                for t in m.device_types:
+                    if t not in types:
+                        types.append(t)
+        self.ledger = Ledger(types, bin_s)
+        self.stats = [ServiceStats(s.name, s.is_llm, {"ttft_s": s.slo.ttft_s,
+                                                      "tpot_s": s.slo.tpot_s,
+                                                      "latency_s": s.slo.latency_s})
+                      for s in services]
+        self.replicas: list[list[_Replica]] = []
+        for si, svc in enumerate(services):
+            reps = []
+            for ri, m in enumerate(svc.models):
+                b = svc.sched.max_seqs if svc.sched else svc.max_batch
+                reps.append(_Replica(si, ri, m, svc.sched,
+                                     [self.ledger.index[t] for t in m.device_types],
+                                     m.nominal_rate(min(b, 32), svc.mean_context)))
+            self.replicas.append(reps)
+        self._rr = [0] * len(services)
+        self._heap: list[tuple[float, int, int, Any, int]] = []
+        self._n = 0
+        self.now = 0.0
+        self.events = 0
+        self._rid = 0
+        self._last = 0.0
+
+    # -- events ---------------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, obj: Any, version: int = 0) -> None:
+        self._n += 1
+        heapq.heappush(self._heap, (t, self._n, kind, obj, version))
+
+    def _power_on(self, r: _Replica, t: float, ready_at: float) -> None:
+        r.on_since = t
+        if ready_at > t:
+            r.state = "starting"
+            self._push(ready_at, _READY, r)
+        else:
+            r.state = "on"
+
+    def _power_off(self, r: _Replica, t: float) -> None:
+        if r.on_since >= 0:
+            m = r.model
+            for ti, n, w in zip(r.types, m.tps, m.idle_w, strict=True):
+                self.ledger.powered(ti, r.on_since, t, n, w)
+        r.on_since = -1.0
+
+    def run(self, until: float | None = None) -> SimResult:
+        """Simulate until every request has completed or been dropped (or `until`)."""
+        wall = time.perf_counter()
+        for si, svc in enumerate(self.services):
+            for r in self.replicas[si][:max(0, svc.replicas)]:
+                self._power_on(r, 0.0, 0.0)
+                r.idle_since = 0.0
+                if svc.power_down_idle_s is not None:
+                    self._push(svc.power_down_idle_s, _IDLE, r, 0)
+            self._next_arrival(si)
+            if svc.autoscale is not None:
+                self._push(svc.autoscale.interval_s, _TICK, si)
+        heap = self._heap
+        pop = heapq.heappop
+        while heap:
+            t, _, kind, obj, version = pop(heap)
+            if until is not None and t > until:
+                break
+            self.now = t
+            self.events += 1
+            if kind == _LANE:
+                if version == obj.version:
+                    self._lane_done(obj, t)
+            elif kind == _ARRIVAL:
+                self._arrive(obj, t, version)
+            elif kind == _TICK:
+                self._tick(obj, t)
+            elif kind == _READY:
+                if obj.state == "starting":
+                    obj.state = "on"
+                    for lane in obj.lanes:
+                        self._kick(lane, t)
+            elif kind == _IDLE:
+                self._idle_check(obj, t, version)
+        end = self._last
+        for reps in self.replicas:
+            for r in reps:
+                if r.on_since >= 0:
+                    self._power_off(r, max(end, r.on_since))
+        counts: dict[str, int] = {}
+        dom: dict[str, bool] = {}
+        price: dict[str, float | None] = {}
+        estimated = False
+        for reps in self.replicas:
+            for r in reps:
+                for st in r.model.stages:
+                    d = st.device
+                    counts[d.id] = counts.get(d.id, 0) + st.tp
+                    dom[d.id] = d.domestic
+                    price[d.id] = d.price_per_hour.value if d.price_per_hour else None
+                    estimated |= bool(d.estimated_fields)
+        for s in self.stats:
+            for q in (s.ttft, s.tpot, s.e2e, s.queue):
+                q.flush()
+        return SimResult({s.name: st for s, st in zip(self.services, self.stats, strict=True)},
+                         self.ledger, counts, dom, price, end, time.perf_counter() - wall,
+                         self.events, estimated)
+
+    def _idle_everywhere(self) -> bool:
+        for reps in self.replicas:
+            for r in reps:
+                for lane in r.lanes:
+                    if lane.busy or lane.outstanding:
+                        return False
+        return True
+
+    # -- arrivals and routing -------------------------------------------------------------------
+    _pending: list[tuple[float, int, int] | None]
+
+    def _next_arrival(self, si: int) -> None:
+        if not hasattr(self, "_pending"):
+            self._pending = [None] * len(self.services)
+        nxt = next(self.services[si].stream, None)
+        self._pending[si] = nxt
+        if nxt is not None:
+            self._push(nxt[0], _ARRIVAL, si)
+
+    def _arrive(self, si: int, t: float, _: int) -> None:
+        req = self._pending[si]
+        assert req is not None
+        self._next_arrival(si)
+        svc = self.services[si]
+        st = self.stats[si]
+        st.requests += 1
+        _, prompt, out = req
+        seq = Seq(self._rid, si, t, prompt, out)
+        self._rid += 1
+        if svc.sched is not None and not svc.sched.fits(prompt + out + 1):
+            st.dropped += 1  # longer than any replica's KV cache can ever hold
+            return
+        r = self._route(si, seq)
+        if r is None:
+            st.dropped += 1
+            return
+        if r.state == "asleep":
+            self._power_on(r, t, t + svc.wake_s)
+        lane = min(r.lanes, key=lambda ln: ln.outstanding) if len(r.lanes) > 1 else r.lanes[0]
+        if lane.sched is not None:
+            sch = lane.sched
+            was_empty = not sch.waiting
+            sch.waiting.append(seq)
+            if lane.busy:
+                if lane.macro is not None and was_empty and sch.admissible(seq):
+                    self._cut_macro(lane, t)
+            else:
+                self._kick(lane, t)
+        else:
+            lane.waiting.append(seq)
+            if not lane.busy:
+                self._kick(lane, t)
+
+    def _route(self, si: int, seq: Seq) -> _Replica | None:
+        svc = self.services[si]
+        reps = [r for r in self.replicas[si] if r.routable]
+        if not reps:
+            starting = [r for r in self.replicas[si] if r.state == "starting"]
+            return starting[0] if starting else None
+        if svc.router == "round-robin":
+            i = self._rr[si] % len(reps)
+            self._rr[si] = i + 1
+            return reps[i]
+        if svc.router == "least-outstanding":
+            return min(reps, key=lambda r: r.outstanding)
+        return min(reps, key=lambda r: (r.outstanding + 1) / r.rate)
+
+    # -- lanes ----------------------------------------------------------------------------------
+    def _kick(self, lane: _Lane, t: float) -> None:
+        """Start the lane's next iteration if it has work and its replica is on."""
+        r = lane.replica
+        if lane.busy or r.state not in ("on",):
+            return
+        m = r.model
+        sch = lane.sched
+        if sch is None:  # dynamic batching of a non-LLM model
+            if not lane.waiting:
+                self._lane_idle(lane, t)
+                return
+            b = min(len(lane.waiting), self.services[r.service].max_batch)
+            batch = [lane.waiting.popleft() for _ in range(b)]
+            for s in batch:
+                s.started = t
+            dt, per = m.forward(b)
+            self._account(r, t, t + dt, per)
+            lane.cur = batch
+            lane.macro = None
+            self._start(lane, t + dt)
+            return
+        k = sch.steady_decode_steps()
+        if k >= 2:
+            b = len(sch.running)
+            k0 = 0
+            for s in sch.running:
+                k0 += s.ctx + 1
+            coeffs = m.decode(b)
+            lane.macro = (t, k, b, k0, coeffs)
+            lane.cur = None
+            self._start(lane, t + _run_time(coeffs[0], coeffs[1], k, b, k0))
+            return
+        it = sch.plan_iteration(t)
+        st = self.stats[r.service]
+        st.preemptions += it.preempted
+        if not it.decode and not it.chunks:
+            self._lane_idle(lane, t)
+            return
+        dt, per = m.mixed(len(it.decode), it.kv_tokens, it.prefill_tokens, it.prefill_pairs)
+        self._account(r, t, t + dt, per)
+        lane.cur = it
+        lane.macro = None
+        self._start(lane, t + dt)
+
+    def _start(self, lane: _Lane, end: float) -> None:
+        lane.busy = True
+        lane.end = end
+        lane.version += 1
+        self._push(end, _LANE, lane, lane.version)
+
+    def _lane_idle(self, lane: _Lane, t: float) -> None:
+        lane.busy = False
+        lane.cur = None
+        lane.macro = None
+        r = lane.replica
+        if r.outstanding == 0:
+            r.idle_since = t
+            svc = self.services[r.service]
+            if r.draining:
+                r.draining = False
+                self._power_off(r, t)
+                r.state = "off"
+            elif svc.power_down_idle_s is not None:
+                self._push(t + svc.power_down_idle_s, _IDLE, r, int(t * 1e6))
+
+    def _cut_macro(self, lane: _Lane, t: float) -> None:
+        """End a run of decode steps at the end of the step in progress at `t`."""
+        assert lane.macro is not None
+        t0, k, b, k0, coeffs = lane.macro
+        a, s = coeffs[0], coeffs[1]
+        done = _steps_by(a, s, b, k0, t - t0)
+        if done + 1 >= k:
+            return
+        lane.macro = (t0, done + 1, b, k0, coeffs)
+        self._start(lane, t0 + _run_time(a, s, done + 1, b, k0))
+
+    def _lane_done(self, lane: _Lane, t: float) -> None:
+        r = lane.replica
+        sch = lane.sched
+        if sch is None:
+            self._finish(r, lane.cur, t)
+        elif lane.macro is not None:
+            t0, k, b, k0, coeffs = lane.macro
+            per = coeffs[2]
+            kv_sum = k * k0 + b * k * (k - 1) / 2
+            self._account(r, t0, t, [(k * pa + ps * kv_sum, k * ea + es * kv_sum)
+                                     for pa, ps, ea, es in per])
+            self._finish(r, sch.advance_decode(k), t)
+        else:
+            it: Iteration = lane.cur
+            self._finish(r, sch.finish_iteration(it, t), t)
+        lane.busy = False
+        self._kick(lane, t)
+
+    def _account(self, r: _Replica, t0: float, t1: float,
+                 per: Any) -> None:
+        lg = self.ledger
+        st = self.stats[r.service]
+        for ti, tp, (busy, dyn) in zip(r.types, r.model.tps, per, strict=True):
+            lg.work(ti, t0, t1, tp * busy, tp * dyn)
+            st.energy_j += tp * dyn
+
+    def _finish(self, r: _Replica, done: list[Seq], t: float) -> None:
+        if not done:
+            return
+        svc = self.services[r.service]
+        st = self.stats[r.service]
+        slo = svc.slo
+        llm = svc.is_llm
+        for s in done:
+            e2e = t - s.arrival
+            if llm:
+                ttft = s.first_token - s.arrival
+                tpot = (t - s.first_token) / (s.out - 1) if s.out > 1 else 0.0
+                st.ttft.add(ttft)
+                if s.out > 1:
+                    st.tpot.add(tpot)
+                st.tokens += s.out
+                st.prompt_tokens += s.prompt0
+            else:
+                ttft = tpot = 0.0
+                st.tokens += 1
+            st.e2e.add(e2e)
+            st.queue.add(s.started - s.arrival)
+            st.completed += 1
+            if slo.met(ttft, tpot, e2e):
+                st.met_slo += 1
+                st.good_tokens += s.out
+        if t > self._last:
+            self._last = t
+
+    # -- autoscaling and power ------------------------------------------------------------------
+    def _tick(self, si: int, t: float) -> None:
+        svc = self.services[si]
+        a = svc.autoscale
+        assert a is not None
+        reps = self.replicas[si]
+        active = [r for r in reps if r.state in ("on", "starting", "asleep") and not r.draining]
+        load = sum(r.outstanding for r in active) / max(1, len(active))
+        if (load > a.up or not active) and len(active) < min(a.max_replicas, len(reps)):
+            spare = next((r for r in reps if r.state == "off"), None)
+            if spare is not None:
+                spare.draining = False
+                self._power_on(spare, t, t + a.startup_s)
+        elif load < a.down and len(active) > a.min_replicas:
+            victim = min((r for r in active if r.state == "on"), key=lambda r: r.outstanding,
+                         default=None)
+            if victim is not None:
+                if victim.outstanding == 0 and not any(ln.busy for ln in victim.lanes):
+                    self._power_off(victim, t)
+                    victim.state = "off"
+                else:
+                    victim.draining = True
+        if any(p is not None for p in self._pending) or not self._idle_everywhere():
+            self._push(t + a.interval_s, _TICK, si)
+
+    def _idle_check(self, r: _Replica, t: float, _: int) -> None:
+        svc = self.services[r.service]
+        if (r.state == "on" and r.outstanding == 0 and not any(ln.busy for ln in r.lanes)
+                and svc.power_down_idle_s is not None
+                and t - r.idle_since >= svc.power_down_idle_s - 1e-9):
+            self._power_off(r, t)
+            r.state = "asleep"
+
+
+def _run_time(a: float, s: float, k: int, b: int, k0: int) -> float:
+    """Seconds of k decode steps of b sequences starting at k0 KV tokens in all."""
+    return k * a + s * (k * k0 + b * k * (k - 1) / 2)
+
+
+def _steps_by(a: float, s: float, b: int, k0: int, dt: float) -> int:
+    """Decode steps wholly done within `dt` of a run's start."""
+    if dt <= 0:
+        return 0
+    qa = s * b / 2
+    qb = a + s * k0 - qa
+    if qa <= 0:
+        k = int(dt / qb) if qb > 0 else 0
+    else:
+        k = int((-qb + math.sqrt(qb * qb + 4 * qa * dt)) / (2 * qa))
+    while k > 0 and _run_time(a, s, k, b, k0) > dt:
+        k -= 1
+    while _run_time(a, s, k + 1, b, k0) <= dt:
+        k += 1
+    return k

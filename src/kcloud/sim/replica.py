@@ -1,0 +1,128 @@
+"""One replica's step costs, from its plan's stages (`kcloud.hardware.steps`).
+
+A replica is a pipeline of stages; every step of the engine runs through all of them. Its
+iteration takes the stages' times plus the hops of its activations between them. A pipeline of
+p stages keeps p iterations in flight (p *lanes*, each an engine of its own over 1/p of the
+KV-cache blocks), as a pipeline-parallel vLLM replica runs p micro-batches; a lane's iteration
+time is the whole pipeline's latency.
+
+Energy is split in two: the idle power of every device while its replica is powered on (the
+fleet's ledger counts it over time), and the dynamic energy of each step (busy power minus idle
+power, times the stage's time, per device), which this module gives per stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kcloud.hardware.cost import Precisions
+from kcloud.hardware.steps import StageTables, StepTables, stage_tables_for
+
+
+@dataclass
+class ReplicaModel:
+    """Step costs of one replica (shared by every replica of the same plan replica)."""
+
+    stages: list[StageTables]
+    hops: list[tuple[float, float, float]]  # per cut: (latency s, bytes per token, bandwidth)
+    is_llm: bool
+    device_types: list[str] = field(default_factory=list)  # per stage
+    _dec: dict[int, tuple[float, float, tuple[tuple[float, float, float, float], ...]]] = (
+        field(default_factory=dict))
+    _fwd: dict[int, tuple[float, tuple[tuple[float, float], ...]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.device_types = [s.device.id for s in self.stages]
+        self.tps = [s.tp for s in self.stages]
+        self.idle_w = [s.idle_w for s in self.stages]  # per device
+
+    @property
+    def pp(self) -> int:
+        return len(self.stages)
+
+    @property
+    def n_devices(self) -> int:
+        return sum(self.tps)
+
+    @property
+    def idle_power_w(self) -> float:
+        return sum(t * w for t, w in zip(self.tps, self.idle_w, strict=True))
+
+    def hop_s(self, tokens: int) -> float:
+        return sum(lat + tokens * per / bw for lat, per, bw in self.hops)
+
+    # -- LLM ----------------------------------------------------------------------------------
+    def decode(self, batch: int) -> tuple[float, float,
+                                          tuple[tuple[float, float, float, float], ...]]:
+        """A decode step of `batch` sequences: time = a + s x KV tokens, and per stage
+        (a, s, dynamic energy a, dynamic energy s) per device."""
+        hit = self._dec.get(batch)
+        if hit is None:
+            per = []
+            for st, idle in zip(self.stages, self.idle_w, strict=True):
+                lin = st.decode_linear(batch)
+                per.append((lin.a, lin.b, lin.ea - idle * lin.a, lin.eb - idle * lin.b))
+            a = sum(p[0] for p in per) + self.hop_s(batch)
+            s = sum(p[1] for p in per)
+            hit = self._dec[batch] = (a, s, tuple(per))
+        return hit
+
+    def mixed(self, batch: int, kv_tokens: float, prefill_tokens: int,
+              pairs: float) -> tuple[float, list[tuple[float, float]]]:
+        """An iteration with decode steps and prompt chunks: its time, and per stage (time,
+        dynamic energy) per device."""
+        per = []
+        for st, idle in zip(self.stages, self.idle_w, strict=True):
+            c = st.step(batch, kv_tokens, prefill_tokens, pairs)
+            per.append((c.time_s, c.energy_j - idle * c.time_s))
+        return sum(p[0] for p in per) + self.hop_s(batch + prefill_tokens), per
+
+    # -- non-LLM ------------------------------------------------------------------------------
+    def forward(self, batch: int) -> tuple[float, tuple[tuple[float, float], ...]]:
+        hit = self._fwd.get(batch)
+        if hit is None:
+            per = []
+            for st, idle in zip(self.stages, self.idle_w, strict=True):
+                c = st.forward(batch)
+                per.append((c.time_s, c.energy_j - idle * c.time_s))
+            hit = self._fwd[batch] = (sum(p[0] for p in per) + self.hop_s(batch), tuple(per))
+        return hit
+
+    # -- capacity -----------------------------------------------------------------------------
+    def kv_token_capacity(self, workspace_tokens: int) -> int:
+        """KV tokens the replica holds: the tightest of its stages."""
+        return min(s.kv_token_capacity(workspace_tokens) for s in self.stages)
+
+    def nominal_rate(self, batch: int, context: int) -> float:
+        """Requests' work per second it sustains at `batch` (tokens/s for an LLM at a mean
+        `context`, samples/s otherwise): what a speed-aware router weighs replicas by."""
+        if self.is_llm:
+            a, s, _ = self.decode(batch)
+            return batch / (a + s * batch * context) * self.pp
+        t, _ = self.forward(batch)
+        return batch / t * self.pp
+
+
+def replica_models(plan: Any, cluster: Any, forward: Any, decode: Any,
+                   calibration: Any = None) -> list[ReplicaModel]:
+    """A ReplicaModel per replica of `plan` (a `kcloud.planner.Plan`) on `cluster`."""
+    cache: dict[tuple[Any, ...], StepTables] = {}
+    graph = decode if decode is not None else forward
+    out = []
+    for r in plan.replicas:
+        stages = []
+        for s in r.stages:
+            dev = cluster.device_types[s.device_type]
+            link = cluster.intra_link(s.device_type)
+            stages.append(stage_tables_for(s, forward, decode, dev,
+                                           (link.bandwidth, link.collective_s), calibration,
+                                           cache))
+        hops = []
+        for a, b in zip(r.stages, r.stages[1:], strict=False):
+            link = cluster.link_between(a.devices[0], b.devices[0])
+            cut = graph.layers[a.end - 1].cut_elems / graph.batch / (graph.seq_len or 1)
+            act = Precisions.of(stages[0].tables.precision).act_bytes
+            hops.append((link.latency, cut * act, link.bandwidth))
+        out.append(ReplicaModel(stages, hops, decode is not None))
+    return out
