@@ -33,7 +33,8 @@ def _register() -> None:
     # Imported for their side effect of adding commands to `app`.
     from kcloud.cli import calibrate, devices, graph, predict  # noqa: F401
 
-    for optional in ("plan", "clusters", "run", "demo", "serve", "k8s", "sim", "bench"):
+    for optional in ("plan", "clusters", "run", "demo", "serve", "k8s", "sim", "bench",
+                     "cloud", "tenant", "key", "deploy", "usage"):
         try:
             __import__(f"kcloud.cli.{optional}")
         except ModuleNotFoundError as exc:  # a command whose module is not there yet
