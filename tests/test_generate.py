@@ -197,7 +197,7 @@ def test_cli_run_generates(tmp_path: Path) -> None:
     m = d["measured"]
     assert d["reference_ok"] is True and m["tokens_match"] is True
     assert m["ttft_s"] > 0 and m["tpot_s"] > 0 and m["output_tokens"] == 4
-    assert m["unit"] == "output tokens/s" and d["predicted"]["unit"] == "tokens/s"
+    assert m["unit"] == "output tokens/s" and d["predicted"]["unit"] == "output tokens/s"
     assert len(d["generated_token_ids"][0][0]) == 4
 
 

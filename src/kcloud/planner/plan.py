@@ -158,7 +158,7 @@ class Plan:
                               "give a file written by `kcloud plan -o`")
         version = d.get("version")
         if version != PLAN_SCHEMA_VERSION:
-            raise KCloudError(f"plan schema version {version} is not supported "
+            raise KCloudError(f"plan schema version {version!r} is not supported "
                               f"(this K-Cloud reads {PLAN_SCHEMA_VERSION})",
                               "re-create the plan with this version of `kcloud plan`")
         try:
