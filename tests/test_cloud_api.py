@@ -156,6 +156,16 @@ def test_model_paths_outside_the_allowed_roots_are_refused(cloud: Cloud, tmp_pat
         assert r.status_code == 422 and r.json()["field"] == "model", (model, r.text)
 
 
+def test_a_model_that_is_code_is_refused_even_inside_the_roots(cloud: Cloud) -> None:
+    _, tenant, _ = cloud.tenant("acme")
+    inside = cloud.c.dir / "models" / "net.py"
+    inside.write_text("import os\nos.system('touch /tmp/kcloud-pwned')\n"
+                      "def f():\n    raise SystemExit\n")
+    r = cloud.deploy(tenant, name="m", model=f"{inside}:f")
+    assert r.status_code == 422 and "Python code" in r.json()["error"], r.text
+    assert not Path("/tmp/kcloud-pwned").exists()
+
+
 def test_bodies_over_the_limit_are_413(cloud: Cloud) -> None:
     _, tenant, _ = cloud.tenant("acme")
     big = b'{"name": "' + b"x" * (API_BODY_LIMIT + 10) + b'"}'

@@ -293,9 +293,14 @@ class Control:
 
         if zoo.is_zoo_model(model):
             return model
+        if ".py:" in model or model.endswith(".py"):
+            # a model that is code would run in the control plane when it is planned: a tenant
+            # sends data only (zoo names, Hugging Face directories, ONNX files)
+            raise Refusal(422, f"model: {model!r} is Python code, which the control plane does "
+                          "not run for a tenant", field="model",
+                          nearest="a zoo model name, a Hugging Face model directory or an ONNX "
+                          "file under the allowed model roots")
         path_part = model
-        if ".py:" in model:
-            path_part = model.rsplit(":", 1)[0]
         p = Path(path_part)
         roots = [self.dir / "models", *self.config.model_roots]
         try:
