@@ -54,8 +54,7 @@ def test_default_calibration_uses_host_parameters() -> None:
     assert host.host_link() == (hp.link_bw, hp.link_latency_s, hp.collective_latency_s)
 
 
-@pytest.mark.skipif(host.host_cores() < 4, reason="a 2-stage run and its driver need 4+ cores "
-                    "to be timed without oversubscription")
+@pytest.mark.skipif(host.host_cores() < 2, reason="a 2-stage run needs a core per stage")
 @pytest.mark.parametrize(("tp", "pp"), [(1, 2), (2, 1)])
 def test_predicted_latency_near_measured_on_local_cpu(tp: int, pp: int) -> None:
     from kcloud.planner.api import resolve

@@ -170,7 +170,7 @@ def test_worker_fault_stops_run(factory: str, says: str, tmp_path: Path) -> None
     t0 = time.monotonic()
     with pytest.raises(KCloudError) as info:
         execute(plan, n_micro=4, trace_path=None)
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 30  # the workers start (torch imports) within it
     msg = info.value.message
     assert "\n" not in msg and "stage 1 of replica 0 on local/host-cpu:1core/1 (" in msg
     assert says in msg

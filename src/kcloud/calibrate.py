@@ -5,7 +5,8 @@ The procedure (reproducible, deterministic):
 1. Each published row (device, model, scenario, precision, lengths) is predicted by the same
    code as `kcloud predict`. Rows from multi-accelerator systems ("x8 ... per accelerator") are
    predicted at the tensor-parallel degree (1, 2, 4 or 8) that gives the best per-accelerator
-   throughput, as a submitter would choose. Blank LLM lengths come from `BENCHMARK_WORKLOADS`.
+   throughput, as a submitter would choose. Blank lengths come from the row's benchmark workload
+   (`kcloud.workloads`), as `kcloud predict` fills them by default.
 2. The free parameters are few and physical: per device, the matrix-unit efficiency
    (`matrix_eff`); per device class, the matmul-to-conv efficiency ratio (`matmul_factor`),
    the achieved share of memory bandwidth (`memory_eff`) and the reduction length at which a
@@ -21,7 +22,7 @@ import csv
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,17 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
+from kcloud import inputs
 from kcloud.errors import FitError, KCloudError
 from kcloud.graph.layergraph import LayerGraph
 from kcloud.hardware.cost import CLASS_PRIORS, Calibration, default_calibration, tp_max_degree
 from kcloud.hardware.device import Device
 from kcloud.precision import Precision
-from kcloud.predict import Prediction, predict_graph, predict_llm
-from kcloud.workloads import BENCHMARK_WORKLOADS
+from kcloud.predict import Prediction, model_inputs, predict_graph, predict_llm
+from kcloud.workloads import NONE
 
 PRIOR_WEIGHT = 0.02  # pull of the class prior, relative to a row's log error
+UNITS = ("samples/s", "tokens/s", "s")  # a row's figure: throughput, or latency in seconds
 BOUNDS = {"matrix_eff": (0.05, 1.0), "matmul_factor": (0.25, 4.0), "memory_eff": (0.2, 0.95),
           "k_half": (1.0, 2048.0)}
 
@@ -61,16 +64,20 @@ class Row:
         return int(m.group(1)) if m and "per accelerator" in self.source else 1
 
 
-def load_rows(path: str | Path | None = None) -> list[Row]:
+def load_checks() -> list[Row]:
+    """Published results that check the model and are never fitted (`checks.csv`: the
+    NPUs' MLPerf single-stream latencies)."""
+    return load_rows(None, shipped="checks.csv")
+
+
+def load_rows(path: str | Path | None = None, *, shipped: str = "calibration.csv") -> list[Row]:
     """Published results: the CSV shipped with K-Cloud, or a user's file of the same columns."""
     if path is None:
-        text = (resources.files("kcloud.hardware") / "data" / "calibration.csv").read_text()
-        name = "calibration.csv"
+        text = (resources.files("kcloud.hardware") / "data" / shipped).read_text()
+        name = shipped
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise KCloudError(f"no calibration file at {p}", "give the path of a CSV file")
-        text, name = p.read_text(), str(p)
+        name = str(path)
+        text = inputs.read_text(path, "calibration file", "give the path of a CSV file")
     rows: list[Row] = []
     reader = csv.DictReader(text.splitlines())
     need = {"device", "model", "scenario", "precision", "input_tokens", "output_tokens",
@@ -80,22 +87,39 @@ def load_rows(path: str | Path | None = None) -> list[Row]:
         raise KCloudError(f"{name}: missing columns {', '.join(sorted(missing))}",
                           "use the columns of the shipped calibration.csv")
     for i, r in enumerate(reader, start=2):
+        if None in r or any(v is None for v in r.values()):
+            raise KCloudError(f"{name} line {i}: {len(reader.fieldnames or [])} columns "
+                              "expected", "fix the row")
         try:
+            value = float(r["value"])
+            unit = r["unit"].strip()
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"value must be a finite positive number, got {r['value']}")
+            if unit not in UNITS:
+                raise ValueError(f"unknown unit '{unit}' (use one of: {', '.join(UNITS)})")
             rows.append(Row(
                 device=r["device"].strip(),
                 model=r["model"].strip(),
                 scenario=r["scenario"].strip(),
                 precision=Precision.parse(r["precision"].strip()),
-                input_tokens=int(r["input_tokens"]) if r["input_tokens"].strip() else None,
-                output_tokens=int(r["output_tokens"]) if r["output_tokens"].strip() else None,
-                value=float(r["value"]),
-                unit=r["unit"].strip(),
+                input_tokens=_tokens(r, "input_tokens"),
+                output_tokens=_tokens(r, "output_tokens"),
+                value=value,
+                unit=unit,
                 source=r["source"].strip(),
             ))
         except (ValueError, KCloudError) as exc:
-            msg = exc.message if isinstance(exc, KCloudError) else str(exc)
+            msg = exc.problem if isinstance(exc, KCloudError) else str(exc)
             raise KCloudError(f"{name} line {i}: {msg}", "fix the row") from None
+    if not rows:
+        raise KCloudError(f"{name} holds no rows, only its header",
+                          "add published results, one per line")
     return rows
+
+
+def _tokens(r: dict[str, str], col: str) -> int | None:
+    text = r[col].strip()
+    return inputs.check_count(col, int(text), 1, inputs.MAX_TOKENS) if text else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,40 +137,46 @@ class _Case:
 
 
 def _prepare(rows: Iterable[Row]) -> list[_Case]:
-    from kcloud.graph.loaders import load_model_spec
     from kcloud.hardware.catalog import get_device
 
     cases = []
     for row in rows:
         dev = get_device(row.device)
-        probe = load_model_spec(row.model, batch=1, seq_len=None, phase=None, kv_len=None)
-        wl = BENCHMARK_WORKLOADS.get(row.model)
+        # The row's benchmark workload fills what an LLM row leaves blank, as `kcloud
+        # predict` does by default. An encoder row's length is the benchmark's padded one
+        # (BERT's 384); the workload's mean unpadded length is what optimized harnesses
+        # compute, so it is used in its place.
+        probe_llm = row.output_tokens is not None or _is_llm(row.model)
+        given = row.input_tokens if probe_llm else None
+        inputs = model_inputs(row.model, None, input_tokens=given,
+                              output_tokens=row.output_tokens)
+        shape = inputs.shape
         note = ""
-        if probe.meta.get("is_llm"):
-            prompt = row.input_tokens or (wl.input_tokens if wl else 128)
-            out = row.output_tokens or (wl.output_tokens if wl and wl.output_tokens else 128)
-            if row.input_tokens is None or row.output_tokens is None:
-                note = f"lengths {prompt}/{out} from the data set (estimated)"
-            graphs: tuple[LayerGraph, ...] = (
-                load_model_spec(row.model, batch=1, seq_len=prompt, phase="prefill", kv_len=None),
-                load_model_spec(row.model, batch=1, seq_len=1, phase="decode",
-                                kv_len=prompt + out // 2),
-            )
-            output_tokens: int | None = out
-        else:
-            seq = row.input_tokens
-            if wl is not None:
-                note = f"{wl.input_tokens} tokens: mean unpadded length (estimated)"
-                seq = wl.input_tokens
-            graphs = (load_model_spec(row.model, batch=1, seq_len=seq, phase=None, kv_len=None),)
-            output_tokens = None
-        most = tp_max_degree(graphs[0])
+        if row.unit != "s" and (row.unit == "tokens/s") != inputs.is_llm:
+            raise KCloudError(f"calibration row {row.device} {row.model}: unit {row.unit}, but "
+                              f"{row.model} is predicted in "
+                              f"{'tokens/s' if inputs.is_llm else 'samples/s'}",
+                              "fix the row's unit")
+        if shape.workload != NONE:
+            filled = given is None or (inputs.is_llm and row.output_tokens is None)
+            if filled:
+                note = (f"workload {shape.workload}: lengths {shape.input_tokens}"
+                        + (f"/{shape.output_tokens}" if inputs.is_llm else "")
+                        + (" (estimated)" if shape.estimated else ""))
+            if shape.beams > 1:
+                note += f"; beam search x{shape.beams}"
+        most = tp_max_degree(inputs.graphs[0])
         tps = tuple(t for t in (1, 2, 4, 8, 16) if t <= row.system_size and most % t == 0)
-        beams = wl.beams if wl and len(graphs) == 2 else 1
-        if beams > 1:
-            note += f"; beam search x{beams}"
-        cases.append(_Case(row, dev, graphs, output_tokens, tps or (1,), note, beams))
+        cases.append(_Case(row, dev, inputs.graphs, shape.output_tokens if inputs.is_llm
+                           else None, tps or (1,), note, shape.beams))
     return cases
+
+
+def _is_llm(model: str) -> bool:
+    from kcloud.graph.loaders import load_model_spec
+
+    return bool(load_model_spec(model, batch=1, seq_len=None, phase=None,
+                                kv_len=None).meta.get("is_llm"))
 
 
 def _predict_case(case: _Case, cal: Calibration) -> Prediction:
@@ -172,7 +202,10 @@ def _predict_case(case: _Case, cal: Calibration) -> Prediction:
 
 
 def _metric(p: Prediction, row: Row) -> float:
-    return p.latency_s if row.unit in ("s", "ms") else p.throughput
+    """The predicted figure in the row's unit."""
+    if row.unit == "ms":
+        return p.latency_s * 1e3
+    return p.latency_s if row.unit == "s" else p.throughput
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,43 +256,93 @@ class CalibrationResult:
     rows: list[dict[str, Any]]
     max_abs_error_pct: float
     params: dict[str, float]
+    checks: list[dict[str, Any]] = field(default_factory=list)  # published, never fitted
+
+    @property
+    def loo_max_abs_error_pct(self) -> float | None:
+        errs = [abs(r["loo_error_pct"]) for r in self.rows if "loo_error_pct" in r]
+        return max(errs) if errs else None
+
+    @property
+    def loo_mean_abs_error_pct(self) -> float | None:
+        errs = [abs(r["loo_error_pct"]) for r in self.rows if "loo_error_pct" in r]
+        return sum(errs) / len(errs) if errs else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "max_abs_error_pct": self.max_abs_error_pct,
-                "params": self.params, "figures": "modeled"}
+        d: dict[str, Any] = {"rows": self.rows, "max_abs_error_pct": self.max_abs_error_pct,
+                             "params": self.params, "checks": self.checks,
+                             "figures": "modeled"}
+        if self.loo_max_abs_error_pct is not None:
+            d["loo_max_abs_error_pct"] = self.loo_max_abs_error_pct
+            d["loo_mean_abs_error_pct"] = self.loo_mean_abs_error_pct
+        return d
 
 
-def fit(rows: list[Row] | None = None) -> CalibrationResult:
-    """Fit the free parameters to the published rows; returns the calibration and the table."""
-    cases = _prepare(rows if rows is not None else load_rows())
+def _fit_cases(cases: list[_Case], start: dict[str, float] | None = None,
+               max_nfev: int = 400) -> tuple[list[_Param], np.ndarray]:
+    """The free parameters of `cases` and their fitted values (log scale); `start` (label ->
+    value) seeds the parameters it names."""
     params = _free_params(cases)
     prior = np.log([_prior(p, cases) for p in params])
     lo = np.log([BOUNDS[p.name][0] for p in params])
     hi = np.log([BOUNDS[p.name][1] for p in params])
+    x0 = prior.copy()
+    if start:
+        x0 = np.array([math.log(start[p.label]) if p.label in start else v
+                       for p, v in zip(params, prior, strict=True)])
 
     def residuals(x: np.ndarray) -> np.ndarray:
         cal = _calibration_from(params, x)
         errs = [math.log(_metric(_predict_case(c, cal), c.row) / c.row.value) for c in cases]
         return np.concatenate([errs, PRIOR_WEIGHT * (x - prior)])
 
-    sol = least_squares(residuals, np.clip(prior, lo + 1e-9, hi - 1e-9), bounds=(lo, hi),
-                        diff_step=1e-3, xtol=1e-8, ftol=1e-10, max_nfev=400)
-    cal = _calibration_from(params, sol.x)
+    sol = least_squares(residuals, np.clip(x0, lo + 1e-9, hi - 1e-9), bounds=(lo, hi),
+                        diff_step=1e-3, xtol=1e-8, ftol=1e-10, max_nfev=max_nfev)
+    return params, sol.x
+
+
+def fit(rows: list[Row] | None = None, *, cv: bool = False) -> CalibrationResult:
+    """Fit the free parameters to the published rows; returns the calibration and the table.
+
+    With `cv`, every row is also predicted by a fit made without it (leave-one-out), so the
+    table shows the error on a row the fit never saw beside the in-sample error.
+    """
+    cases = _prepare(rows if rows is not None else load_rows())
+    params, x = _fit_cases(cases)
+    cal = _calibration_from(params, x)
     cal = Calibration(cal.by_class, cal.by_device, meta={
         "procedure": "kcloud.calibrate.fit: bounded least squares on log error, "
                      f"prior weight {PRIOR_WEIGHT}",
         "rows": len(cases),
         "parameters": len(params),
     })
-    return _result(cases, cal, {p.label: round(float(math.exp(v)), 4)
-                              for p, v in zip(params, sol.x, strict=True)})
+    fitted = {p.label: float(math.exp(v)) for p, v in zip(params, x, strict=True)}
+    result = _result(cases, cal, {k: round(v, 4) for k, v in fitted.items()})
+    result = replace(result, checks=table(_prepare(load_checks()), cal))
+    if cv:
+        _leave_one_out(cases, fitted, result.rows)
+    return result
+
+
+def _leave_one_out(cases: list[_Case], fitted: dict[str, float],
+                   rows: list[dict[str, Any]]) -> None:
+    """Add `loo_predicted` and `loo_error_pct` to each row: its prediction by a fit of the other
+    rows (seeded at the full fit, so each refit is short). A device whose only row is held out
+    falls back to its class's fitted and prior values, as an uncalibrated device would."""
+    for i, (case, row) in enumerate(zip(cases, rows, strict=True)):
+        rest = cases[:i] + cases[i + 1:]
+        params, x = _fit_cases(rest, start=fitted, max_nfev=60)
+        pred = _metric(_predict_case(case, _calibration_from(params, x)), case.row)
+        row["loo_predicted"] = pred
+        row["loo_error_pct"] = 100.0 * (pred - case.row.value) / case.row.value
 
 
 def evaluate(rows: list[Row] | None = None,
              calibration: Calibration | None = None) -> CalibrationResult:
     """Published vs predicted with a given (default: the shipped) calibration, no fitting."""
     cases = _prepare(rows if rows is not None else load_rows())
-    return _result(cases, calibration or default_calibration(), {})
+    cal = calibration or default_calibration()
+    return replace(_result(cases, cal, {}), checks=table(_prepare(load_checks()), cal))
 
 
 def table(cases: list[_Case], cal: Calibration) -> list[dict[str, Any]]:

@@ -30,3 +30,14 @@ class FitError(KCloudError):
 
 class PrecisionError(KCloudError):
     """A device that cannot run an op at the requested precision, with no fallback."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a message: a K-Cloud error's own words, otherwise
+    "Type: text" (the type names what the user's code or a library raised)."""
+    if isinstance(exc, KCloudError):
+        return exc.message
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

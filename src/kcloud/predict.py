@@ -12,7 +12,7 @@ bounds the batch. Throughput of an LLM is generated tokens per second.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from kcloud.errors import FitError, KCloudError, PrecisionError
@@ -30,6 +30,8 @@ from kcloud.hardware.cost import (
 from kcloud.hardware.device import Device, DeviceKind
 from kcloud.hardware.steps import StageTables, StepTables, decode_steps, generation_cost
 from kcloud.precision import Precision
+from kcloud.workloads import Shape
+from kcloud.workloads import resolve as resolve_workload
 
 Scenario = Literal["offline", "single-stream"]
 SCENARIOS: tuple[str, ...] = ("offline", "single-stream")
@@ -63,6 +65,7 @@ class Prediction:
     tp: int = 1  # tensor-parallel degree (figures are per device)
     figures: str = "modeled"
     llm: dict[str, Any] = field(default_factory=dict)  # ttft_s, tpot_s, tokens
+    workload: dict[str, Any] | None = None  # the workload and lengths it ran with (Shape)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -387,6 +390,47 @@ def predict_llm(
     )
 
 
+@dataclass(frozen=True)
+class ModelInputs:
+    """What a prediction of a model runs on: its graphs at the lengths of its workload."""
+
+    shape: Shape
+    graphs: tuple[LayerGraph, ...]  # (forward,) or an LLM's (prefill, decode)
+
+    @property
+    def is_llm(self) -> bool:
+        return len(self.graphs) == 2
+
+
+def model_inputs(model: str, workload: str | None = None, *, seq_len: int | None = None,
+                 input_tokens: int | None = None,
+                 output_tokens: int | None = None) -> ModelInputs:
+    """The graphs of `model` (zoo name, file.py:factory or .onnx) at the lengths `workload`
+    gives (None: the model's benchmark workload, "none": the raw defaults), explicit lengths
+    overriding them. `kcloud predict` and `kcloud calibrate` both start here."""
+    from kcloud.graph.loaders import check_generation, load_model_spec
+
+    asked = input_tokens or seq_len
+    probe = load_model_spec(model, batch=1, seq_len=asked, phase=None, kv_len=None)
+    is_llm = bool(probe.meta.get("is_llm"))
+    shape = resolve_workload(model, workload, input_tokens=asked, output_tokens=output_tokens,
+                             is_llm=is_llm)
+    if not is_llm:
+        if shape.input_tokens != asked:
+            probe = load_model_spec(model, batch=1, seq_len=shape.input_tokens, phase=None,
+                                    kv_len=None)
+        return ModelInputs(shape, (probe,))
+    prompt = shape.input_tokens or DEFAULT_LLM_INPUT
+    out = shape.output_tokens or DEFAULT_LLM_OUTPUT
+    shape = replace(shape, input_tokens=prompt, output_tokens=out)
+    check_generation(probe, prompt, out)
+    prefill = load_model_spec(model, batch=1, seq_len=prompt, phase="prefill", kv_len=None)
+    # A decode step (of each beam) attends over the prompt and, on average, half its output.
+    decode = load_model_spec(model, batch=1, seq_len=1, phase="decode",
+                             kv_len=prompt + out // 2)
+    return ModelInputs(shape, (prefill, decode))
+
+
 def predict(
     model: str,
     device: Device | str,
@@ -399,24 +443,23 @@ def predict(
     output_tokens: int | None = None,
     calibration: Calibration | None = None,
     tp: int = 1,
+    workload: str | None = None,
 ) -> Prediction:
-    """Predict `model` (zoo name, file.py:factory or .onnx) on one device (or `tp` of them)."""
-    from kcloud.graph import zoo
-    from kcloud.graph.loaders import load_model_spec
+    """Predict `model` (zoo name, file.py:factory or .onnx) on one device (or `tp` of them),
+    on `workload`'s lengths (see `model_inputs`)."""
     from kcloud.hardware.catalog import get_device
 
     dev = get_device(device) if isinstance(device, str) else device
     prec = Precision.parse(precision) if isinstance(precision, str) else precision
-    probe = load_model_spec(model, batch=1, seq_len=seq_len or input_tokens, phase=None,
-                            kv_len=None)
-    if not probe.meta.get("is_llm"):
-        return predict_graph(probe, dev, scenario, precision=prec, batch=batch,
-                             calibration=calibration, tp=tp)
-    prompt = input_tokens or seq_len or DEFAULT_LLM_INPUT
-    out = output_tokens or DEFAULT_LLM_OUTPUT
-    zoo.check_generation(model, prompt, out)
-    prefill = load_model_spec(model, batch=1, seq_len=prompt, phase="prefill", kv_len=None)
-    decode = load_model_spec(model, batch=1, seq_len=1, phase="decode",
-                             kv_len=prompt + out // 2)
-    return predict_llm(prefill, decode, dev, scenario, output_tokens=out, precision=prec,
-                       batch=batch, calibration=calibration, tp=tp)
+    inputs = model_inputs(model, workload, seq_len=seq_len, input_tokens=input_tokens,
+                          output_tokens=output_tokens)
+    shape = inputs.shape
+    if not inputs.is_llm:
+        p = predict_graph(inputs.graphs[0], dev, scenario, precision=prec, batch=batch,
+                          calibration=calibration, tp=tp)
+    else:
+        p = predict_llm(inputs.graphs[0], inputs.graphs[1], dev, scenario,
+                        output_tokens=shape.output_tokens or DEFAULT_LLM_OUTPUT,
+                        precision=prec, batch=batch, calibration=calibration, tp=tp,
+                        beams=shape.beams)
+    return replace(p, workload=shape.to_dict())

@@ -2,15 +2,26 @@
 
 Where a benchmark's result depends on its data set's lengths (and the published row leaves them
 blank), these are the lengths used. Each says where it comes from and whether it is estimated.
+
+The same workloads shape what `kcloud predict` and `kcloud plan` cost: a zoo model that is
+published on a benchmark runs that benchmark's workload by default, so the figure a user gets
+is the one calibrated against the published result; `--workload none` gives the raw default
+lengths, and explicit lengths (`--input-tokens`, ...) override a workload's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kcloud.errors import KCloudError
+
+NONE = "none"  # the workload name that asks for no workload: the raw default lengths
 
 
 @dataclass(frozen=True)
 class Workload:
+    name: str
     input_tokens: int
     output_tokens: int | None
     source: str
@@ -21,6 +32,7 @@ class Workload:
 # Keyed by zoo model name (the benchmark that model is published on).
 BENCHMARK_WORKLOADS: dict[str, Workload] = {
     "llama-2-70b": Workload(
+        name="openorca",
         input_tokens=600,
         output_tokens=294,
         source=(
@@ -31,6 +43,7 @@ BENCHMARK_WORKLOADS: dict[str, Workload] = {
         estimated=True,
     ),
     "gpt-j-6b": Workload(
+        name="cnn-dailymail",
         input_tokens=900,
         output_tokens=65,
         source=(
@@ -44,6 +57,7 @@ BENCHMARK_WORKLOADS: dict[str, Workload] = {
         beams=4,
     ),
     "bert-large": Workload(
+        name="squad-v1.1",
         input_tokens=175,
         output_tokens=None,
         source=(
@@ -54,3 +68,57 @@ BENCHMARK_WORKLOADS: dict[str, Workload] = {
         estimated=True,
     ),
 }
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in BENCHMARK_WORKLOADS.values()}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The lengths a prediction or plan runs with, and the workload they come from."""
+
+    workload: str  # a workload name, or "none"
+    input_tokens: int | None  # None: the model's own default
+    output_tokens: int | None
+    beams: int = 1
+    source: str = ""
+    estimated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        lengths = "/".join("default" if v is None else str(v)
+                           for v in (self.input_tokens, self.output_tokens)
+                           if v is not None or self.output_tokens is not None)
+        if self.workload == NONE:
+            return f"none (raw lengths{': ' + lengths if lengths else ''})"
+        beams = f", beam search x{self.beams}" if self.beams > 1 else ""
+        est = ", estimated" if self.estimated else ""
+        return f"{self.workload} ({lengths} tokens{beams}{est})"
+
+
+def default_workload(model: str) -> str:
+    """The workload a model runs by default: its benchmark's, else none."""
+    wl = BENCHMARK_WORKLOADS.get(model)
+    return wl.name if wl else NONE
+
+
+def resolve(model: str, workload: str | None = None, *, input_tokens: int | None = None,
+            output_tokens: int | None = None, is_llm: bool = True) -> Shape:
+    """The lengths `model` runs with under `workload` (None: the model's default workload).
+
+    Explicit lengths override the workload's; an encoder takes only the input length.
+    """
+    name = default_workload(model) if workload is None else workload.strip().lower()
+    if name == NONE:
+        return Shape(NONE, input_tokens, output_tokens if is_llm else None)
+    wl = WORKLOADS.get(name)
+    if wl is None:
+        raise KCloudError(f"unknown workload '{workload}'",
+                          f"use one of: {', '.join([*WORKLOADS, NONE])}")
+    out = (output_tokens or wl.output_tokens) if is_llm else None
+    if is_llm and out is None:
+        raise KCloudError(f"workload {wl.name} has no output length, {model} generates",
+                          "give --output-tokens or another --workload")
+    return Shape(wl.name, input_tokens or wl.input_tokens, out,
+                 beams=wl.beams if is_llm else 1, source=wl.source, estimated=wl.estimated)

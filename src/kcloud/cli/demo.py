@@ -16,6 +16,8 @@ from rich.table import Table
 
 from kcloud.cli import app
 from kcloud.cli._common import console, emit_json
+from kcloud.errors import KCloudError
+from kcloud.inputs import MAX_BATCH
 
 
 def _plan_and_run(model: str, cluster: str, objective: str, batch: int, mode: str,
@@ -37,12 +39,23 @@ def _plan_and_run(model: str, cluster: str, objective: str, batch: int, mode: st
 @app.command()
 def demo(
     model: Annotated[str, typer.Option(help="A CPU-runnable zoo model")] = "tiny-resnet",
-    batch: Annotated[int, typer.Option(help="Items per request batch")] = 8,
+    batch: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="Items per request batch")] =
+        8,
     out: Annotated[Path, typer.Option(help="Folder for the trace files")] = Path("."),
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout")] = False,
 ) -> None:
     """Plan and run a model on this CPU (real, measured) and on the K-Cloud rack (emulated)."""
-    out.mkdir(parents=True, exist_ok=True)
+    from kcloud.graph import zoo
+
+    if not zoo.is_zoo_model(model) or not zoo.model_info(model).runnable_on_cpu:
+        cpu = ", ".join(m.name for m in zoo.list_models() if m.runnable_on_cpu)
+        raise KCloudError(f"'{model}' is not a zoo model that runs on a CPU",
+                          f"use one of: {cpu}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KCloudError(f"cannot make --out {out}: {exc.strerror or exc}",
+                          "give --out a writable folder") from None
     with console.status("planning and running on local-cpu (real)...") if not as_json \
             else _quiet():
         local = _plan_and_run(model, "local-cpu", "throughput", batch, "real",

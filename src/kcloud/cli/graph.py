@@ -12,8 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from kcloud.cli import app
-from kcloud.cli._common import console, emit_json, si
+from kcloud.cli._common import ModelTimeoutOpt, check_model_code, console, emit_json, si
 from kcloud.errors import KCloudError
+from kcloud.inputs import MAX_BATCH, MAX_TOKENS
 
 _PHASES = ("forward", "prefill", "decode")
 _CUT_BYTES = 2  # cut sizes are shown at fp16
@@ -24,7 +25,9 @@ _JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object
 
 
 def _out() -> Console:
-    return console if console.is_terminal else Console(width=max(console.width, _TABLE_WIDTH))
+    if console.is_terminal:
+        return console
+    return Console(width=max(console.width, _TABLE_WIDTH), emoji=False)
 
 
 @app.command("models")
@@ -53,13 +56,17 @@ def models(as_json: _JsonOption = False) -> None:
 @app.command("graph")
 def graph(
     model: Annotated[str, typer.Argument(help="Zoo name, path/to/file.py:factory or model.onnx")],
-    batch: Annotated[int | None, typer.Option("--batch", help="Samples per batch")] = None,
-    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sample")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, max=MAX_BATCH,
+                                              help="Samples per batch")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", min=1, max=MAX_TOKENS,
+                                                help="Tokens per sample")] = None,
     phase: Annotated[str | None, typer.Option(
         "--phase", help="LLMs: prefill (a prompt of --seq-len) or decode (one token)")] = None,
     kv_len: Annotated[int | None, typer.Option(
-        "--kv-len", help="Decode: tokens already in the KV cache")] = None,
+        "--kv-len", min=0, max=MAX_TOKENS, help="Decode: tokens already in the KV cache")] =
+        None,
     as_json: _JsonOption = False,
+    model_timeout_s: ModelTimeoutOpt = 120.0,
 ) -> None:
     """Capture a model and show its layers: FLOPs, parameters, cut sizes, tensor parallelism."""
     from kcloud.graph.loaders import load_model_spec
@@ -72,7 +79,8 @@ def graph(
         raise KCloudError(f"--kv-len must not be negative, got {kv_len}", "pass --kv-len 0 or more")
     if phase is not None and phase not in _PHASES:
         raise KCloudError(f"unknown phase '{phase}'", f"use one of: {', '.join(_PHASES)}")
-    g = load_model_spec(model, batch=batch, seq_len=seq_len, phase=phase, kv_len=kv_len)
+    shape = {"batch": batch, "seq_len": seq_len, "phase": phase, "kv_len": kv_len}
+    g = check_model_code(model, model_timeout_s, **shape) or load_model_spec(model, **shape)
     if as_json:
         d = g.to_dict()
         d.update(

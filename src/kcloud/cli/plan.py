@@ -10,8 +10,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from kcloud.cli import app
-from kcloud.cli._common import console, emit_json
+from kcloud.cli._common import (
+    ModelTimeoutOpt,
+    check_model_code,
+    check_writable,
+    console,
+    emit_json,
+    progress,
+)
 from kcloud.errors import KCloudError
+from kcloud.inputs import MAX_BATCH, MAX_TOKENS
 
 if TYPE_CHECKING:
     from kcloud.planner.goal import Goal
@@ -36,7 +44,7 @@ def _pareto_path(out: Path | None) -> Path:
 # The options that say what a plan is for, shared by `kcloud plan` and `kcloud run`.
 ObjectiveOpt = Annotated[str, typer.Option(help="latency | throughput | energy | cost")]
 SloOpt = Annotated[float | None, typer.Option("--slo-ms", help="Bound on a request's latency")]
-BatchOpt = Annotated[int, typer.Option(help="Items per request")]
+BatchOpt = Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="Items per request")]
 PowerCapOpt = Annotated[float | None, typer.Option("--power-cap-w",
                                                    help="Bound on the plan's power")]
 MaxDevicesOpt = Annotated[int | None, typer.Option("--max-devices", help="Bound on devices used")]
@@ -45,14 +53,18 @@ DomesticOpt = Annotated[float, typer.Option(
 PrecisionOpt = Annotated[str | None, typer.Option(
     help="fp32|bf16|fp16|fp8|int8|int4 (default: each device type's own)")]
 InputTokensOpt = Annotated[int | None, typer.Option(
-    "--input-tokens", help="Tokens per sample (LLM prompt)")]
+    "--input-tokens", min=1, max=MAX_TOKENS, help="Tokens per sample (LLM prompt)")]
 OutputTokensOpt = Annotated[int | None, typer.Option(
-    "--output-tokens", help="LLM generated tokens per request")]
+    "--output-tokens", min=1, max=MAX_TOKENS, help="LLM generated tokens per request")]
+WorkloadOpt = Annotated[str | None, typer.Option(
+    "--workload", help="Benchmark workload whose lengths to use (default: the model's "
+    "benchmark, if it has one; 'none': the raw default lengths)")]
 
 
 def build_goal(objective: str, slo_ms: float | None, batch: int, power_cap_w: float | None,
                max_devices: int | None, min_domestic_share: float, precision: str | None,
-               input_tokens: int | None = None, output_tokens: int | None = None) -> Goal:
+               input_tokens: int | None = None, output_tokens: int | None = None,
+               workload: str | None = None) -> Goal:
     """The `Goal` the plan options describe (a bad value raises a one-line `KCloudError`)."""
     from kcloud.planner.goal import Goal
     from kcloud.precision import Precision
@@ -62,7 +74,7 @@ def build_goal(objective: str, slo_ms: float | None, batch: int, power_cap_w: fl
         power_cap_w=power_cap_w, max_devices=max_devices,
         min_domestic_share=min_domestic_share,
         precision=Precision.parse(precision) if precision else None,
-        input_tokens=input_tokens, output_tokens=output_tokens,
+        input_tokens=input_tokens, output_tokens=output_tokens, workload=workload,
     )
 
 
@@ -81,6 +93,7 @@ def plan(
     precision: PrecisionOpt = None,
     input_tokens: InputTokensOpt = None,
     output_tokens: OutputTokensOpt = None,
+    workload: WorkloadOpt = None,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also plan the baselines and show them beside the plan")] = False,
     pareto: Annotated[bool, typer.Option(
@@ -88,6 +101,7 @@ def plan(
     output: Annotated[Path | None, typer.Option("-o", "--output",
                                                 help="Write the plan JSON here")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout")] = False,
+    model_timeout_s: ModelTimeoutOpt = 120.0,
 ) -> None:
     """Find the best parallel plan (pipeline x tensor parallel x replicas; modeled)."""
     from kcloud.hardware.cluster import load_cluster
@@ -96,10 +110,14 @@ def plan(
     from kcloud.planner.explain import render
 
     goal = build_goal(objective, slo_ms, batch, power_cap_w, max_devices, min_domestic_share,
-                      precision, input_tokens, output_tokens)
+                      precision, input_tokens, output_tokens, workload)
     cl = load_cluster(cluster)  # a bad cluster fails before the model is captured
-    m, _ = resolve(model, cl, goal)
-    out = make_plan(m, cl, goal)
+    if output is not None:
+        check_writable(output, "-o")
+    check_model_code(model, model_timeout_s, batch=1, seq_len=goal.input_tokens)
+    with progress(f"planning {model} on {cl.name}", not as_json):
+        m, _ = resolve(model, cl, goal)
+        out = make_plan(m, cl, goal)
     p = out.plan
     assert out.result is not None
     ctx = out.result.ctx
@@ -123,6 +141,7 @@ def plan(
 
     if as_json:
         doc: dict[str, Any] = {"plan": p.to_dict(), "predicted": p.predicted.to_dict(),
+                               "workload": m.workload.to_dict() if m.workload else None,
                                "search_time_s": out.search_time_s}
         if rows is not None:
             doc["baselines"] = rows
@@ -132,6 +151,11 @@ def plan(
         return
 
     render(ctx, p, console)
+    if m.workload is not None:
+        console.print(f"workload: {escape(m.workload.describe())}")
+        if m.workload.beams > 1:
+            console.print("  the plan generates one sequence per request: beam search is "
+                          "costed by `kcloud predict`, not planned")
     if rows is not None:
         t = Table(title=f"compared with baselines (modeled; objective {objective})",
                   header_style="bold", title_justify="left")

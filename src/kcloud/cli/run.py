@@ -9,7 +9,17 @@ import typer
 from rich.table import Table
 
 from kcloud.cli import app
-from kcloud.cli._common import console, emit_json
+from kcloud.cli._common import (
+    ModelTimeoutOpt,
+    TrustOpt,
+    check_model_code,
+    check_ray_address,
+    check_writable,
+    console,
+    emit_json,
+    load_plan_file,
+    progress,
+)
 from kcloud.cli.plan import (
     BatchOpt,
     DomesticOpt,
@@ -23,6 +33,7 @@ from kcloud.cli.plan import (
     build_goal,
 )
 from kcloud.errors import KCloudError
+from kcloud.inputs import MAX_MICRO_BATCHES
 
 if TYPE_CHECKING:
     from kcloud.planner.goal import Goal
@@ -51,7 +62,8 @@ def run(
     mode: Annotated[str, typer.Option(help="real | emulated (absent devices modeled)")] =
         "emulated",
     batches: Annotated[int | None, typer.Option(
-        "--batches", help="Micro-batches per replica (default: batch / micro-batch)")] = None,
+        "--batches", min=1, max=MAX_MICRO_BATCHES,
+        help="Micro-batches per replica (default: batch / micro-batch)")] = None,
     warmup: Annotated[int, typer.Option(
         "--warmup", help="Untimed micro-batches through every stage before the timed ones")] = 2,
     probes: Annotated[int | None, typer.Option(
@@ -69,6 +81,14 @@ def run(
     prompt_only: Annotated[bool, typer.Option(
         "--prompt-only", help="LLM plans: run the prompt (prefill) only, not the generation "
         "of the output tokens")] = False,
+    timeout_s: Annotated[float, typer.Option(
+        "--timeout", min=1.0, max=7 * 86_400.0,
+        help="Seconds the whole run may take")] = 600.0,
+    worker_timeout_s: Annotated[float, typer.Option(
+        "--worker-timeout", min=1.0, max=86_400.0,
+        help="Seconds without a worker's heartbeat before it counts as hung")] = 10.0,
+    trust_model_code: TrustOpt = False,
+    model_timeout_s: ModelTimeoutOpt = 120.0,
 ) -> None:
     """Run a plan: one worker per device of each stage (tensor-parallel stages sharded over
     their group), micro-batches streamed through (measured). Zoo LLM plans generate their
@@ -78,17 +98,20 @@ def run(
 
     if mode not in ("real", "emulated"):
         raise KCloudError(f"unknown mode '{mode}'", "use --mode real or --mode emulated")
-    if batches is not None and batches < 1:
-        raise KCloudError(f"--batches must be a positive integer, got {batches}",
-                          "pass --batches 1 or more")
+    check_writable(trace, "--trace")  # outputs are checked before the run, not after it
+    if ray_address is not None:
+        check_ray_address(ray_address)
     goal = None
-    if model is not None or cluster is not None:
+    if cluster is not None or (model is not None and plan_file is None):
         goal = build_goal(objective, slo_ms, batch, power_cap_w, max_devices,
                           min_domestic_share, precision, input_tokens, output_tokens)
-    plan, search_time_s = _plan_to_run(plan_file, model, cluster, goal)
-    report = execute(plan, mode=mode, n_micro=batches, trace_path=trace,
-                     ray_address=ray_address, warmup=warmup, probes=probes, weights=weights,
-                     prompt_only=prompt_only)
+    plan, search_time_s = _plan_to_run(plan_file, model, cluster, goal, trust_model_code,
+                                       model_timeout_s)
+    with progress(f"running {plan.model}: {len(plan.devices)} worker(s)", not as_json):
+        report = execute(plan, mode=mode, n_micro=batches, trace_path=trace,
+                         ray_address=ray_address, warmup=warmup, probes=probes,
+                         weights=weights, prompt_only=prompt_only, timeout_s=timeout_s,
+                         worker_timeout_s=worker_timeout_s)
     if as_json:
         doc = report.to_dict()
         if search_time_s is not None:
@@ -107,7 +130,10 @@ def run(
     t.add_column("")
     t.add_column("latency", justify="right")
     t.add_column("throughput", justify="right")
-    t.add_row("measured", f"{m['latency_s'] * 1e3:,.3f} ms", f"{m['throughput']:,.1f} {m['unit']}")
+    # An emulated stage's numerics ran on this host: what is measured is this host's time.
+    t.add_row("measured" if report.emulated is None else "measured (this host; emulated "
+              "stages' numerics on its CPU)", f"{m['latency_s'] * 1e3:,.3f} ms",
+              f"{m['throughput']:,.1f} {m['unit']}")
     if report.emulated is not None:
         e = report.emulated
         t.add_row("real measured + emulated modeled", f"{e['latency_s'] * 1e3:,.3f} ms",
@@ -167,16 +193,16 @@ def _vs(measured: float | None, modeled: float | None) -> str:
 
 
 def _plan_to_run(plan_file: Path | None, model: str | None, cluster: str | None,
-                 goal: Goal | None) -> tuple[Plan, float | None]:
+                 goal: Goal | None, trust_model_code: bool = False,
+                 model_timeout_s: float = 120.0) -> tuple[Plan, float | None]:
     """The plan and the search time: from its file (no search), or made here for model,
-    cluster and goal."""
-    from kcloud.planner.plan import Plan
-
+    cluster and goal. A plan file is data: the Python model file it may name runs only when
+    the user names it too (`--model`) or trusts it (`--trust-model-code`)."""
     if plan_file is not None:
-        if model is not None or cluster is not None:
+        if cluster is not None:
             raise KCloudError("give a plan file or --model/--cluster, not both",
-                              "drop the plan file to plan here, or drop --model/--cluster")
-        return Plan.load(plan_file), None
+                              "drop the plan file to plan here, or drop --cluster")
+        return load_plan_file(plan_file, model, trust_model_code, model_timeout_s), None
     if (model is None) != (cluster is None):
         given, missing = ("--model", "--cluster") if cluster is None else ("--cluster", "--model")
         raise KCloudError(f"{given} needs {missing} to plan", f"add {missing}")
@@ -187,6 +213,8 @@ def _plan_to_run(plan_file: Path | None, model: str | None, cluster: str | None,
     from kcloud.planner.api import make_plan, resolve
 
     cl = load_cluster(cluster)  # a bad cluster fails before the model is captured
-    m, _ = resolve(model, cl, goal)
-    out = make_plan(m, cl, goal)
+    check_model_code(model, model_timeout_s, batch=1, seq_len=goal.input_tokens)
+    with progress(f"planning {model} on {cl.name}"):
+        m, _ = resolve(model, cl, goal)
+        out = make_plan(m, cl, goal)
     return out.plan, out.search_time_s

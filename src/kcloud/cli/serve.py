@@ -11,7 +11,15 @@ from typing import Annotated, Any
 import typer
 
 from kcloud.cli import app
-from kcloud.cli._common import console, err_console
+from kcloud.cli._common import (
+    ModelTimeoutOpt,
+    TrustOpt,
+    check_model_code,
+    check_ray_address,
+    console,
+    err_console,
+    load_plan_file,
+)
 from kcloud.cli.plan import (
     BatchOpt,
     DomesticOpt,
@@ -64,6 +72,8 @@ def serve(
         "--max-wait-ms", help="Non-LLM models: how long a batch waits to fill")] = 5.0,
     weights: Annotated[Path | None, typer.Option(
         "--weights", help="Local checkpoint to load (state dict or .safetensors)")] = None,
+    trust_model_code: TrustOpt = False,
+    model_timeout_s: ModelTimeoutOpt = 120.0,
     ray_address: Annotated[str | None, typer.Option(
         "--ray", help="Run the workers as Ray actors: 'local' or a cluster address; nodes "
         "declare resources kcloud/<device-type>")] = None,
@@ -71,8 +81,6 @@ def serve(
     """Serve a model: plan it (or load its plan), start its workers once, and answer
     OpenAI-compatible requests with continuous batching until Ctrl-C or SIGTERM (which drains:
     no new requests, those running finish)."""
-    from kcloud.planner.plan import Plan
-
     if mode not in ("real", "emulated"):
         raise KCloudError(f"unknown mode '{mode}'", "use --mode real or --mode emulated")
     if not 0 < port < 65536:
@@ -83,11 +91,10 @@ def serve(
     if max_batch is not None and max_batch < 1:
         raise KCloudError(f"--max-batch must be at least 1, got {max_batch}",
                           "pass --max-batch 1 or more")
+    if ray_address is not None:
+        check_ray_address(ray_address)
     if plan_file is not None:
-        plan = Plan.load(plan_file)
-        if model is not None and model != plan.model:
-            raise KCloudError(f"--model {model} is not the plan's model ({plan.model})",
-                              "drop --model, or plan it with `kcloud plan`")
+        plan = load_plan_file(plan_file, model, trust_model_code, model_timeout_s)
     else:
         if model is None:
             raise KCloudError("nothing to serve: no --model and no --plan",
@@ -102,6 +109,7 @@ def serve(
         from kcloud.planner.api import make_plan, resolve
 
         cl = load_cluster(cluster)
+        check_model_code(model, model_timeout_s, batch=1, seq_len=goal.input_tokens)
         m, _ = resolve(model, cl, goal)
         plan = make_plan(m, cl, goal).plan
     start_server(plan, mode=mode, host=host, port=port, uds=uds,

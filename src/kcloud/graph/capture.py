@@ -14,7 +14,6 @@ A layer's elementwise nodes are summed into one `elementwise` Op.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from kcloud.errors import CaptureError
+from kcloud.errors import CaptureError, one_line
 from kcloud.graph.fxtrace import Kind, fetch_attr, linear_weight, module_path
 from kcloud.graph.layergraph import Layer, LayerGraph, Op, OpClass, TPGroup, TPStyle
 from kcloud.graph.layering import Structure, TPCandidate, analyze, node_params
@@ -133,11 +132,7 @@ class _Propagator(fx.Interpreter):
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = re.sub(r"\s+", " ", str(exc)).strip()
-    text = text.split(" While executing ")[0]
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return one_line(exc, limit).split(" While executing ")[0]
 
 
 def analyze_module(module: nn.Module, n_inputs: int | None, name: str) -> Structure:

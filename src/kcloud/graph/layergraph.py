@@ -126,6 +126,13 @@ class LayerGraph:
     def __post_init__(self) -> None:
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with its meta as a plain dict (a mapping proxy does not pickle); the graph
+        # cache stores graphs this way.
+        return (LayerGraph, (self.model, self.layers, self.batch, self.seq_len, self.phase,
+                             self.kv_len, self.input_elems, self.output_elems,
+                             self.capture_dtype_bytes, dict(self.meta)))
+
     @property
     def total_flops(self) -> float:
         return sum(layer.total_flops for layer in self.layers)
@@ -172,3 +179,7 @@ class LayerGraph:
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(**kw))
+
+
+def _rebuild(cls: type[LayerGraph], fields: dict[str, Any]) -> LayerGraph:
+    return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})

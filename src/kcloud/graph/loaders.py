@@ -5,6 +5,10 @@ A spec is a zoo name (`llama-2-7b`), a Python file and a factory in it
 ONNX file (`model.onnx`). The factory is first called under `torch.device("meta")`, so that no
 weight is allocated; if that fails, or the module cannot run on meta tensors, it is called again
 and captured with real tensors. Every failure is a one-line CaptureError.
+
+Every graph goes through the on-disk graph cache (`kcloud.graph.cache`): this module imports
+torch only when a graph has to be captured, so a command whose graphs are cached never pays for
+it.
 """
 
 from __future__ import annotations
@@ -12,20 +16,18 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from kcloud.errors import CaptureError
+from kcloud.errors import CaptureError, one_line
+from kcloud.graph.cache import cached_graph
 from kcloud.graph.capture import CaptureRunError, capture
 from kcloud.graph.layergraph import LayerGraph
-from kcloud.graph.onnx_graph import capture_onnx
-from kcloud.graph.zoo import capture_model, is_zoo_model
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _FORMS = "a zoo name (`kcloud models`), path/to/file.py:factory or model.onnx"
 
@@ -35,10 +37,18 @@ class _FactoryFailed(CaptureError):
 
 
 def _one_line(exc: BaseException) -> str:
-    text = re.sub(r"\s+", " ", str(exc)).strip()
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return one_line(exc)
+
+
+def runs_code(spec: str) -> bool:
+    """Whether loading `spec` runs Python code of the user's (a `file.py:factory`); zoo names
+    and ONNX files are data."""
+    file_part, colon, _ = spec.rpartition(":")
+    if not (colon and file_part.endswith(".py")):
+        return False
+    from kcloud.graph.zoo import is_zoo_model
+
+    return not is_zoo_model(spec)
 
 
 def load_model_spec(
@@ -49,9 +59,31 @@ def load_model_spec(
     phase: str | None = None,
     kv_len: int | None = None,
 ) -> LayerGraph:
-    """The LayerGraph of a zoo model, a `file.py:factory` or an `.onnx` file."""
+    """The LayerGraph of a zoo model, a `file.py:factory` or an `.onnx` file (cached on disk)."""
     if batch is not None and batch < 1:
         raise CaptureError(f"batch {batch} is not positive", "pass --batch 1 or more")
+    return cached_graph(
+        spec, lambda: _capture_spec(spec, batch=batch, seq_len=seq_len, phase=phase,
+                                    kv_len=kv_len),
+        batch=batch, seq_len=seq_len, phase=phase, kv_len=kv_len)
+
+
+def check_generation(graph: LayerGraph, prompt: int, output_tokens: int) -> None:
+    """One-line error when a prompt and the tokens to generate exceed an LLM's context (as its
+    graph's `max_seq_len` states it; models without one are checked when captured)."""
+    limit = graph.meta.get("max_seq_len")
+    if graph.meta.get("is_llm") and limit and prompt + output_tokens > limit:
+        raise CaptureError(
+            f"a prompt of {prompt} tokens and {output_tokens} output tokens exceed the context "
+            f"of {graph.model} ({limit} tokens)",
+            f"pass --input-tokens and --output-tokens that sum to {limit} or less")
+
+
+def _capture_spec(spec: str, *, batch: int | None, seq_len: int | None, phase: str | None,
+                  kv_len: int | None) -> LayerGraph:
+    from kcloud.graph.onnx_graph import capture_onnx
+    from kcloud.graph.zoo import capture_model, is_zoo_model
+
     if is_zoo_model(spec):
         return capture_model(spec, batch=batch or 1, seq_len=seq_len, phase=phase,
                              kv_len=kv_len)
@@ -114,6 +146,9 @@ def _factory(path: Path, name: str) -> Callable[..., Any]:
 
 def _call(fn: Callable[..., Any], label: str, kwargs: dict[str, Any],
           on_meta: bool) -> tuple[nn.Module, tuple[Any, ...]]:
+    import torch
+    from torch import nn
+
     try:
         if on_meta:
             with torch.device("meta"):
@@ -146,6 +181,8 @@ def _call(fn: Callable[..., Any], label: str, kwargs: dict[str, Any],
 
 def _with_batch(inputs: tuple[Any, ...], batch: int) -> tuple[Any, ...]:
     """Example inputs with their leading (batch) axis resized to `batch`."""
+    import torch
+
     tensors = [t for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0]
     if not tensors:
         return inputs
@@ -175,6 +212,9 @@ def capture_file(
     The factory may take `batch` and `seq_len` keyword arguments; otherwise the leading axis of
     its example inputs is resized to `batch`.
     """
+    import torch
+
+
     path = Path(path)
     fn = _factory(path, factory)
     label = f"{path.name}:{factory}"

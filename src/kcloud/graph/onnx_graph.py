@@ -10,7 +10,6 @@ on disk).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import onnx
 from onnx import helper, shape_inference
 
-from kcloud.errors import CaptureError
+from kcloud.errors import CaptureError, one_line
 from kcloud.graph.layergraph import Layer, LayerGraph, Op, OpClass, TPGroup, TPStyle
 
 _COMPUTE: dict[str, OpClass] = {
@@ -56,8 +55,7 @@ class _Layer:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = re.sub(r"\s+", " ", str(exc)).strip()
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+    return one_line(exc)
 
 
 def _fix_inputs(model: onnx.ModelProto, path: Path, batch: int | None,
@@ -192,6 +190,9 @@ def capture_onnx(path: str | Path, *, batch: int | None = None, seq_len: int | N
     except Exception as exc:
         raise CaptureError(f"cannot read {path} as ONNX: {_one_line(exc)}",
                            "check that the file is an ONNX model") from exc
+    if not model.graph.node:
+        raise CaptureError(f"{path} holds no ONNX graph (no nodes; {path.stat().st_size} bytes)",
+                           "check that the file is an exported ONNX model")
     _fix_inputs(model, path, batch, seq_len)
     try:
         model = shape_inference.infer_shapes(model, data_prop=True)

@@ -197,19 +197,6 @@ def list_models() -> list[ModelInfo]:
     return [model_info(name) for name in _ZOO]
 
 
-def check_generation(name: str, prompt: int, output_tokens: int) -> None:
-    """One-line error when a prompt and the tokens to generate exceed a zoo LLM's context
-    (other models are checked when captured)."""
-    if not is_zoo_model(name):
-        return
-    cfg = _entry(name).config
-    if cfg is not None and prompt + output_tokens > cfg.max_seq_len:
-        raise CaptureError(
-            f"a prompt of {prompt} tokens and {output_tokens} output tokens exceed the context "
-            f"of {_entry(name).name} ({cfg.max_seq_len} tokens)",
-            f"pass --input-tokens and --output-tokens that sum to {cfg.max_seq_len} or less")
-
-
 def resolve_shape(
     name: str, *, seq_len: int | None = None, phase: str | None = None,
     kv_len: int | None = None,

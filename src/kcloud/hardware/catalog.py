@@ -46,7 +46,8 @@ from pydantic import (
     ValidationError,
 )
 
-from kcloud.errors import CatalogError
+from kcloud import inputs
+from kcloud.errors import CatalogError, KCloudError
 from kcloud.hardware.device import (
     DEFAULT_PARTITION_RESOURCE,
     Device,
@@ -343,9 +344,9 @@ def load_device_file(path: str | os.PathLike[str]) -> Device:
     """Read, validate and convert one catalog file; raises CatalogError naming file and field."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise _file_error(path, None, f"cannot be read ({exc.strerror or exc})") from None
+        text = inputs.read_text(path, "catalog file", _HINT_FILE)
+    except KCloudError as exc:
+        raise CatalogError(exc.problem, exc.hint) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -443,10 +444,11 @@ def list_devices(*, include_host: bool = True) -> list[Device]:
 def _suggest(query: str, names: Iterable[str]) -> str | None:
     names = sorted(set(names))
     q = query.lower()
-    contains = [n for n in names if q and q in n]
+    # A name that holds the query (at least 4 characters: "rngd"), else a close spelling.
+    contains = [n for n in names if len(q) >= 4 and q in n]
     if len(contains) >= 1:
         return min(contains, key=len)
-    close = difflib.get_close_matches(q, names, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(q, names, n=1, cutoff=0.75)
     return close[0] if close else None
 
 
@@ -457,7 +459,7 @@ def get_device(spec: str) -> Device:
     CatalogError with a suggestion.
     """
     spec = spec.strip()
-    dev_id, _, part = spec.partition(":")
+    dev_id, colon, part = spec.partition(":")
     devices = load_catalog(include_host=False)
     dev = devices.get(dev_id)
     if dev is None and dev_id == HOST_ID:
@@ -466,8 +468,13 @@ def get_device(spec: str) -> Device:
         guess = _suggest(dev_id, [*devices, HOST_ID])
         hint = (f"did you mean '{guess}'? " if guess else "") + _HINT_LIST
         raise CatalogError(f"unknown device '{dev_id}'", hint)
-    if not part:
+    if not colon:
         return dev
+    if not part:
+        names = ", ".join(p.name for p in dev.partitions) or "none"
+        raise CatalogError(f"empty partition name in '{spec}'",
+                           f"write '{dev_id}' alone or '{dev_id}:PARTITION' (its partitions: "
+                           f"{names})")
     try:
         return dev.partition(part)
     except KeyError:

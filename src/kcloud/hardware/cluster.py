@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
+from kcloud import inputs
 from kcloud.errors import CatalogError, KCloudError
 from kcloud.hardware.device import Device
 
@@ -131,9 +132,9 @@ class Cluster:
 
 class _LinkSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    bandwidth_gbps: float = Field(gt=0)
-    latency_us: float = Field(default=5.0, ge=0)
-    collective_latency_us: float | None = Field(default=None, ge=0)
+    bandwidth_gbps: float = Field(gt=0, allow_inf_nan=False)
+    latency_us: float = Field(default=5.0, ge=0, allow_inf_nan=False)
+    collective_latency_us: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     name: str = ""
 
     def build(self) -> Link:
@@ -144,8 +145,8 @@ class _LinkSpec(BaseModel):
 class _NodeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    devices: dict[str, int] = Field(min_length=1)
-    count: int = Field(default=1, ge=1, le=100_000)
+    devices: dict[str, StrictInt] = Field(min_length=1)
+    count: StrictInt = Field(default=1, ge=1, le=inputs.MAX_DEVICES)
     link: _LinkSpec | None = None
 
 
@@ -154,6 +155,14 @@ class _ClusterSpec(BaseModel):
     name: str = Field(min_length=1)
     network: _LinkSpec = _LinkSpec(bandwidth_gbps=12.5, latency_us=10, name="ethernet-100g")
     nodes: list[_NodeSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> _ClusterSpec:
+        total = sum(n.count * sum(n.devices.values()) for n in self.nodes)
+        if total > inputs.MAX_DEVICES:
+            raise ValueError(f"{total:,} devices, more than a cluster may hold "
+                             f"({inputs.MAX_DEVICES:,})")
+        return self
 
 
 def _default_intra_link(devices: list[Device]) -> Link:
@@ -168,12 +177,16 @@ def _default_intra_link(devices: list[Device]) -> Link:
 def cluster_from_dict(data: Any, source: str) -> Cluster:
     from kcloud.hardware.catalog import get_device
 
+    if not isinstance(data, dict):
+        raise KCloudError(f"cluster {source}: must hold a mapping (name, network, nodes)",
+                          "fix the cluster file (see `kcloud clusters show k-cloud-rack`)")
     try:
         spec = _ClusterSpec.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise KCloudError(f"cluster {source}: field {where}: {err['msg']}",
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise KCloudError(f"cluster {source}: field {where}: {msg}",
                           "fix the cluster file (see `kcloud clusters show k-cloud-rack`)"
                           ) from None
     nodes: list[Node] = []
@@ -248,11 +261,10 @@ def load_cluster(name_or_path: str) -> Cluster:
         return cluster_from_dict(BUILTIN[name_or_path], name_or_path)
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise KCloudError(f"no cluster file at {p}",
-                              f"give a YAML file or one of: {', '.join(builtin_names())}")
+        text = inputs.read_text(p, "cluster file",
+                                f"give a YAML file or one of: {', '.join(builtin_names())}")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

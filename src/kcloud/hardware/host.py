@@ -25,12 +25,12 @@ from typing import Any, TypeVar
 
 from kcloud.errors import CatalogError
 from kcloud.hardware.device import Device, DeviceKind, Figure, Partition
+from kcloud.paths import cache_dir
 from kcloud.precision import Precision
 
 T = TypeVar("T")
 
 HOST_ID = "host-cpu"
-ENV_CACHE_DIR = "KCLOUD_CACHE_DIR"
 CACHE_VERSION = 1
 
 WATTS_PER_CORE = 6.0  # estimated board power per core at full load
@@ -159,16 +159,6 @@ def _last_level_cache() -> float | None:
 
 
 # -- cache -------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    """Where kcloud keeps measurements: $KCLOUD_CACHE_DIR, else $XDG_CACHE_HOME/kcloud."""
-    explicit = os.environ.get(ENV_CACHE_DIR)
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "kcloud"
-
-
 def _cache_key(model: str, cores: int, torch_version: str) -> str:
     return f"{model}|{cores}|{torch_version}"
 

@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kcloud.errors import KCloudError
+from kcloud.inputs import MAX_BATCH, MAX_TOKENS
 from kcloud.precision import Precision
 from kcloud.predict import DEFAULT_LLM_INPUT, DEFAULT_LLM_OUTPUT
+from kcloud.workloads import NONE, WORKLOADS
 
 OBJECTIVES: tuple[str, ...] = ("latency", "throughput", "energy", "cost")
 
@@ -36,6 +38,9 @@ class Goal:
     precision: Precision | None = None  # None: each device type's default inference precision
     input_tokens: int | None = None  # tokens per sample (LLM prompt); None: the model's default
     output_tokens: int | None = None  # LLMs: generated tokens per request; None: the default
+    # The workload whose lengths the model runs (`kcloud.workloads`); None: the model's own
+    # benchmark workload where it has one; "none": the raw defaults.
+    workload: str | None = None
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -48,9 +53,11 @@ class Goal:
             v = getattr(self, name)
             if v is None and name != "batch":
                 continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise GoalError(f"{name.replace('_', ' ')} must be a positive integer, got {v!r}",
-                                f"give --{name.replace('_', '-')} 1 or more")
+            high = MAX_BATCH if name == "batch" else MAX_TOKENS
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= high:
+                raise GoalError(f"{name.replace('_', ' ')} must be an integer from 1 to "
+                                f"{high:,}, got {v!r}",
+                                f"give --{name.replace('_', '-')} from 1 to {high:,}")
         if self.power_cap_w is not None and not self.power_cap_w > 0:
             raise GoalError(f"power cap must be positive, got {self.power_cap_w:g} W",
                             "give --power-cap-w greater than 0")
@@ -60,6 +67,12 @@ class Goal:
         if not 0.0 <= self.min_domestic_share <= 1.0:
             raise GoalError(f"domestic share floor must lie in [0, 1], got "
                             f"{self.min_domestic_share:g}", "give --min-domestic-share 0..1")
+        if self.workload is not None:
+            name = self.workload.strip().lower()
+            if name != NONE and name not in WORKLOADS:
+                raise GoalError(f"unknown workload '{self.workload}'",
+                                f"use one of: {', '.join([*WORKLOADS, NONE])}")
+            object.__setattr__(self, "workload", name)
         if self.precision is not None and not isinstance(self.precision, Precision):
             object.__setattr__(self, "precision", Precision.parse(str(self.precision)))
 

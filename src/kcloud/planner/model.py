@@ -17,6 +17,7 @@ from kcloud.errors import KCloudError
 from kcloud.graph.layergraph import LayerGraph, OpClass
 from kcloud.hardware.steps import decode_steps
 from kcloud.planner.goal import Goal
+from kcloud.workloads import Shape
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ModelGraphs:
     forward: LayerGraph  # the forward pass (non-LLM) or the prefill of the prompt (LLM)
     decode: LayerGraph | None = None  # LLM: one decode step at the mean KV length
     output_tokens: int = 1  # LLM: generated tokens per request
+    workload: Shape | None = None  # the workload whose lengths these graphs have
 
     def __post_init__(self) -> None:
         if not self.forward.layers:
@@ -104,15 +106,14 @@ def llm_graphs(spec: str, prefill: LayerGraph, decode: LayerGraph,
 
 
 def load_model(spec: str, goal: Goal) -> ModelGraphs:
-    """Capture `spec` (zoo name, file.py:factory or .onnx) for `goal`'s lengths."""
-    from kcloud.graph import zoo
-    from kcloud.graph.loaders import load_model_spec
+    """Capture `spec` (zoo name, file.py:factory or .onnx) for `goal`'s workload and lengths,
+    as `kcloud predict` does (`kcloud.predict.model_inputs`)."""
+    from kcloud.predict import model_inputs
 
-    probe = load_model_spec(spec, batch=1, seq_len=goal.input_tokens, phase=None, kv_len=None)
-    if not probe.meta.get("is_llm"):
-        return ModelGraphs(spec, probe)
-    prompt, out = goal.prompt_tokens, goal.generated_tokens
-    zoo.check_generation(spec, prompt, out)
-    prefill = load_model_spec(spec, batch=1, seq_len=prompt, phase="prefill", kv_len=None)
-    decode = load_model_spec(spec, batch=1, seq_len=1, phase="decode", kv_len=prompt + out // 2)
-    return ModelGraphs(spec, prefill, decode, out)
+    inputs = model_inputs(spec, goal.workload, input_tokens=goal.input_tokens,
+                          output_tokens=goal.output_tokens)
+    if not inputs.is_llm:
+        return ModelGraphs(spec, inputs.graphs[0], workload=inputs.shape)
+    prefill, decode = inputs.graphs
+    return ModelGraphs(spec, prefill, decode, inputs.shape.output_tokens or 1,
+                       workload=inputs.shape)

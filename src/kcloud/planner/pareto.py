@@ -46,10 +46,12 @@ def candidates(ctx: Context, extra: list[Template] | None = None) -> list[Templa
     g = ctx.goal
     wide = Goal(objective="energy", batch=g.batch, precision=g.precision,
                 input_tokens=g.input_tokens, output_tokens=g.output_tokens,
+                workload=g.workload,
                 max_devices=g.max_devices)
     c = make_context(ctx.model, ctx.cluster, wide, calibration=ctx.calibration)
     if [t.id for t in c.types] == [t.id for t in ctx.types]:
         c = replace(c, spaces=ctx.spaces)  # same options: reuse the cost matrices
+    c = replace(c, in_flight=ctx.in_flight)
     out: list[Template | None] = []
     for b in c.micro_batches:
         for _, tys in c.restrictions:

@@ -10,12 +10,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kcloud import inputs
 from kcloud.errors import KCloudError
 from kcloud.planner.actions import Action, Kind, render
 
 PLAN_SCHEMA_VERSION = 1
+PHASES = ("forward", "prefill", "decode")
+_HINT = "give a file written by `kcloud plan -o`"
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,13 @@ class Plan:
         return p
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
+    def from_dict(cls, d: Any) -> Plan:
+        """A plan from its JSON document, every field checked (`_PlanIn`): a file from
+        someone else is data, and a bad one is a one-line error naming the field."""
+        if not isinstance(d, dict):
+            kind = {list: "list", str: "string", bool: "true/false", type(None): "null"}.get(
+                type(d), "number")
+            raise KCloudError(f"not a K-Cloud plan (a JSON {kind}, not an object)", _HINT)
         if d.get("schema") != "kcloud.plan":
             raise KCloudError("not a K-Cloud plan (no schema 'kcloud.plan')",
                               "give a file written by `kcloud plan -o`")
@@ -151,33 +162,32 @@ class Plan:
                               f"(this K-Cloud reads {PLAN_SCHEMA_VERSION})",
                               "re-create the plan with this version of `kcloud plan`")
         try:
-            replicas = tuple(
-                Replica(tuple(Stage(**{**s, "devices": tuple(s["devices"])})
-                              for s in r["stages"]))
-                for r in d["replicas"]
-            )
-            fields = {k: v for k, v in d.items()
-                      if k not in ("schema", "replicas", "predicted", "notes")}
-            return cls(replicas=replicas, predicted=Predicted(**d["predicted"]),
-                       notes=tuple(d.get("notes", ())), **fields)
-        except (KeyError, TypeError) as exc:
-            raise KCloudError(f"malformed plan: {exc}",
-                              "give a file written by `kcloud plan -o`") from None
+            raw = _PlanIn.model_validate(d)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            raise KCloudError(f"malformed plan: field {where}: {err['msg'][:1].lower()}"
+                              f"{err['msg'][1:]}", _HINT) from None
+        replicas = tuple(Replica(tuple(Stage(**{**s.model_dump(), "devices": tuple(s.devices)})
+                                       for s in r.stages)) for r in raw.replicas)
+        fields = raw.model_dump(exclude={"schema_", "replicas", "predicted", "notes"})
+        return cls(replicas=replicas, predicted=Predicted(**raw.predicted.model_dump()),
+                   notes=tuple(raw.notes), **fields)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise KCloudError(f"plan is not valid JSON: {exc.msg} at line {exc.lineno}",
-                              "give a file written by `kcloud plan -o`") from None
+            doc = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            where = f": {exc.msg} at line {exc.lineno}" \
+                if isinstance(exc, json.JSONDecodeError) else " (nested too deep)"
+            raise KCloudError(f"plan is not valid JSON{where}", _HINT) from None
+        return cls.from_dict(doc)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        p = Path(path)
-        if not p.is_file():
-            raise KCloudError(f"no plan file at {p}", "write one with `kcloud plan ... -o FILE`")
-        return cls.from_json(p.read_text())
+        return cls.from_json(inputs.read_text(path, "plan file",
+                                              "write one with `kcloud plan ... -o FILE`"))
 
     # -- readable schedule -----------------------------------------------------------------
     def schedule(self, n_micro: int | None = None) -> dict[str, list[str]]:
@@ -202,3 +212,61 @@ class Plan:
                             acts.append(Action(Kind.SEND, m))
                     out[dev] = render(acts)
         return out
+
+
+# ---- the plan file, as pydantic checks it (the edge; the frozen values above are inside) -----
+
+_Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class _StageIn(_In):
+    start: Annotated[int, Field(strict=True, ge=0, lt=inputs.MAX_LAYERS)]
+    end: Annotated[int, Field(strict=True, ge=1, le=inputs.MAX_LAYERS)]
+    device_type: Annotated[str, Field(min_length=1)]
+    devices: Annotated[list[Annotated[str, Field(min_length=1)]],
+                       Field(min_length=1, max_length=inputs.MAX_DEVICES)]
+    precision: Annotated[str, Field(min_length=1)]
+    time_s: _Seconds = 0.0
+    comm_s: _Seconds = 0.0
+    memory_bytes: _Seconds = 0.0
+    power_w: _Seconds = 0.0
+
+
+class _ReplicaIn(_In):
+    stages: Annotated[list[_StageIn], Field(min_length=1, max_length=inputs.MAX_LAYERS)]
+
+
+class _PredictedIn(_In):
+    latency_s: _Seconds
+    throughput: _Seconds
+    unit: str
+    power_w: _Seconds
+    energy_per_item_j: _Seconds
+    device_hours_per_item: _Seconds
+    cost_per_item_usd: _Seconds | None
+    comm_share: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+    estimated: bool = False
+    figures: str = "modeled"
+
+
+class _PlanIn(_In):
+    schema_: Literal["kcloud.plan"] = Field(alias="schema")
+    version: int
+    model: Annotated[str, Field(min_length=1)]
+    cluster: Annotated[str, Field(min_length=1)]
+    objective: Literal["latency", "throughput", "energy", "cost"]
+    batch: Annotated[int, Field(strict=True, ge=1, le=inputs.MAX_BATCH)]
+    micro_batch: Annotated[int, Field(strict=True, ge=1, le=inputs.MAX_BATCH)]
+    seq_len: Annotated[int, Field(strict=True, ge=1, le=inputs.MAX_TOKENS)] | None
+    phase: Literal[PHASES]  # type: ignore[valid-type]
+    n_layers: Annotated[int, Field(strict=True, ge=1, le=inputs.MAX_LAYERS)]
+    replicas: Annotated[list[_ReplicaIn], Field(min_length=1, max_length=inputs.MAX_DEVICES)]
+    predicted: _PredictedIn
+    goal: dict[str, Any] = {}
+    output_tokens: Annotated[int, Field(strict=True, ge=1, le=inputs.MAX_TOKENS)] | None = None
+    notes: list[str] = []
+

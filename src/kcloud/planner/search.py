@@ -9,9 +9,14 @@ Plan space
   Consecutive stages may use different types; replicas may differ from one another.
 - One micro-batch size b per plan: the request batch for the latency objective, else every
   power of two up to `MAX_MICRO_BATCH` (`MAX_LLM_MICRO_BATCH` for LLMs) that fits in memory.
-- Memory per device of a stage: its weights / tp plus two micro-batches in flight (activations,
-  or for an LLM the KV cache of prompt + output tokens) and, for an LLM, the chunked prefill
-  workspace; it must fit in the device's memory x `MEMORY_HEADROOM`.
+- Memory per device of a stage: its weights / tp plus two micro-batches' activations (the one
+  it works on and the one it receives), or for an LLM the KV cache of prompt + output tokens of
+  every micro-batch in flight (a pipeline of S stages keeps S in flight: the search starts at
+  two and searches again with S while its plan has pipelines of more stages), and the chunked
+  prefill workspace; it must fit in the device's memory x `MEMORY_HEADROOM`.
+- The throughput objective without an SLO takes a default latency bound: `DEFAULT_SLO_FACTOR`
+  x the latency of the fastest request any pipeline gives (a plan a person would deploy); the
+  plan's notes state it, `--slo-ms` replaces it.
 - The cut activation between consecutive stages crosses the node link when both stages are of
   one type and share a node (the DP tracks how full the node is), else the network.
 - Figures: `kcloud.planner.evaluate` (latency, period, power, energy and cost per item).
@@ -45,9 +50,12 @@ Templates for combining replicas: the fewest-device chain under each period cap 
 (for every device budget the best pipeline within it, at the grid's resolution: small efficient
 replicas exist), the least-energy chains when there is a power cap, and the fastest single
 pipeline (for every micro-batch on small instances; on large ones for the micro-batches whose
-mix comes within `FASTEST_WITHIN` of the best). `kcloud.planner.ilp` then picks replica counts
-per micro-batch (throughput); for energy and cost the single best template is replicated as far
-as the constraints allow (replicas do not change per-item figures); for latency one replica.
+mix comes within `FASTEST_WITHIN` of the best). On large instances the throughput objective's
+mixed-type family (the costliest search) is likewise run only for the micro-batches whose
+one-type families come within `FASTEST_WITHIN` of the best (a heuristic).
+`kcloud.planner.ilp` then picks replica counts per micro-batch (throughput); for energy and
+cost the single best template is replicated as far as the constraints allow (replicas do not
+change per-item figures); for latency one replica.
 Under a power cap or a domestic floor the latency objective also considers the small replicas
 and keeps the fastest that meets them (a heuristic). Slots: `kcloud.planner.assign`.
 """
@@ -64,7 +72,7 @@ from kcloud.errors import KCloudError
 from kcloud.hardware.cluster import Cluster
 from kcloud.hardware.cost import Calibration, default_calibration, weight_bytes
 from kcloud.hardware.device import Device
-from kcloud.planner.dp import Batch, Limits, Path, make_batch, solve
+from kcloud.planner.dp import Batch, Limits, Path, make_batch, solve, stage_costs
 from kcloud.planner.evaluate import Mix, Template, evaluate, queue_periods
 from kcloud.planner.goal import Goal, InfeasibleGoal
 from kcloud.planner.ilp import best_counts
@@ -80,6 +88,8 @@ CHUNK = 96  # problems per DP batch
 REFINE_TOP = 3  # large instances: (micro-batch, types) refined for energy and cost
 FASTEST_WITHIN = 0.8  # large instances: micro-batches searched for the fastest pipeline
 LAMBDAS = np.geomspace(1e-3, 1e3, 13)  # Lagrange multipliers of the SLO, relative
+DEFAULT_SLO_FACTOR = 4.0  # throughput plans: latency bound, x the fastest request's latency
+MAX_IN_FLIGHT_ROUNDS = 4  # LLM searches again while its pipelines outgrow the in-flight count
 
 
 @dataclass
@@ -94,11 +104,13 @@ class Context:
     micro_batches: list[int]
     restrictions: list[tuple[str, tuple[int, ...]]]
     spaces: dict[int, StageSpace] = field(default_factory=dict)
+    in_flight: int = 2  # LLM: micro-batches in flight per pipeline (see `StageSpace`)
 
     def space(self, b: int) -> StageSpace:
         sp = self.spaces.get(b)
         if sp is None:
-            sp = StageSpace(self.model, self.types, self.cluster.network, b, self.calibration)
+            sp = StageSpace(self.model, self.types, self.cluster.network, b, self.calibration,
+                            self.in_flight)
             self.spaces[b] = sp
         return sp
 
@@ -422,30 +434,83 @@ def dedupe(ts: Iterable[Template | None]) -> list[Template]:
     return list(seen.values())
 
 
+def latency_floor(ctx: Context, b: int, tys: tuple[int, ...]) -> float:
+    """A lower bound on the latency of any pipeline of types `tys` at micro-batch b: the
+    least DP latency with the device limits dropped (the DP's latency leaves out only what
+    `evaluate` adds: network feedback, shared caches)."""
+    opts = ctx.options(b, tys)
+    if not opts:
+        return math.inf
+    sp = ctx.space(b)
+    batch = make_batch(sp, opts, _fits(sp, opts), 1.0, None, np.array([np.inf]))
+    path = solve(sp, batch, Limits(), exact=False, price=False)[0]
+    return math.inf if path is None else stage_costs(sp, batch, 0, path)
+
+
+def _searched(ctx: Context) -> list[tuple[int, tuple[int, ...]]]:
+    """The (micro-batch, restriction) pairs worth searching: under an SLO, those whose fastest
+    micro-batch alone meets it (a request also waits behind its own earlier micro-batches)."""
+    g = ctx.goal
+    pairs = [(b, tys) for b in ctx.micro_batches for _, tys in ctx.restrictions]
+    if g.slo_s is None:
+        return pairs
+    # Every restriction's chains are chains of the first (all types): one floor per b.
+    ok = {b: latency_floor(ctx, b, ctx.restrictions[0][1]) <= g.slo_s * (1 + 1e-9)
+          for b in ctx.micro_batches}
+    return [(b, tys) for b, tys in pairs if ok[b]]
+
+
 def templates_for(ctx: Context, objective: str) -> list[Template]:
     out: list[Template | None] = []
-    for b in ctx.micro_batches:
-        for _, tys in ctx.restrictions:
-            opts = ctx.options(b, tys)
-            if not opts:
-                continue
-            if objective == "latency":
-                p = min_latency(ctx, b, opts, np.array([np.inf]))[0]
-                t = None if p is None else ctx.evaluate(b, p)
-                out.append(t if t is not None and ctx.meets_slo(t) else None)
-                if ctx.goal.power_cap_w is not None or ctx.goal.min_domestic_share > 0:
-                    out.extend(device_family(ctx, b, opts))
-            elif objective == "throughput":
-                out.extend(device_family(ctx, b, opts))
-                if ctx.goal.power_cap_w is not None:
-                    out.extend(per_item_family(ctx, b, opts, "energy"))
-            else:
-                out.extend(per_item_family(ctx, b, opts, objective, refine=False))
+    pairs = _searched(ctx)
+    mixed = ctx.restrictions[0][1] if len(ctx.restrictions) > 1 else None
+    deferred: list[tuple[int, tuple[int, ...]]] = []
+    for b, tys in pairs:
+        opts = ctx.options(b, tys)
+        if not opts:
+            continue
+        if (objective == "throughput" and tys == mixed
+                and len(candidate_caps(ctx, b, opts)) > EXACT_CANDIDATES):
+            deferred.append((b, tys))  # large: after the one-type families have ranked b
+            continue
+        out.extend(_templates_at(ctx, objective, b, opts))
+    if deferred:
+        # Large instances: the mixed-type family (the costliest search) only for the
+        # micro-batches whose one-type replica mix comes within `FASTEST_WITHIN` of the best.
+        found = dedupe(out)
+        value = {}
+        for b, _ in deferred:
+            mix = choose(ctx, [t for t in found if t.b == b])
+            value[b] = mix.throughput if mix is not None else 0.0
+        top = max(value.values(), default=0.0)
+        keep = [b for b in value if value[b] >= FASTEST_WITHIN * top and value[b] > 0] or \
+            list(value)
+        for b, tys in deferred:
+            if b in keep:
+                out.extend(_templates_at(ctx, objective, b, ctx.options(b, tys)))
     if objective in ("energy", "cost"):
         out.extend(_refine_best(ctx, objective, dedupe(out)))
     if objective == "throughput":
         out.extend(_fastest(ctx, dedupe(out)))
     return dedupe(out)
+
+
+def _templates_at(ctx: Context, objective: str, b: int, opts: list[int]
+                  ) -> list[Template | None]:
+    out: list[Template | None] = []
+    if objective == "latency":
+        p = min_latency(ctx, b, opts, np.array([np.inf]))[0]
+        t = None if p is None else ctx.evaluate(b, p)
+        out.append(t if t is not None and ctx.meets_slo(t) else None)
+        if ctx.goal.power_cap_w is not None or ctx.goal.min_domestic_share > 0:
+            out.extend(device_family(ctx, b, opts))
+    elif objective == "throughput":
+        out.extend(device_family(ctx, b, opts))
+        if ctx.goal.power_cap_w is not None:
+            out.extend(per_item_family(ctx, b, opts, "energy"))
+    else:
+        out.extend(per_item_family(ctx, b, opts, objective, refine=False))
+    return out
 
 
 def _refine_best(ctx: Context, kind: str, found: list[Template]) -> list[Template]:
@@ -560,10 +625,11 @@ def _mix_ok(ctx: Context, mix: Mix) -> bool:
 def diagnose(ctx: Context) -> KCloudError:
     g = ctx.goal
     relaxed = Goal(objective="latency", batch=g.batch, precision=g.precision,
-                   input_tokens=g.input_tokens, output_tokens=g.output_tokens)
+                   input_tokens=g.input_tokens, output_tokens=g.output_tokens,
+                   workload=g.workload)
     free = Context(ctx.model, ctx.cluster, relaxed, ctx.types, ctx.notes, ctx.calibration,
                    Limits(ctx.limits.per_type), sorted({1, *ctx.micro_batches}),
-                   ctx.restrictions, ctx.spaces)
+                   ctx.restrictions, ctx.spaces, ctx.in_flight)
     fastest: Template | None = None
     for b in free.micro_batches:
         opts = free.options(b, [t.index for t in ctx.types])
@@ -654,8 +720,37 @@ def search(model: ModelGraphs, cluster: Cluster, goal: Goal, *,
     """The best mix of replicas for `goal` (raises InfeasibleGoal with the nearest point)."""
     ctx = make_context(model, cluster, goal, allow=allow, micro_batches=micro_batches,
                        calibration=calibration)
-    templates = templates_for(ctx, goal.objective)
-    mix = choose(ctx, templates)
-    if mix is None:
-        raise diagnose(ctx)
+    if goal.objective == "throughput" and goal.slo_s is None:
+        ctx = _default_slo(ctx)
+    for _ in range(MAX_IN_FLIGHT_ROUNDS):
+        templates = templates_for(ctx, ctx.goal.objective)
+        mix = choose(ctx, templates)
+        if mix is None:
+            raise diagnose(ctx)
+        deepest = max(len(t.path.stages) for t, _ in mix.parts)
+        if not model.is_llm or deepest <= ctx.in_flight:
+            break
+        # Its pipelines keep more micro-batches in flight than their stages' memory counted.
+        ctx = replace(ctx, in_flight=deepest, spaces={})
+    else:
+        raise InfeasibleGoal(f"{model.spec}: no plan whose pipelines hold the KV cache of every "
+                             "micro-batch in flight was found", "use fewer --output-tokens "
+                             "or a cluster with more memory")
     return SearchResult(ctx, mix, templates)
+
+
+def _default_slo(ctx: Context) -> Context:
+    """The throughput objective's default latency bound: `DEFAULT_SLO_FACTOR` x the fastest
+    request (one pipeline over every type, micro-batch = the request), stated in the notes."""
+    tys = ctx.restrictions[0][1]
+    b = ctx.goal.batch
+    opts = ctx.options(b, tys)
+    path = min_latency(ctx, b, opts, np.array([np.inf]))[0] if opts else None
+    if path is None:
+        return ctx  # nothing fits at that batch: the search says so
+    fastest = ctx.evaluate(b, path).request_latency_s
+    slo = DEFAULT_SLO_FACTOR * fastest
+    note = (f"latency bound {slo * 1e3:,.1f} ms: the default for throughput, "
+            f"{DEFAULT_SLO_FACTOR:g}x the fastest request ({fastest * 1e3:,.1f} ms); "
+            "--slo-ms sets another")
+    return replace(ctx, goal=replace(ctx.goal, slo_s=slo), notes=[*ctx.notes, note])

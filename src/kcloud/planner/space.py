@@ -207,6 +207,10 @@ class StageSpace:
     network: Link
     b: int
     calibration: Calibration = field(default_factory=default_calibration)
+    # LLM: micro-batches in flight through a pipeline, whose KV caches every stage holds (a
+    # pipeline of S stages keeps S in flight to stay busy; the search sets it to the most
+    # stages its plan's pipelines have).
+    in_flight: int = 2
 
     def __post_init__(self) -> None:
         self.options: list[Option] = []
@@ -265,7 +269,7 @@ class StageSpace:
             streamed = pre.streamed + n_out * dec.streamed
             kv = _ranges(m.kv_elems_per_token) * p.kv_bytes
             work_tok = _range_max(m.peak_act_elems) / m.prompt_tokens * p.act_bytes
-            act = (2.0 * b * m.context_tokens * kv
+            act = (float(max(self.in_flight, 1)) * b * m.context_tokens * kv
                    + min(b * m.prompt_tokens, PREFILL_CHUNK_TOKENS) * work_tok) / tp
         if tp > 1:  # what the group's lead receives, it broadcasts to the group's other ranks
             share = self._group_share(t, tp)

@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 
 from kcloud.errors import KCloudError
 from kcloud.planner.plan import Plan
-from kcloud.runtime import backends
+from kcloud.runtime import backends, lifecycle
 from kcloud.runtime.scheduler import (
     Batcher,
     BlockManager,
@@ -176,6 +176,8 @@ class Engine:
                 if self.llm and serving else None
             batcher = Batcher(self.max_batch, max_wait_s) if not self.llm and serving else None
             self.replicas.append(_Replica(ri, specs, sched, batcher))
+        if self.pace and self.modeled_step is None and serving and self.figures == "modeled":
+            self.modeled_step = _pacer(plan, mode, self.llm)
         self._stopped = False
         self.ray_address = ray_address
         self._ray: Any = None  # the Ray connection, when the workers are Ray actors
@@ -228,8 +230,7 @@ class Engine:
                 daemon=True, name=f"kcloud-r{rep.index}s{spec.stage}t{spec.tp_rank}")
             w.beat = time.monotonic()
             rep.workers.append(w)
-        for w in rep.workers:
-            w.proc.start()
+        lifecycle.start([w.proc for w in rep.workers])  # children ignore Ctrl-C from birth
         rep.state = "starting"
         rep.started = time.monotonic()
         rep.inflight = None
@@ -634,6 +635,46 @@ class Engine:
                 "kv_blocks_free": free, "preemptions": self.preemptions,
                 "restarts": self.restarts, "replicas_up": sum(r.healthy for r in self.replicas),
                 "replicas": len(self.replicas)}
+
+
+def _pacer(plan: Plan, mode: str, llm: bool) -> Callable[[int, Any], float | None]:
+    """The cost model's seconds of one step of a replica (`kcloud.hardware.steps`, the
+    composition predict, the planner and the simulator use): the sum over its emulated stages
+    of their step at this step's batch, KV tokens and prompt chunks."""
+    from kcloud.hardware.catalog import get_device
+    from kcloud.hardware.steps import prefill_pairs, stage_tables_for, step_cost
+    from kcloud.runtime.model import layer_graph
+
+    forward = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
+                          phase=plan.phase if llm else None)
+    decode = None
+    if llm:
+        kv = min((plan.seq_len or 1) + (plan.output_tokens or 0) // 2,
+                 (forward.meta.get("max_seq_len") or 1 << 30) - 1)
+        decode = layer_graph(plan.model, batch=plan.micro_batch, seq_len=1, phase="decode",
+                             kv_len=kv)
+    cache: dict[tuple[Any, ...], Any] = {}
+    tables = [[stage_tables_for(st, forward, decode, get_device(st.device_type), None,
+                                cache=cache)
+               for st in rep.stages
+               if backends.choose(st.device_type, mode, st.devices[0]).name == "emulated"]
+              for rep in plan.replicas]
+
+    def seconds(replica: int, work: Any) -> float | None:
+        stages = tables[replica]
+        if not stages:
+            return None
+        if isinstance(work, StepPlan):
+            dec = [r for r in work.rows if r.n == 1 and r.start > 0]
+            chunks = [r for r in work.rows if not (r.n == 1 and r.start > 0)]
+            kv = float(sum(r.start + 1 for r in dec))
+            tok = sum(r.n for r in chunks)
+            pairs = sum(prefill_pairs(r.n, r.start) for r in chunks)
+            return sum(step_cost(t, len(dec), kv, prefill_tokens=tok,
+                                 prefill_pairs=pairs).time_s for t in stages)
+        return sum(step_cost(t, sum(i.size for i in work)).time_s for t in stages)
+
+    return seconds
 
 
 class _Tagged:

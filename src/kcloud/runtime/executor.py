@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from kcloud.errors import KCloudError
+from kcloud.inputs import MAX_RUN_INPUT_BYTES
 from kcloud.planner.actions import Action, Kind, from_events, render
 from kcloud.planner.plan import Plan
 from kcloud.runtime import backends
@@ -168,6 +169,7 @@ def execute(
     trace_path: str | os.PathLike[str] | None = "kcloud-trace.json",
     timeout_s: float = 600.0,
     comm_timeout_s: float = 60.0,
+    worker_timeout_s: float = 10.0,
     ray_address: str | None = None,
     warmup: int = 2,
     probes: int | None = None,
@@ -201,6 +203,12 @@ def execute(
                                     phase=plan.phase)
     if weights is not None:
         load_checkpoint(module, weights)
+    need = n * len(plan.replicas) * sum(t.numel() * t.element_size() for t in example
+                                        if isinstance(t, torch.Tensor))
+    if need > MAX_RUN_INPUT_BYTES:  # the micro-batches are made here, before the workers
+        raise KCloudError(f"{n:,} micro-batches per replica hold {need / 2**30:,.1f} GiB of "
+                          f"inputs, more than a run makes ({MAX_RUN_INPUT_BYTES / 2**30:g} GiB)",
+                          "run fewer micro-batches (--batches)")
     feeds = micro_batches(example, n * len(plan.replicas))
     notes: list[str] = []
     graph = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
@@ -228,7 +236,7 @@ def execute(
     w = None if weights is None else str(weights)
     engine = Engine(run_plan, mode=mode, weights=w, serving=False, generate=gen,
                     comm_timeout_s=comm_timeout_s, start_timeout_s=timeout_s,
-                    ray_address=ray_address)
+                    ray_address=ray_address, worker_timeout_s=worker_timeout_s)
     lay = engine.layout
     notes += lay.notes
     layouts = {(computed[ri], si): v for (ri, si), v in lay.layouts.items()}
@@ -349,7 +357,9 @@ def execute(
         replicas=len(plan.replicas), max_abs_error=err, reference_ok=err < FP32_TOLERANCE,
         measured=measured,
         predicted={"latency_s": pred.latency_s, "throughput": pred.throughput,
-                   "unit": pred.unit, "figures": "modeled"},
+                   # the plan counts generated tokens when it generates: say so, as measured does
+                   "unit": "output tokens/s" if plan.output_tokens and pred.unit == "tokens/s"
+                   else pred.unit, "figures": "modeled"},
         stages=stages, trace_file=trace_file, notes=notes, outputs=outputs,
         schedule={s.device: _actions(timeline[s.rank])
                   for s in specs},
@@ -522,8 +532,8 @@ class Results:
         if self.failed_at is not None and now - self.failed_at > self.GRACE_S:
             return True
         if now > self.deadline:
-            raise KCloudError(f"the run did not finish within {self.timeout_s:.0f} s",
-                              "run fewer micro-batches (--batches) or check the stages")
+            raise KCloudError(f"the run did not finish within {self.timeout_s:g} s",
+                              "run fewer micro-batches (--batches) or raise --timeout")
         return False
 
     def outcome(self) -> dict[int, tuple[bytes | None, list[Any]]]:

@@ -16,7 +16,6 @@ or inside a Ray actor (`kcloud.runtime.engine`'s Ray path calls `setup` and `exe
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import queue as queue_mod
 import signal
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from kcloud.graph.models.transformer import Attention, Embeddings, PagedKV, StepLayout
+from kcloud.runtime import lifecycle
 from kcloud.runtime.backends import place
 from kcloud.runtime.comm import TupleBroadcast, TupleReceiver, TupleSender
 from kcloud.runtime.generate import GenStage, apply_eager_layout, stage_state
@@ -371,9 +371,7 @@ def sample(logits: torch.Tensor, row: Row) -> int:
 
 def die_with_parent() -> None:
     """Ask the kernel to kill this process when its parent dies (Linux), whatever kills it."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    lifecycle.set_parent_death_signal()
 
 
 def process_main(spec: StageSpec, commands: Any, results: Any, parent: int) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kcloud.errors import one_line
 from kcloud.graph.models.transformer import KVCache
 from kcloud.hardware.host import IDLE_BEFORE_REQUEST_S, keep_heap
 from kcloud.runtime.backends import place
@@ -100,10 +100,7 @@ class WorkerSpec:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = re.sub(r"\s+", " ", str(exc)).strip()
-    if len(text) > 240:
-        text = text[:237] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return one_line(exc, 240)
 
 
 # A worker's result: ("done", rank, outputs (bytes) or None, events) or
