@@ -147,7 +147,7 @@ class SchedulerState:
         for s in self.running:
             if budget <= 0:
                 break
-            if not s.prefilled:
+            if s.ctx < s.prompt:
                 q = min(s.prompt - s.ctx, budget)
                 chunks.append((s, q))
                 pairs += q * (s.ctx + q)
@@ -203,7 +203,7 @@ class SchedulerState:
         bs = self.cfg.block_size
         least = 1 << 62
         for s in self.running:
-            if not s.prefilled:
+            if s.ctx < s.prompt:
                 return 0
             left = s.out - s.gen
             if left < least:

@@ -150,6 +150,9 @@ def size_service(spec: ServiceSpec, devs: tuple[str, ...], *, seed: int = 0,
     except KCloudError:
         return None
     unit = planned.models[0]
+    if planned.is_llm and min(m.kv_token_capacity(spec.chunk_tokens)
+                              for m in planned.models) < 16:
+        return None  # the plan leaves no memory for a KV cache
     # a first guess from the replica's nominal rate and the stream's load
     rate = _stream_rate(spec)
     work = rate * (out if planned.is_llm else 1)
