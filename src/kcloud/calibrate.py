@@ -40,7 +40,7 @@ from kcloud.predict import Prediction, model_inputs, predict_graph, predict_llm
 from kcloud.workloads import NONE
 
 PRIOR_WEIGHT = 0.02  # pull of the class prior, relative to a row's log error
-UNITS = ("samples/s", "tokens/s", "s")  # a row's figure: throughput, or latency in seconds
+UNITS = ("samples/s", "tokens/s", "s", "ms")  # a row's figure: throughput, or latency
 BOUNDS = {"matrix_eff": (0.05, 1.0), "matmul_factor": (0.25, 4.0), "memory_eff": (0.2, 0.95),
           "k_half": (1.0, 2048.0)}
 
@@ -152,7 +152,7 @@ def _prepare(rows: Iterable[Row]) -> list[_Case]:
                               output_tokens=row.output_tokens)
         shape = inputs.shape
         note = ""
-        if row.unit != "s" and (row.unit == "tokens/s") != inputs.is_llm:
+        if row.unit not in ("s", "ms") and (row.unit == "tokens/s") != inputs.is_llm:
             raise KCloudError(f"calibration row {row.device} {row.model}: unit {row.unit}, but "
                               f"{row.model} is predicted in "
                               f"{'tokens/s' if inputs.is_llm else 'samples/s'}",
