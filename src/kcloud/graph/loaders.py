@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from kcloud.errors import CaptureError, one_line
 from kcloud.graph.cache import cached_graph
-from kcloud.graph.capture import CaptureRunError, capture
 from kcloud.graph.layergraph import LayerGraph
 
 if TYPE_CHECKING:
@@ -224,6 +223,8 @@ def capture_file(
         kwargs["batch"] = batch
     if seq_len is not None and "seq_len" in params:
         kwargs["seq_len"] = seq_len
+    from kcloud.graph.capture import CaptureRunError, capture  # torch: only to capture
+
     def attempt(on_meta: bool) -> LayerGraph:
         module, inputs = _call(fn, label, kwargs, on_meta)
         if batch is not None and "batch" not in kwargs:
