@@ -14,7 +14,6 @@ from kcloud.cli import app
 from kcloud.cli._common import (
     ModelTimeoutOpt,
     TrustOpt,
-    check_model_code,
     check_ray_address,
     console,
     err_console,
@@ -105,13 +104,9 @@ def serve(
         goal = build_goal(objective, slo_ms, batch, power_cap_w, max_devices,
                           min_domestic_share, precision, input_tokens,
                           output_tokens if output_tokens is not None or not is_llm else 64)
-        from kcloud.hardware.cluster import load_cluster
-        from kcloud.planner.api import make_plan, resolve
+        from kcloud.cli.run import _plan_to_run  # the one way a command plans here
 
-        cl = load_cluster(cluster)
-        check_model_code(model, model_timeout_s, batch=1, seq_len=goal.input_tokens)
-        m, _ = resolve(model, cl, goal)
-        plan = make_plan(m, cl, goal).plan
+        plan, _ = _plan_to_run(None, model, cluster, goal, model_timeout_s=model_timeout_s)
     start_server(plan, mode=mode, host=host, port=port, uds=uds,
                  served_name=served_name or plan.model, max_queue=max_queue,
                  max_batch=max_batch, kv_blocks=kv_blocks, max_wait_s=max_wait_ms / 1e3,

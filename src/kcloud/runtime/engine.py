@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 import queue as queue_mod
 import socket
@@ -721,7 +720,3 @@ def _reap(procs: list[Any]) -> None:
         if p is not None and p.pid is not None and p.is_alive():
             p.kill()
             p.join(timeout=1.0)
-
-
-def kv_blocks_for(bytes_free: float, block_bytes: float) -> int:
-    return max(0, math.floor(bytes_free / block_bytes)) if block_bytes > 0 else 0

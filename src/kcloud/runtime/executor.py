@@ -11,7 +11,7 @@ replicas take consecutive slices of the batch. The driver checks the outputs aga
 single-process model, and reports measured times per stage and a timeline.
 
 Workers are processes on this host (`execute`), or Ray actors placed on the nodes that declare
-the plan's device types (`execute(..., ray_address=...)`); both run `run_worker`.
+the plan's device types (`execute(..., ray_address=...)`); both are the engine's workers.
 
 Plans of zoo LLMs with output tokens generate them (`_generate`, `kcloud.runtime.generate`):
 each stage runs its submodules eagerly with a KV cache per micro-batch; the prompt, then one

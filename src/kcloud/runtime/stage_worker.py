@@ -42,12 +42,13 @@ from kcloud.runtime.tensor_parallel import (
     apply_layout,
     shard_state,
 )
+from kcloud.runtime.worker import Placed
 
 HEARTBEAT_S = 0.5
 
 
 @dataclass(frozen=True)
-class StageSpec:
+class StageSpec(Placed):
     """What one worker builds and where it sits (plain data: it travels to the worker)."""
 
     replica: int
@@ -78,17 +79,6 @@ class StageSpec:
     comm_timeout_s: float = 60.0
     master_addr: str = "127.0.0.1"
 
-    @property
-    def label(self) -> str:
-        return f"stage {self.stage} of replica {self.replica} on {self.device}"
-
-    @property
-    def tp_rank(self) -> int:
-        return self.group.index(self.rank) if self.group else 0
-
-    @property
-    def leads(self) -> bool:
-        return self.tp_rank == 0
 
 
 @dataclass(frozen=True)

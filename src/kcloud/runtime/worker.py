@@ -1,19 +1,14 @@
-"""What every worker runs, a process on this host or a Ray actor: build its stage (its shard
-of it), join the process group, then stream micro-batches through its stage (`_stream`) or
-generate tokens (`_generate`), timing every action. The driver side is `executor`.
+"""The timed schedules of `kcloud run` that an engine worker (`stage_worker.StageWorker`)
+runs on the stage it built: micro-batches streamed through its stage (`_stream`) or tokens
+generated (`_generate`), timing every action. The driver side is `executor`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,24 +16,16 @@ import torch.distributed as dist
 
 from kcloud.errors import one_line
 from kcloud.graph.models.transformer import KVCache
-from kcloud.hardware.host import IDLE_BEFORE_REQUEST_S, keep_heap
-from kcloud.runtime.backends import place
+from kcloud.hardware.host import IDLE_BEFORE_REQUEST_S
 from kcloud.runtime.comm import TupleBroadcast, TupleReceiver, TupleSender
 from kcloud.runtime.generate import (
     WARMUP_STEPS,
     GenSpec,
-    GenStage,
-    apply_eager_layout,
     gen_schedule,
     greedy,
 )
-from kcloud.runtime.model import load_runnable
-from kcloud.runtime.split import split_model
 from kcloud.runtime.tensor_parallel import (
-    CollectiveError,
-    ParallelShard,
     ShardLayout,
-    apply_layout,
 )
 
 
@@ -55,8 +42,32 @@ def _from_bytes(data: bytes) -> Any:
 # ---- workers -------------------------------------------------------------------------------
 
 
+class Placed:
+    """Where a worker sits: its stage, replica, device, rank and tensor-parallel group (the
+    engine's `StageSpec` and a run's `WorkerSpec` share these)."""
+
+    stage: int
+    replica: int
+    device: str
+    rank: int
+    group: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.stage} of replica {self.replica} on {self.device}"
+
+    @property
+    def tp_rank(self) -> int:
+        return self.group.index(self.rank) if self.group else 0
+
+    @property
+    def leads(self) -> bool:
+        """The first worker of its group: receives, sends and returns the outputs."""
+        return self.tp_rank == 0
+
+
 @dataclass(frozen=True)
-class WorkerSpec:
+class WorkerSpec(Placed):
     rank: int
     world: int
     port: int
@@ -85,18 +96,6 @@ class WorkerSpec:
     pin_core: int | None = None  # the CPU core a local worker runs on
     gen: GenSpec | None = None  # generate (prompt, then decode steps) instead of one pass
 
-    @property
-    def label(self) -> str:
-        return f"stage {self.stage} of replica {self.replica} on {self.device}"
-
-    @property
-    def tp_rank(self) -> int:
-        return self.group.index(self.rank) if self.group else 0
-
-    @property
-    def leads(self) -> bool:
-        """The first worker of its group: receives, sends and returns the outputs."""
-        return self.tp_rank == 0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -113,61 +112,6 @@ class _Where:
     """What a worker is doing: the start of its one-line error when it fails."""
 
     step: str = "setup"
-
-
-def run_worker(spec: WorkerSpec, state: bytes, inputs: bytes | None) -> WorkerResult:
-    """The body of every worker (a process here or a Ray actor): build its stage (its shard
-    of it), join the process group, stream the micro-batches (or generate, for `spec.gen`).
-    Never raises."""
-    torch.set_num_threads(1)
-    keep_heap()
-    if spec.pin_core is not None:  # a core of its own: no migration, its caches stay warm
-        with contextlib.suppress(AttributeError, OSError):
-            os.sched_setaffinity(0, {spec.pin_core})
-    where = _Where()
-    try:
-        module, example = load_runnable(spec.model, batch=spec.micro_batch,
-                                        seq_len=spec.seq_len, phase=spec.phase)
-        ar_log: list[tuple[int, int]] = []
-        stage: Any
-        if spec.gen is not None:
-            stage = GenStage(module, spec.gen.units)
-            if spec.gen.layout is not None:
-                apply_eager_layout(stage, spec.gen.layout, None, ar_log)  # group set below
-        else:
-            stage = split_model(module, example, spec.bounds).stages[spec.stage]
-            if spec.layout is not None:
-                apply_layout(stage.sub, spec.layout, None, ar_log)  # the group is set below
-        del module
-        stage.load_state_dict(_from_bytes(state))
-        dev = torch.device(spec.torch_device)
-        place(stage, dev)
-        feed = _from_bytes(inputs) if inputs is not None else None
-        timeout = timedelta(seconds=spec.comm_timeout_s)
-        dist.init_process_group("gloo", init_method=f"tcp://{spec.master_addr}:{spec.port}",
-                                rank=spec.rank, world_size=spec.world, timeout=timeout)
-        group: Any = None
-        for ranks in spec.tp_groups:  # every rank creates every group, in the same order
-            pg = dist.new_group(list(ranks), timeout=timeout, backend="gloo")
-            if spec.rank in ranks:
-                group = pg
-        for mod in stage.modules():
-            if isinstance(mod, ParallelShard):
-                mod.group = group
-        dist.barrier()
-        run = _generate if spec.gen is not None else _stream
-        outputs, events = run(spec, stage, feed, group, ar_log, dev, where)
-        where.step = "finish"
-        last = spec.next is None and spec.leads
-        result: WorkerResult = ("done", spec.rank, _to_bytes(outputs) if last else None, events)
-        dist.barrier()
-        dist.destroy_process_group()
-        return result
-    except BaseException as exc:  # reported to the driver, which stops the run
-        step = where.step
-        comm = step.startswith(("receive", "send", "finish", "barrier")) or isinstance(
-            exc, (dist.DistBackendError, CollectiveError))
-        return ("error", spec.rank, f"{step}: {_one_line(exc)}", comm)
 
 
 def _stream(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
@@ -371,22 +315,6 @@ def schedule(spec: WorkerSpec) -> list[tuple[str, int]]:
     order of a generation (`gen_schedule`) with one step per micro-batch."""
     items = gen_schedule(spec.n_micro, spec.n_warmup, spec.n_probe, spec.per_request, 1)
     return [(kind, m) for kind, m, _, _ in items]
-
-
-def _worker(spec: WorkerSpec, state: str, inputs: str | None, results: Any) -> None:
-    """A worker process: weights and inputs from files, its result to the driver's queue."""
-    os.environ["MASTER_ADDR"] = spec.master_addr
-    os.environ["MASTER_PORT"] = str(spec.port)
-    try:
-        res = run_worker(spec, Path(state).read_bytes(),
-                         Path(inputs).read_bytes() if inputs is not None else None)
-    except BaseException as exc:
-        res = ("error", spec.rank, f"setup: {_one_line(exc)}", False)
-    results.put(res)
-    if res[0] == "error":
-        results.close()
-        results.join_thread()
-        sys.exit(1)
 
 
 def _detach(v: Any) -> Any:
