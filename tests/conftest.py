@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kcloud.graph.layergraph import Layer, LayerGraph, Op, OpClass, TPGroup, TPStyle
 from kcloud.hardware.device import Device, DeviceKind, Figure
 from kcloud.precision import Precision
+
+# Ray reads its authentication mode once per process: the two-node tests must connect without a
+# token, so every Ray instance the suite starts (local ones included) runs with it disabled.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(autouse=True)
