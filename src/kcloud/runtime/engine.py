@@ -641,7 +641,7 @@ def _pacer(plan: Plan, mode: str, llm: bool) -> Callable[[int, Any], float | Non
     composition predict, the planner and the simulator use): the sum over its emulated stages
     of their step at this step's batch, KV tokens and prompt chunks."""
     from kcloud.hardware.catalog import get_device
-    from kcloud.hardware.steps import prefill_pairs, stage_tables_for, step_cost
+    from kcloud.hardware.steps import stage_tables_for, step_cost
     from kcloud.runtime.model import layer_graph
 
     forward = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
@@ -664,12 +664,8 @@ def _pacer(plan: Plan, mode: str, llm: bool) -> Callable[[int, Any], float | Non
         if not stages:
             return None
         if isinstance(work, StepPlan):
-            dec = [r for r in work.rows if r.n == 1 and r.start > 0]
-            chunks = [r for r in work.rows if not (r.n == 1 and r.start > 0)]
-            kv = float(sum(r.start + 1 for r in dec))
-            tok = sum(r.n for r in chunks)
-            pairs = sum(prefill_pairs(r.n, r.start) for r in chunks)
-            return sum(step_cost(t, len(dec), kv, prefill_tokens=tok,
+            batch, kv, tok, pairs = work.shape()
+            return sum(step_cost(t, batch, kv, prefill_tokens=tok,
                                  prefill_pairs=pairs).time_s for t in stages)
         return sum(step_cost(t, sum(i.size for i in work)).time_s for t in stages)
 
