@@ -14,7 +14,7 @@ generated are prefilled again), never failing the step. A sequence samples a tok
 computes its last known token; the sampled token is the next one to compute.
 
 A sequence is anything with the fields the policy reads (`computed`, `length`, `blocks`,
-`preemptions`, `remaining`) and an `accept(token, max_len)` that takes a sampled token and says
+`preemptions`, `remaining`, `stop_at`) and an `accept(token, max_len)` that takes a sampled token and says
 whether the sequence ended: the engine's `Sequence` (token ids, block ids for its KV slots,
 sampling parameters, in `kcloud.runtime.scheduler`) and the simulator's `CountedSeq` (token
 counts alone, `BlockCounter`'s block counts). The simulator also advances a run of decode-only
@@ -63,10 +63,12 @@ class BlockManager:
     def grow(self, seq: Any, n_new: int) -> None:
         for _ in range(self.needed(seq, n_new)):
             seq.blocks.append(self.free.popleft())
+        seq.cap = len(seq.blocks) * self.block_size
 
     def release(self, seq: Any) -> None:
         self.free.extend(seq.blocks)
         seq.blocks = []
+        seq.cap = 0
 
     def slot(self, seq: Any, position: int) -> int:
         """The flat slot (block * size + offset) of the token at `position`."""
@@ -101,18 +103,20 @@ class BlockCounter(BlockManager):
         need = self.needed(seq, n_new)
         self.n_free_blocks -= need
         seq.blocks += need
+        seq.cap = seq.blocks * self.block_size
 
     def release(self, seq: Any) -> None:
         self.n_free_blocks += seq.blocks
         seq.blocks = 0
+        seq.cap = 0
 
 
 class CountedSeq:
     """A sequence known by its token counts alone (the simulator's requests): `prompt0` prompt
     tokens, `out` tokens to generate (it never stops early)."""
 
-    __slots__ = ("arrival", "blocks", "computed", "first_token", "gen", "length", "out",
-                 "preemptions", "prompt0", "rid", "service", "started")
+    __slots__ = ("arrival", "blocks", "cap", "computed", "first_token", "gen", "length", "out",
+                 "preemptions", "prompt0", "rid", "service", "started", "stop_at")
     finished = False  # it ends when its last token is computed, never aborted
     size = 1  # one sample, where a dynamic batcher takes it (a non-LLM request)
 
@@ -121,16 +125,18 @@ class CountedSeq:
         self.prompt0 = prompt
         self.out = max(1, out)
         self.length = prompt  # known tokens: the prompt and what it generated
+        self.stop_at = prompt + self.out  # its length when it ends
         self.computed = 0  # tokens whose keys and values are in the cache
         self.gen = 0
         self.blocks = 0
+        self.cap = 0  # tokens its blocks hold
         self.preemptions = 0
         self.first_token = -1.0
         self.started = -1.0  # first admission (queueing delay ends)
 
     @property
     def remaining(self) -> int:
-        return self.out - self.gen
+        return self.stop_at - self.length
 
     def accept(self, token: Any, max_len: int) -> bool:
         self.gen += 1
@@ -264,16 +270,17 @@ class Scheduler:
             n = seq.length - seq.computed
             if n > budget:
                 n = budget
-            if blocks.needed(seq, n) > blocks.n_free:
-                while blocks.needed(seq, n) > blocks.n_free:
-                    victim = running[-1]
-                    self._preempt(victim)
-                    preempted.append(victim)
-                    if victim is seq:
-                        break
-                if preempted and preempted[-1] is seq:
-                    break  # it was the newest: nothing after it to schedule
-            blocks.grow(seq, n)
+            if seq.computed + n > seq.cap:  # it needs more blocks
+                if blocks.needed(seq, n) > blocks.n_free:
+                    while blocks.needed(seq, n) > blocks.n_free:
+                        victim = running[-1]
+                        self._preempt(victim)
+                        preempted.append(victim)
+                        if victim is seq:
+                            break
+                    if preempted and preempted[-1] is seq:
+                        break  # it was the newest: nothing after it to schedule
+                blocks.grow(seq, n)
             rows.append(Scheduled(seq, seq.computed, n, seq.computed + n == seq.length))
             budget -= n
             i += 1
@@ -313,21 +320,21 @@ class Scheduler:
         if not n or n > self.token_budget:
             return 0
         bs = self.blocks.block_size
-        least = self.max_len
-        slack = 1 << 62
+        least = slack = 1 << 62
+        longest = 0
         for s in running:
-            if s.length - s.computed != 1:
+            length = s.length
+            if length - s.computed != 1:
                 return 0
-            left = s.remaining
-            if self.max_len - s.length < left:
-                left = self.max_len - s.length
-            if left < least:
-                least = left
-            room = s.blocks * bs - s.computed
-            if room < slack:
-                slack = room
+            if s.stop_at - length < least:  # steps until it has all its tokens
+                least = s.stop_at - length
+            if length > longest:
+                longest = length
+            if s.cap - s.computed < slack:
+                slack = s.cap - s.computed
         if self.admissible(self.token_budget - n):
             return 0
+        least = min(least, self.max_len - longest)
         return max(0, min(least, slack + (self.blocks.n_free // n) * bs))
 
     def advance_decode(self, k: int) -> list[Any]:
@@ -340,10 +347,11 @@ class Scheduler:
             s.computed += k
             s.gen += k
             s.length += k
-            held = -(-s.computed // bs)
-            if held > s.blocks:
+            if s.computed > s.cap:
+                held = -(-s.computed // bs)
                 blocks.n_free_blocks -= held - s.blocks  # type: ignore[attr-defined]
                 s.blocks = held
+                s.cap = held * bs
             if s.gen >= s.out or s.length >= self.max_len:
                 done.append(s)
         for s in done:

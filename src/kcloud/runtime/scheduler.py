@@ -63,6 +63,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the cache
     blocks: list[int] = field(default_factory=list)
+    cap: int = 0  # tokens its blocks hold
     finish_reason: str | None = None  # "length" | "stop" | "abort" | "error"
     preemptions: int = 0
     restartable: bool = False  # nothing of it reached the client: a fault may start it over
@@ -79,6 +80,11 @@ class Sequence:
     def remaining(self) -> int:
         """Tokens it may still generate (fewer if it stops)."""
         return self.params.max_tokens - len(self.output)
+
+    @property
+    def stop_at(self) -> int:
+        """Its length at max_tokens (it may stop before)."""
+        return len(self.prompt) + self.params.max_tokens
 
     @property
     def finished(self) -> bool:

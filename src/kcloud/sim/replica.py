@@ -31,6 +31,7 @@ class ReplicaModel:
     _dec: dict[int, tuple[float, float, tuple[tuple[float, float, float, float], ...]]] = (
         field(default_factory=dict))
     _fwd: dict[int, tuple[float, tuple[tuple[float, float], ...]]] = field(default_factory=dict)
+    _mix: dict[tuple[int, int], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.device_types = [s.device.id for s in self.stages]
@@ -71,18 +72,32 @@ class ReplicaModel:
     def mixed(self, batch: int, kv_tokens: float, prefill_tokens: int,
               pairs: float) -> tuple[float, list[tuple[float, float]]]:
         """An iteration with decode steps and prompt chunks: its time, and per stage (time,
-        dynamic energy) per device."""
-        if len(self.stages) == 1:
-            c = self.stages[0].step(batch, kv_tokens, prefill_tokens, pairs)
-            t = c.time_s
-            if self.hops:
-                t += self.hop_s(batch + prefill_tokens)
-            return t, [(c.time_s, c.energy_j - self.idle_w[0] * c.time_s)]
+        dynamic energy) per device. A step is linear in its KV tokens and prompt pairs at a
+        given (batch, prompt tokens) (`StageTables.step`): those coefficients are cached."""
+        key = (batch, prefill_tokens)
+        co = self._mix.get(key)
+        if co is None:
+            co = self._mix[key] = self._mixed_coefficients(batch, prefill_tokens)
+        hop, per = co
+        out = [(t0 + s * kv_tokens + p * pairs, d0 + ds * kv_tokens + dp * pairs)
+               for t0, s, p, d0, ds, dp in per]
+        if len(out) == 1:
+            return out[0][0] + hop, out
+        return sum(o[0] for o in out) + hop, out
+
+    def _mixed_coefficients(self, batch: int, prefill_tokens: int) -> tuple[
+            float, tuple[tuple[float, float, float, float, float, float], ...]]:
         per = []
         for st, idle in zip(self.stages, self.idle_w, strict=True):
-            c = st.step(batch, kv_tokens, prefill_tokens, pairs)
-            per.append((c.time_s, c.energy_j - idle * c.time_s))
-        return sum(p[0] for p in per) + self.hop_s(batch + prefill_tokens), per
+            base = st.step(batch, 0.0, prefill_tokens, 0.0)
+            kv = st.step(batch, 1.0, prefill_tokens, 0.0) if batch else base
+            pr = st.step(batch, 0.0, prefill_tokens, 1.0) if prefill_tokens else base
+            t0, e0 = base.time_s, base.energy_j
+            s, es = kv.time_s - t0, kv.energy_j - e0
+            p, ep = pr.time_s - t0, pr.energy_j - e0
+            per.append((t0, s, p, e0 - idle * t0, es - idle * s, ep - idle * p))
+        hop = self.hop_s(batch + prefill_tokens) if self.hops else 0.0
+        return hop, tuple(per)
 
     # -- non-LLM ------------------------------------------------------------------------------
     def forward(self, batch: int) -> tuple[float, tuple[tuple[float, float], ...]]:
