@@ -13,12 +13,13 @@ whose next tokens find no free block preempts the newest running sequence not ye
 generated are prefilled again), never failing the step. A sequence samples a token when a step
 computes its last known token; the sampled token is the next one to compute.
 
-A sequence is anything with the fields the policy reads (`computed`, `length`, `blocks`,
-`preemptions`, `remaining`, `stop_at`) and an `accept(token, max_len)` that takes a sampled token and says
-whether the sequence ended: the engine's `Sequence` (token ids, block ids for its KV slots,
-sampling parameters, in `kcloud.runtime.scheduler`) and the simulator's `CountedSeq` (token
-counts alone, `BlockCounter`'s block counts). The simulator also advances a run of decode-only
-steps in one go (`steady_decode_steps`, `advance_decode`): the same steps, fewer events.
+A sequence is anything with the fields the policy reads (`computed`, `length`, `blocks`, `cap`,
+`preemptions`, `remaining`, `stop_at`, `finished`) and an `accept(token, max_len)` that takes a
+sampled token and says whether the sequence ended: the engine's `Sequence` (token ids, block
+ids for its KV slots, sampling parameters, in `kcloud.runtime.scheduler`) and the simulator's
+`CountedSeq` (token counts alone, `BlockCounter`'s block counts). The simulator also advances a
+run of decode-only steps in one go (`steady_decode_steps`, `advance_decode`): the same steps,
+fewer events.
 """
 
 from __future__ import annotations
@@ -163,26 +164,22 @@ class Scheduled(NamedTuple):
 class StepPlan:
     rows: list[Scheduled]
     preempted: list[Any]
+    # what the step's cost depends on (`kcloud.hardware.steps.step_cost`): decode rows, the
+    # KV tokens they attend over (their new token included), prompt-chunk tokens, and the
+    # chunks' (query, key) pairs (new tokens x the context they reach,
+    # `kcloud.hardware.steps.prefill_pairs`); a decode row is one new token over a cache that
+    # holds the rest (`Scheduled.decode`)
+    batch: int = 0
+    kv_tokens: float = 0.0
+    prefill_tokens: int = 0
+    prefill_pairs: float = 0.0
 
     @property
     def tokens(self) -> int:
         return sum(r.n for r in self.rows)
 
     def shape(self) -> tuple[int, float, int, float]:
-        """What a step's cost depends on (`kcloud.hardware.steps.step_cost`): decode rows, the
-        KV tokens they attend over (their new token included), prompt-chunk tokens, and the
-        chunks' (query, key) pairs (new tokens x the context they reach,
-        `kcloud.hardware.steps.prefill_pairs`)."""
-        batch = prefill = 0
-        kv = pairs = 0.0
-        for r in self.rows:
-            if r.n == 1 and r.start > 0:
-                batch += 1
-                kv += r.start + 1
-            else:
-                prefill += r.n
-                pairs += float(r.n) * (r.start + r.n)
-        return batch, kv, prefill, pairs
+        return self.batch, self.kv_tokens, self.prefill_tokens, self.prefill_pairs
 
 
 class Scheduler:
@@ -262,15 +259,18 @@ class Scheduler:
         budget = self.token_budget
         rows: list[Scheduled] = []
         preempted: list[Any] = []
+        batch = prefill = 0
+        kv = pairs = 0.0
         i = 0
         # every sequence before `i` has been given work: the newest one not yet given work,
         # the preemption victim, is the last one running
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = seq.length - seq.computed
+            start = seq.computed
+            n = seq.length - start
             if n > budget:
                 n = budget
-            if seq.computed + n > seq.cap:  # it needs more blocks
+            if start + n > seq.cap:  # it needs more blocks
                 if blocks.needed(seq, n) > blocks.n_free:
                     while blocks.needed(seq, n) > blocks.n_free:
                         victim = running[-1]
@@ -281,17 +281,30 @@ class Scheduler:
                     if preempted and preempted[-1] is seq:
                         break  # it was the newest: nothing after it to schedule
                 blocks.grow(seq, n)
-            rows.append(Scheduled(seq, seq.computed, n, seq.computed + n == seq.length))
+            rows.append(Scheduled(seq, start, n, start + n == seq.length))
+            if n == 1 and start > 0:
+                batch += 1
+                kv += start + 1
+            else:
+                prefill += n
+                pairs += float(n) * (start + n)
             budget -= n
             i += 1
         while not preempted and self.admissible(budget):
             seq = self.waiting.popleft()
             running.append(seq)
-            n = min(seq.length - seq.computed, budget)
+            start = seq.computed
+            n = min(seq.length - start, budget)
             blocks.grow(seq, n)
-            rows.append(Scheduled(seq, seq.computed, n, seq.computed + n == seq.length))
+            rows.append(Scheduled(seq, start, n, start + n == seq.length))
+            if n == 1 and start > 0:
+                batch += 1
+                kv += start + 1
+            else:
+                prefill += n
+                pairs += float(n) * (start + n)
             budget -= n
-        return StepPlan(rows, preempted)
+        return StepPlan(rows, preempted, batch, kv, prefill, pairs)
 
     def update(self, plan: StepPlan, sampled: dict[int, Any] | None = None) -> list[Any]:
         """Apply a step's results (`sampled`: the token each sampling row drew, by sequence
@@ -319,6 +332,9 @@ class Scheduler:
         n = len(running)
         if not n or n > self.token_budget:
             return 0
+        if running[-1].length - running[-1].computed != 1 or \
+                self.admissible(self.token_budget - n):
+            return 0  # prompt work is pending (a partial prefill is the newest one running)
         bs = self.blocks.block_size
         least = slack = 1 << 62
         longest = 0
@@ -332,8 +348,6 @@ class Scheduler:
                 longest = length
             if s.cap - s.computed < slack:
                 slack = s.cap - s.computed
-        if self.admissible(self.token_budget - n):
-            return 0
         least = min(least, self.max_len - longest)
         return max(0, min(least, slack + (self.blocks.n_free // n) * bs))
 
