@@ -41,7 +41,10 @@ class BlockManager:
                               "give at least one block of at least one token")
         self.n_blocks = n_blocks
         self.block_size = block_size
-        self.free: deque[int] = deque(range(n_blocks))
+        self.free: deque[int] = self._free_list()
+
+    def _free_list(self) -> deque[int]:
+        return deque(range(self.n_blocks))
 
     @property
     def n_free(self) -> int:
@@ -81,13 +84,9 @@ class BlockCounter(BlockManager):
     """The same blocks counted, not named (`seq.blocks` is a count): what the simulator keeps,
     where no KV slot is ever written."""
 
-    def __init__(self, n_blocks: int, block_size: int) -> None:
-        if n_blocks < 1 or block_size < 1:
-            raise KCloudError(f"a KV cache of {n_blocks} blocks of {block_size} tokens is empty",
-                              "give at least one block of at least one token")
-        self.n_blocks = n_blocks
-        self.block_size = block_size
-        self.n_free_blocks = n_blocks
+    def _free_list(self) -> deque[int]:
+        self.n_free_blocks = self.n_blocks
+        return deque()  # no names
 
     @property
     def n_free(self) -> int:
@@ -263,8 +262,13 @@ class Scheduler:
         kv = pairs = 0.0
         i = 0
         # every sequence before `i` has been given work: the newest one not yet given work,
-        # the preemption victim, is the last one running
-        while i < len(running) and budget > 0:
+        # the preemption victim, is the last one running; past the running ones, waiting ones
+        # are admitted (none once a sequence was preempted this step)
+        while budget > 0:
+            if i == len(running):
+                if preempted or not self.admissible(budget):
+                    break
+                running.append(self.waiting.popleft())
             seq = running[i]
             start = seq.computed
             n = seq.length - start
@@ -290,20 +294,6 @@ class Scheduler:
                 pairs += float(n) * (start + n)
             budget -= n
             i += 1
-        while not preempted and self.admissible(budget):
-            seq = self.waiting.popleft()
-            running.append(seq)
-            start = seq.computed
-            n = min(seq.length - start, budget)
-            blocks.grow(seq, n)
-            rows.append(Scheduled(seq, start, n, start + n == seq.length))
-            if n == 1 and start > 0:
-                batch += 1
-                kv += start + 1
-            else:
-                prefill += n
-                pairs += float(n) * (start + n)
-            budget -= n
         return StepPlan(rows, preempted, batch, kv, prefill, pairs)
 
     def update(self, plan: StepPlan, sampled: dict[int, Any] | None = None) -> list[Any]:
