@@ -825,15 +825,80 @@ def _register() -> None:
     register_measured_params(HOST_ID, _host_overrides)
 
 
+# -- the engine's own step costs on this host -------------------------------------------------
+#
+# A step of the engine's CPU workers (`kcloud.runtime.engine`) costs more than the cost model's
+# kernels of that step: the engine schedules it and sends it to the workers (a pickled command
+# over a process queue, the result back), a worker lays out its rows (positions and KV slots of
+# every row, the packed decode batch), gathers each row's keys and values from the paged cache,
+# and samples. Those are measured by the runtime (`kcloud.runtime.step_costs`) on this host as
+# a few non-negative constants per step, per row and per byte of KV cache a step reads or
+# writes, and kept here beside the host's other measurements.
+
+ENGINE_COSTS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EngineStepCosts:
+    """Seconds a step of the engine's CPU workers takes beyond its kernels' modeled time."""
+
+    step_s: float  # per step: scheduling, the command and its result between processes
+    row_s: float  # per row (sequence) of the step: its layout, its sampled token
+    kv_byte_s: float  # per byte of KV cache the decode rows read (paged gather)
+    prefill_byte_s: float  # per byte of KV cache the prompt chunks write
+    pair_byte_s: float  # per (query, key) pair of a prompt chunk, per KV byte of a token
+    date: str
+    steps: int  # timed steps the constants were fitted on
+    load_avg: float  # the host's 1-minute load average while they were timed
+    fit_error_pct: float = 0.0  # median |fitted - measured| of a step, percent
+
+    @property
+    def source(self) -> str:
+        return (f"measured on this host by kcloud's engine step calibration {self.date} "
+                f"({self.steps} steps, load average {self.load_avg:.1f})")
+
+    def extra_s(self, rows: int, kv_tokens: float, prefill_tokens: int, pairs: float,
+                kv_bytes_per_token: float) -> float:
+        return (self.step_s + self.row_s * rows
+                + kv_bytes_per_token * (self.kv_byte_s * kv_tokens
+                                        + self.prefill_byte_s * prefill_tokens
+                                        + self.pair_byte_s * pairs))
+
+
+def engine_costs_file() -> Path:
+    path = cache_file()
+    return path.with_name(path.name.replace("host-", f"host-engine{ENGINE_COSTS_VERSION}-", 1))
+
+
+def engine_step_costs() -> EngineStepCosts | None:
+    """This host's measured engine step costs, None until the runtime has measured them."""
+    import torch
+
+    key = _cache_key(cpu_model(), host_cores(), torch.__version__)
+    return _read_cache(engine_costs_file(), key, ENGINE_COSTS_VERSION, EngineStepCosts)
+
+
+def save_engine_step_costs(costs: EngineStepCosts) -> Path:
+    import torch
+
+    path = engine_costs_file()
+    _write_cache(path, _cache_key(cpu_model(), host_cores(), torch.__version__),
+                 ENGINE_COSTS_VERSION, costs)
+    return path
+
+
 _register()
 
 __all__ = [
     "HOST_ID",
+    "EngineStepCosts",
     "HostMeasurement",
     "HostParams",
     "cache_dir",
     "cache_file",
     "cpu_model",
+    "engine_costs_file",
+    "engine_step_costs",
     "host_core_device",
     "host_cores",
     "host_device",
@@ -843,4 +908,5 @@ __all__ = [
     "measure_host_params",
     "params_cache_file",
     "reset_host_cache",
+    "save_engine_step_costs",
 ]
