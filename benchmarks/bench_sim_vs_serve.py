@@ -11,8 +11,10 @@
    (CC-BY 4.0, see `kcloud.serve.bench`) `--rounds` times (measured; the medians are kept);
 3. the fleet simulator runs the same plan on `local-cpu` over the same requests (arrival times,
    prompt and output lengths) with the engine's scheduling limits (its batch limit, token
-   budget, KV blocks and context, read from the server) and the host's calibration
-   (`kcloud.hardware.host`), modeled.
+   budget, KV blocks and context, read from the server), the host's calibration
+   (`kcloud.hardware.host`) and the engine's own step costs on this host
+   (`kcloud.runtime.step_costs`, measured once and cached; `--recalibrate` measures again),
+   modeled.
 
 Printed side by side: output tokens/s, TTFT and TPOT p50 (and p90), the ratio simulated /
 measured, and the goal: within 15 % on throughput and on p50 TTFT / TPOT. The load of the
@@ -23,6 +25,7 @@ measured side is noisy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -104,6 +107,16 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         subprocess.run([sys.executable, "-m", "kcloud.cli", "plan", "--model", str(model_dir),
                         "--cluster", "local-cpu", "--objective", "throughput", "-o",
                         str(plan_path)], check=True, capture_output=True, cwd=bs.REPO)
+        from kcloud.hardware.host import engine_step_costs
+        from kcloud.planner.plan import Plan
+
+        plan = Plan.load(plan_path)
+        costs = engine_step_costs()
+        if costs is None or a.recalibrate:
+            from kcloud.runtime.step_costs import measure
+
+            bs.console.print("measuring the engine's step costs on this host (once, cached)")
+            costs = measure(plan)
         port = bs.free_port()
         cmd = [sys.executable, "-m", "kcloud.cli", "serve", "--plan", str(plan_path),
                "--model", str(model_dir), "--served-name", bs.MODEL, "--port", str(port)]
@@ -117,9 +130,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 measured.append(bs.bench(port, bs.replay(a)))
         load1 = load_average()
         requests = load_trace(a.trace, limit=a.trace_requests, speedup=a.speedup)
-        from kcloud.planner.plan import Plan
-
-        plan = Plan.load(plan_path)
         max_batch = max(plan.micro_batch, 64)  # the engine's default (`Engine.max_batch`)
         sim = simulate(plan_path, model_dir, requests, limits, max_batch)
 
@@ -136,6 +146,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
               "ttft_p50": sim["ttft_s"]["p50"] / meas["ttft_s"]["p50"],
               "tpot_p50": sim["tpot_s"]["p50"] / meas["tpot_s"]["p50"]}
     return {"simulated": sim, "measured": meas, "ratio": ratios, "limits": limits,
+            "engine_step_costs": dataclasses.asdict(costs) | {"source": costs.source},
             "max_batch": max_batch, "load_avg_1m": [load0, load1],
             "within_goal": all(abs(r - 1) <= GOAL for r in ratios.values()),
             "trace": f"{a.trace.name}: first {a.trace_requests} rows, {a.speedup:g}x"}
@@ -149,6 +160,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--input-tokens", type=int, default=128)  # the warm-up's prompt
     ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="measure the engine's step costs on this host again")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.trace is None:
@@ -174,6 +187,10 @@ def main() -> None:
     print("  measured rounds: " + "; ".join(
         f"{x['throughput_tok_s']:.1f} tok/s, TTFT {x['ttft_p50'] * 1e3:.1f} ms, "
         f"TPOT {x['tpot_p50'] * 1e3:.2f} ms" for x in m["rounds"]))
+    c = out["engine_step_costs"]
+    print(f"  engine step costs (measured): {c['step_s'] * 1e3:.2f} ms a step, "
+          f"{c['row_s'] * 1e6:.1f} us a row, {c['kv_byte_s'] * 1e9:.2f} ns per KV byte read, "
+          f"{c['prefill_byte_s'] * 1e9:.1f} ns per KV byte written; {c['source']}")
     print(f"  load average (1 min) before / after the measurement: "
           f"{out['load_avg_1m'][0]:.2f} / {out['load_avg_1m'][1]:.2f} on {os.cpu_count()} cores")
 
