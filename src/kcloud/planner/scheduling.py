@@ -301,13 +301,12 @@ class Scheduler:
         id; None where tokens are only counted); the sequences that finished, already
         removed."""
         done: list[Any] = []
-        for row in plan.rows:
-            seq = row.seq
+        max_len = self.max_len
+        for seq, start, n, sample in plan.rows:
             if seq.finished:
                 continue  # aborted while its step ran
-            seq.computed = row.start + row.n
-            if row.sample and seq.accept(None if sampled is None else sampled[seq.id],
-                                         self.max_len):
+            seq.computed = start + n
+            if sample and seq.accept(None if sampled is None else sampled[seq.id], max_len):
                 self.remove(seq)
                 done.append(seq)
         return done

@@ -462,15 +462,17 @@ class Simulator:
             lane.cur = None
             self._start(lane, t + _run_time(coeffs[0], coeffs[1], k, b, k0))
             return
+        n0 = len(sch.running)
         plan = sch.schedule()
         if plan.preempted:
             self.stats[r.service].preemptions += len(plan.preempted)
+        elif len(sch.running) > n0:  # admitted this step (none are when one was preempted)
+            for s in sch.running[n0:]:
+                if s.started < 0:
+                    s.started = t
         if not plan.rows:
             self._lane_idle(lane, t)
             return
-        for row in plan.rows:
-            if row.seq.started < 0:
-                row.seq.started = t
         dt, per = m.mixed(*plan.shape())
         self._account(r, t, t + dt, per)
         lane.cur = plan
@@ -523,20 +525,21 @@ class Simulator:
             self._finish(r, sch.advance_decode(k), t)
         else:
             plan: StepPlan = lane.cur
-            for row in plan.rows:
-                if row.sample and row.seq.first_token < 0:
-                    row.seq.first_token = t
+            for seq, _, _, sample in plan.rows:
+                if sample and seq.first_token < 0:
+                    seq.first_token = t
             self._finish(r, sch.update(plan), t)
         lane.busy = False
         self._kick(lane, t)
 
     def _account(self, r: _Replica, t0: float, t1: float,
                  per: Any) -> None:
-        lg = self.ledger
-        st = self.stats[r.service]
+        work = self.ledger.work
+        e = 0.0
         for ti, tp, (busy, dyn) in zip(r.types, r.model.tps, per, strict=True):
-            lg.work(ti, t0, t1, tp * busy, tp * dyn)
-            st.energy_j += tp * dyn
+            work(ti, t0, t1, tp * busy, tp * dyn)
+            e += tp * dyn
+        self.stats[r.service].energy_j += e
 
     def _finish(self, r: _Replica, done: list[CountedSeq], t: float) -> None:
         if not done:
