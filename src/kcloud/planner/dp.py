@@ -272,6 +272,7 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     arg_cont = np.full((K, L, n_t, U, R), -1, dtype=np.int32)
     start = np.full((K, R), inf)
     rows = np.arange(K * n_t * M * U * R)  # the flat rows of each step's (.., J) sums
+    k_idx, r_idx = np.arange(K)[:, None, None], np.arange(R)[None, None, :]
 
     for i in range(L - 1, -1, -1):
         jhi = int(reach[i])
@@ -312,7 +313,7 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
         pv = np.where(may_follow[None, :, :, None], fv[:, None, :, :], inf)  # (K,Tp,T,R)
         pt = np.argmin(pv, axis=2)  # (K, Tp, R)
         fbest = pv.min(axis=2)  # (K, Tp, R)
-        arg_fresh[:, i] = pt * M + np.take_along_axis(fm, pt, axis=1)
+        arg_fresh[:, i] = pt * M + fm[k_idx, pt, r_idx]
         net = fbest + tcost[:, :, NET, i][:, :, None]  # (K, T, R)
         cand = G[:, ti, mi, tgt_idx]  # (K, T, U, M, R)
         cand = np.where(cont_ok[None, ..., None], cand, inf) \
