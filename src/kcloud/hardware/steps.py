@@ -182,7 +182,7 @@ class StepTables:
     def decode_table(self, batch: int, kv_per_seq: float | None = None) -> LayerTable:
         """One decode step of `batch` sequences, each attending over `kv_per_seq` tokens
         (default: as captured, the graph's own figures)."""
-        assert self.decode is not None and self._no_kv is not None
+        assert self.decode is not None
         full = self._full.get(batch)
         if full is None:
             full = self._full[batch] = self._table(self.decode, batch)
