@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kcloud.hardware.cost import MEMORY_HEADROOM
-from kcloud.planner.plan import Plan, Replica, Stage
+from kcloud.planner.plan import AttentionOffload, Plan, Replica, Stage
 from kcloud.planner.search import Context
 
 
@@ -42,11 +42,18 @@ def _usable(ctx: Context, device_type: str) -> float:
     return dev.memory_bytes.value * MEMORY_HEADROOM
 
 
-def _collective_s(ctx: Context, plan: Plan, device_type: str, tp: int, i: int, j: int) -> float:
+def _same_offload(sp: Any, o: Any, off: AttentionOffload | None) -> bool:
+    if off is None:
+        return not o.offload
+    return o.offload and sp.types[o.pim].id == off.device_type and o.pim_count == off.count
+
+
+def _collective_s(ctx: Context, plan: Plan, s: Stage) -> float:
     sp = ctx.space(plan.micro_batch)
     for o in sp.options:
-        if sp.types[o.type].id == device_type and o.tp == tp:
-            return float(sp.comm[o.index, i, j])
+        if (sp.types[o.type].id == s.device_type and o.tp == s.tp
+                and _same_offload(sp, o, s.attention_offload)):
+            return float(sp.comm[o.index, s.start, s.end])
     return 0.0
 
 
@@ -60,8 +67,7 @@ def stage_rows(ctx: Context, plan: Plan) -> list[dict[str, Any]]:
                 "replica": label, "stage": n, "layers": f"[{s.start}, {s.end})",
                 "devices": stage_devices(s), "precision": s.precision,
                 "time_s": s.time_s,
-                "comm_s": s.comm_s + _collective_s(ctx, plan, s.device_type, s.tp, s.start,
-                                                   s.end),
+                "comm_s": s.comm_s + _collective_s(ctx, plan, s),
                 "memory_bytes": s.memory_bytes, "headroom": 1.0 - s.memory_bytes / usable,
             })
     return rows
@@ -82,13 +88,17 @@ def stage_table(ctx: Context, plan: Plan) -> Table:
 
 
 def _why_tp(ctx: Context, plan: Plan, device_type: str, tp: int, i: int,
-            j: int) -> tuple[str, float] | None:
+            j: int, off: AttentionOffload | None = None) -> tuple[str, float] | None:
     """Why `tp` and not tp / 2 for layers [i, j): ("memory", GB needed per device at tp / 2)
-    or ("speed", how much longer a micro-batch would take at tp / 2)."""
+    or ("speed", how much longer a micro-batch would take at tp / 2), with the same
+    attention offload."""
     if tp == 1:
         return None
     sp = ctx.space(plan.micro_batch)
-    opt = {(sp.types[o.type].id, o.tp): o.index for o in sp.options}
+    opt = {(sp.types[o.type].id, o.tp): o.index for o in sp.options
+           if _same_offload(sp, o, off)}
+    if (device_type, tp) not in opt:
+        return None
     half = opt.get((device_type, tp // 2))
     if half is None:
         return None
@@ -106,7 +116,7 @@ def _tp_lines(ctx: Context, plan: Plan) -> list[str]:
             if key in seen:
                 continue
             seen.add(key)
-            why = _why_tp(ctx, plan, *key)
+            why = _why_tp(ctx, plan, *key, off=s.attention_offload)
             if why is not None:
                 found.setdefault((s.device_type, s.tp, why[0]), []).append(
                     (s.start, s.end, why[1]))
@@ -187,7 +197,12 @@ def offload_lines(ctx: Context, plan: Plan) -> list[str]:
         if any(t.device.kind.value == "pim" for t in ctx.types):
             return ["attention offload: no NPU/GPU type shares its nodes with PIM devices"]
         return []
-    out: list[str] = []
+    found: dict[tuple[str, str], list[str]] = {}  # (devices, what) -> stages
+
+    def add(n: int, s: Stage, what: str) -> None:
+        found.setdefault((f"{s.device_type} x{s.tp}", what), []).append(
+            f"{n} [{s.start}, {s.end})")
+
     seen = set()
     mode = ctx.goal.attention_offload
     for _, r in replica_groups(plan):
@@ -204,7 +219,6 @@ def offload_lines(ctx: Context, plan: Plan) -> list[str]:
                 continue
             i, j = s.start, s.end
             off = s.attention_offload
-            where = f"stage {n} (layers [{i}, {j}) on {s.device_type} x{s.tp})"
             if off is not None:
                 o = next(x for x in offs if sp.types[x.pim].id == off.device_type
                          and x.pim_count == off.count)
@@ -213,7 +227,7 @@ def offload_lines(ctx: Context, plan: Plan) -> list[str]:
                 how = "pipelined by layer" if piped else "sequenced"
                 kv = float(sp.pim_mem[o.index][i, j])
                 cap = sp.types[o.pim].device.memory_bytes.value * MEMORY_HEADROOM
-                line = (f"{where}: decode attention on {off.device_type} x{off.count} "
+                line = (f"decode attention on {off.device_type} x{off.count} "
                         f"({how}; KV cache {kv / 1e9:,.2f} of {cap / 1e9:,.2f} GB per PIM "
                         "device)")
                 if plain is None:
@@ -228,23 +242,27 @@ def offload_lines(ctx: Context, plan: Plan) -> list[str]:
                     line += (f"; chosen: the stage takes {_change(t1, t0)} time and "
                              f"{_change(e1, e0)} busy energy per micro-batch than without "
                              "(modeled)")
-                out.append(line)
+                add(n, s, line)
                 continue
             best = min(offs, key=lambda o: _stage_figures(sp, o.index, i, j)[1]
                        if np.isfinite(sp.time[o.index, i, j]) else np.inf)
             if not np.isfinite(sp.time[best.index, i, j]):
                 kv = float(sp.pim_mem[best.index][i, j])
-                out.append(f"{where}: attention offload rejected: the KV cache would need "
-                           f"{kv / 1e9:,.1f} GB per {sp.types[best.pim].id} device, more "
-                           "than it holds")
+                add(n, s, f"attention offload rejected: the KV cache would need "
+                    f"{kv / 1e9:,.1f} GB per {sp.types[best.pim].id} device, more than it "
+                    "holds")
                 continue
             t0, e0 = _stage_figures(sp, plain.index if plain else best.index, i, j)
             t1, e1 = _stage_figures(sp, best.index, i, j)
             why = "--attention-offload off" if mode == "off" else f"its {plan.objective}"
-            out.append(f"{where}: attention offload rejected ({why}): on "
-                       f"{sp.types[best.pim].id} x{best.pim_count} the stage would take "
-                       f"{_change(t1, t0)} time and {_change(e1, e0)} busy energy per "
-                       "micro-batch (modeled)")
+            add(n, s, f"attention offload rejected ({why}): on {sp.types[best.pim].id} "
+                f"x{best.pim_count} the stage would take {_change(t1, t0)} time and "
+                f"{_change(e1, e0)} busy energy per micro-batch (modeled)")
+    out = []
+    for (devs, what), where in found.items():
+        many = len(where) > 1
+        shown = ", ".join(where[:4]) + (f" and {len(where) - 4} more" if len(where) > 4 else "")
+        out.append(f"stage{'s' if many else ''} {shown} on {devs}: {what}")
     return out
 
 
