@@ -410,3 +410,60 @@ def test_rack_2028_puts_pim_beside_every_npu():
 def test_precisions_of_the_pim_side():
     # an int8 stage's KV cache is held at the PIM's own fp16 (twice the bytes)
     assert Precisions.of(Precision.FP16).kv_bytes == 2 * Precisions.of(Precision.INT8).kv_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# kcloud run of an offloaded plan (emulated): the attention in the PIM group's own worker
+
+
+def _offloaded_plan(tmp_path, tp: int):
+    import yaml
+
+    from kcloud.planner.plan import AttentionOffload, Predicted, Replica, Stage
+
+    path = tmp_path / "npu-pim.yaml"
+    path.write_text(yaml.safe_dump({"name": "npu-pim", "nodes": [
+        {"name": "n", "devices": {"rebellions-atom": 2, "samsung-hbm-pim": 2},
+         "link": {"bandwidth_gbps": 40, "latency_us": 3}}]}))
+    atoms = tuple(f"n/rebellions-atom/{k}" for k in range(tp))
+    stages = (
+        Stage(0, 3, "rebellions-atom", atoms, "int8", time_s=1e-3,
+              attention_offload=AttentionOffload("samsung-hbm-pim", 2,
+                                                 ("n/samsung-hbm-pim/0", "n/samsung-hbm-pim/1"))),
+        Stage(3, 7, "host-cpu:1core", ("local/host-cpu:1core/0",), "fp32", time_s=1e-3),
+    )
+    return Plan(model="tiny-gpt", cluster=str(path), objective="energy", batch=4,
+                micro_batch=2, seq_len=8, phase="prefill", n_layers=7,
+                replicas=(Replica(stages),),
+                predicted=Predicted(2e-2, 500.0, "tokens/s", 10.0, 0.01, 0.0, None, 0.1),
+                output_tokens=6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_run_of_an_offloaded_plan_attends_in_the_pim_worker(tmp_path, tp):
+    from kcloud.runtime import execute
+
+    plan = _offloaded_plan(tmp_path, tp)
+    r = execute(plan, mode="emulated", n_micro=2, trace_path=None, warmup=1, probes=1)
+    assert r.reference_ok and r.measured["tokens_match"]
+    note = next(n for n in r.notes if "decode attention ran in the worker of its PIM group"
+                in n)
+    # 2 blocks in stage 0, one call per block per step and per rank, 6 steps per sequence
+    # batch: warm-up, probe and 2 micro-batches of the stream
+    calls = int(re.search(r"([\d,]+) attention calls", note).group(1).replace(",", ""))
+    assert calls > 0 and calls % (2 * tp) == 0
+    # the stage's modeled prefill and decode step are steps.py's, the PIM side included
+    from kcloud.runtime.executor import _offload_costs
+    from kcloud.runtime.model import layer_graph
+
+    pre = layer_graph("tiny-gpt", batch=2, seq_len=8, phase="prefill")
+    dec = layer_graph("tiny-gpt", batch=2, seq_len=1, phase="decode", kv_len=8 + 6 // 2)
+    want = _offload_costs(plan, plan.replicas[0].stages[0], pre, dec)
+    s0 = r.stages[0]
+    assert s0.figures == "modeled"
+    assert s0.predicted_prefill_s == pytest.approx(want[0])
+    assert s0.predicted_decode_s == pytest.approx(want[1])
+    no_pim = stage_tables_for(plan.replicas[0].stages[0], pre, dec,
+                              get_device("rebellions-atom"), (40e9, 3e-6))
+    assert want[1] != pytest.approx(no_pim.step(2, 2 * no_pim.tables.captured_kv_tokens).time_s)
