@@ -231,7 +231,8 @@ def offload_lines(ctx: Context, plan: Plan) -> list[str]:
                         f"({how}; KV cache {kv / 1e9:,.2f} of {cap / 1e9:,.2f} GB per PIM "
                         "device)")
                 if plain is None:
-                    line += (f"; --attention-offload {mode}" if mode == "on"
+                    line += (f"; --attention-offload {mode}: no stage without it searched"
+                             if mode == "on"
                              else "; no stage without offload was possible")
                 elif not np.isfinite(sp.time[plain.index, i, j]):
                     line += (f"; without offload it would not fit (KV cache on "
