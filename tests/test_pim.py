@@ -467,3 +467,20 @@ def test_run_of_an_offloaded_plan_attends_in_the_pim_worker(tmp_path, tp):
     no_pim = stage_tables_for(plan.replicas[0].stages[0], pre, dec,
                               get_device("rebellions-atom"), (40e9, 3e-6))
     assert want[1] != pytest.approx(no_pim.step(2, 2 * no_pim.tables.captured_kv_tokens).time_s)
+
+
+def test_the_simulator_prices_an_offloaded_plan_with_its_pim_group():
+    from kcloud.sim.replica import replica_models
+
+    m, cl = mha_llm(), pim_cluster(nodes=1, npu=1, pim=4)
+    plan = make_plan(m, cl, Goal(objective="energy", attention_offload="on"),
+                     micro_batches=[4]).plan
+    [rep] = replica_models(plan, cl, m.forward, m.decode)[:1]
+    for st, s in zip(rep.stages, plan.replicas[0].stages, strict=True):
+        if s.attention_offload is None:
+            assert st.offload is None
+            continue
+        assert st.offload is not None and st.offload.count == s.attention_offload.count
+        assert st.kv_token_capacity() == st.attention.kv_token_capacity()
+        # and its step is the one plan_cost and the planner priced
+        assert st.step(4, 4 * st.tables.captured_kv_tokens).time_s > 0

@@ -702,6 +702,16 @@ def offload_tables(decode: LayerGraph, pim: Device, count: int, precision: Preci
                       count)
 
 
+def offload_of(stage: Any, cluster: Any) -> tuple[Device, int, tuple[float, float]] | None:
+    """(PIM device, count, node link (bandwidth, latency)) of a plan stage that offloads its
+    decode attention (its `attention_offload`), on `cluster`; None for one that does not."""
+    off = getattr(stage, "attention_offload", None)
+    if off is None:
+        return None
+    link = cluster.intra_link(stage.device_type)
+    return cluster.device_types[off.device_type], off.count, (link.bandwidth, link.latency)
+
+
 def stage_tables_for(stage: _StageLike, forward: LayerGraph, decode: LayerGraph | None,
                      device: Device, link: tuple[float, float] | None,
                      calibration: Calibration | None = None,
@@ -750,11 +760,8 @@ def plan_cost(plan: Any, cluster: Any, calibration: Calibration | None,
         for s in r.stages:
             dev = cluster.device_types[s.device_type]
             link = cluster.intra_link(s.device_type)
-            off = getattr(s, "attention_offload", None)
             st = stage_tables_for(s, forward, decode, dev, (link.bandwidth, link.collective_s),
-                                  calibration, cache, offload=None if off is None else (
-                                      cluster.device_types[off.device_type], off.count,
-                                      (link.bandwidth, link.latency)))
+                                  calibration, cache, offload=offload_of(s, cluster))
             if decode is None:
                 c = st.forward(b)
                 time, energy = c.time_s, c.energy_j
@@ -773,7 +780,7 @@ def plan_cost(plan: Any, cluster: Any, calibration: Calibration | None,
 __all__ = [
     "GenerationCost", "Linear", "Offload", "OffloadGroup", "PlanCost", "StageTables",
     "StepCost", "StepTables", "attention_only", "batch_buckets", "decode_attention",
-    "decode_steps", "dense_only", "generation_cost", "offload_tables", "period_energy",
-    "pim_precision", "plan_cost", "prefill_pairs", "stage_tables_for", "step_cost",
-    "without_kv",
+    "decode_steps", "dense_only", "generation_cost", "offload_of", "offload_tables",
+    "period_energy", "pim_precision", "plan_cost", "prefill_pairs", "stage_tables_for",
+    "step_cost", "without_kv",
 ]

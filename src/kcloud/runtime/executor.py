@@ -772,15 +772,13 @@ def _offload_costs(plan: Plan, st: Any, prefill: Any,
     """(prefill s, decode step s, busy W, idle W per device) of a stage whose decode attention
     runs on its PIM group, from `kcloud.hardware.steps` (as the planner priced it)."""
     from kcloud.hardware.cluster import load_cluster
-    from kcloud.hardware.steps import stage_tables_for
+    from kcloud.hardware.steps import offload_of, stage_tables_for
 
     cl = load_cluster(plan.cluster)
     dev = cl.device_types[st.device_type]
-    off = st.attention_offload
     link = cl.intra_link(st.device_type)
     tables = stage_tables_for(st, prefill, decode, dev, (link.bandwidth, link.collective_s),
-                              offload=(cl.device_types[off.device_type], off.count,
-                                       (link.bandwidth, link.latency)))
+                              offload=offload_of(st, cl))
     b = plan.micro_batch
     pre = tables.forward(b)
     dec = tables.step(b, b * tables.tables.captured_kv_tokens)
