@@ -110,7 +110,9 @@ def run(
                           attention_offload=attention_offload)
     plan, search_time_s = _plan_to_run(plan_file, model, cluster, goal, trust_model_code,
                                        model_timeout_s)
-    with progress(f"running {plan.model}: {len(plan.devices)} worker(s)", not as_json):
+    workers = sum(len(r.devices) + sum(1 for s in r.stages if s.attention_offload)
+                  for r in plan.replicas)  # a PIM group's attention runs in one worker
+    with progress(f"running {plan.model}: {workers} worker(s)", not as_json):
         report = execute(plan, mode=mode, n_micro=batches, trace_path=trace,
                          ray_address=ray_address, warmup=warmup, probes=probes,
                          weights=weights, prompt_only=prompt_only, timeout_s=timeout_s,
