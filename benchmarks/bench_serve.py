@@ -204,6 +204,8 @@ def kcloud_lines(a: argparse.Namespace, model_dir: Path, logdir: Path) -> list[L
               server("kcloud-serve", kcloud_serve_cmd(model_dir, port), port, logdir,
                      start_timeout_s=600, ready="/ready")):
             warm_up(port, a)
+            console.print("[bold]K-Cloud[/]: the server's own overhead, one request at a time")
+            lines[0].extra["server_overhead_ms"] = server_overhead(port, a)
             for (c, _), ln in zip(loads, lines, strict=False):
                 console.print(f"[bold]K-Cloud[/]: concurrency {c}")
                 ln.summary = bench(port, fixed(a, c))
@@ -214,6 +216,27 @@ def kcloud_lines(a: argparse.Namespace, model_dir: Path, logdir: Path) -> list[L
         for ln in lines:
             ln.skipped = ln.skipped or str(exc)
     return lines
+
+
+def server_overhead(port: int, a: argparse.Namespace) -> dict[str, float]:
+    """The server's own time per request, in ms: one non-streamed completion at a time, the
+    client's end-to-end time less the wall time of the engine steps the request ran in (the
+    response's `kcloud.engine_s`). What remains is HTTP, parsing, tokenization, queueing,
+    scheduling and the hand-offs between the event loop and the engine thread."""
+    body = {"model": MODEL, "prompt": "the server's own overhead", "max_tokens": 8,
+            "temperature": 0.0, "ignore_eos": True}
+    out: list[float] = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as c:
+        for i in range(a.overhead_requests + 4):
+            t0 = time.perf_counter()
+            r = c.post("/v1/completions", json=body)
+            e2e = time.perf_counter() - t0
+            r.raise_for_status()
+            engine_s = r.json()["kcloud"]["engine_s"]
+            if i >= 4 and engine_s is not None:  # the first few warm the path
+                out.append(1000.0 * (e2e - engine_s))
+    q = statistics.quantiles(out, n=10)
+    return {"p50": statistics.median(out), "p90": q[-1], "requests": float(len(out))}
 
 
 def ensure_vllm(venv: Path) -> Path:
@@ -341,6 +364,13 @@ def targets(lines: list[Line]) -> list[str]:
                    f"(target >= 3x: {'met' if r >= 3 else 'NOT met'}) (measured)")
     else:
         out.append("K-Cloud c=32 / one-at-a-time baseline: not measured (a line was skipped)")
+    ov = next((ln.extra["server_overhead_ms"] for ln in lines
+               if "server_overhead_ms" in ln.extra), None)
+    if ov is not None:
+        out.append(f"server overhead per request (HTTP + scheduling over the engine's steps): "
+                   f"p50 {ov['p50']:.2f} ms, p90 {ov['p90']:.2f} ms over {ov['requests']:.0f} "
+                   f"requests (target p50 <= 1 ms: {'met' if ov['p50'] <= 1 else 'NOT met'}) "
+                   f"(measured)")
     v, k1 = tok.get("vllm"), tok.get("kcloud-1core")
     if v and k1:
         out.append(f"K-Cloud / vLLM on one core, c=32, medians: {k1 / v:.2f}x output tok/s "
@@ -375,6 +405,8 @@ def main() -> None:
     ap.add_argument("--kcloud-port", type=int, default=None,
                     help="bench a K-Cloud server already serving the benchmark's model as "
                          f"'{MODEL}' on this 127.0.0.1 port instead of starting one")
+    ap.add_argument("--overhead-requests", type=int, default=50,
+                    help="requests of the server-overhead line")
     ap.add_argument("--with-vllm", action="store_true")
     ap.add_argument("--vllm-venv", type=Path,
                     default=Path.home() / ".cache" / "kcloud" / "vllm-venv")

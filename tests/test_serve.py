@@ -168,6 +168,9 @@ def test_completion_models_and_usage(gpt: Server, tiny_gpt: torch.nn.Module) -> 
     assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 10
     assert r.choices[0].finish_reason == "length"
     assert r.choices[0].model_extra["token_ids"] == _reference(tiny_gpt, prompt, 10)
+    # the engine's own time for the request (its steps' wall time) is within its end-to-end
+    k = r.model_extra["kcloud"]
+    assert 0 < k["engine_s"] <= k["e2e_s"]
     text = c.completions.create(model="tiny-gpt", prompt="Hello", max_tokens=4, temperature=0)
     assert text.usage.prompt_tokens == len(b"Hello")
 
@@ -280,7 +283,8 @@ def test_metrics_parse_and_name_what_users_watch(gpt: Server) -> None:
                  "kcloud_time_per_output_token_seconds_count",
                  "kcloud_e2e_request_latency_seconds_count", "kcloud_queue_length",
                  "kcloud_running_batch_size", "kcloud_kv_blocks_used", "kcloud_kv_blocks_free",
-                 "kcloud_preemptions_total", "kcloud_generation_tokens_total"):
+                 "kcloud_preemptions_total", "kcloud_generation_tokens_total",
+                 "kcloud_server_overhead_seconds_count"):
         assert name in m, name
     text = httpx.get(gpt.url + "/metrics").text
     assert 'figures="modeled"' in text

@@ -68,6 +68,7 @@ class Event:
     finished: bool = False
     reason: str | None = None
     error: str | None = None
+    engine_s: float | None = None  # on a finished request: the wall time of the steps it ran in
 
 
 @dataclass
@@ -164,6 +165,7 @@ class Engine:
         self._ctx = mp.get_context("spawn")
         self._results = self._ctx.Queue()
         self._where: dict[int, tuple[_Replica, Sequence | Item]] = {}
+        self._engine_s: dict[int, float] = {}  # request -> wall time of its steps so far
         self.replicas: list[_Replica] = []
         self.preemptions = 0
         self.restarts = 0
@@ -356,6 +358,7 @@ class Engine:
     def abort(self, rid: int) -> bool:
         """Drop a request (its KV blocks freed); False when it is unknown or already done."""
         got = self._where.pop(rid, None)
+        self._engine_s.pop(rid, None)
         if got is None:
             return False
         rep, what = got
@@ -485,24 +488,31 @@ class Engine:
         inflight = rep.inflight
         rep.inflight = None
         rep.state = "idle"
+        wall = time.monotonic() - rep.t_step  # the step as the engine saw it (IPC and pacing in)
+        spent = self._engine_s
         if rep.scheduler is not None:
             assert isinstance(inflight, StepPlan)
             done = rep.scheduler.update(inflight, value)
+            for sid in {r.seq.id for r in inflight.rows}:
+                spent[sid] = spent.get(sid, 0.0) + wall
             for r in inflight.rows:
                 if r.sample and r.seq.id in value and r.seq.id in self._where:
                     ev = Event(r.seq.id, [r.seq.output[-1]])
                     if r.seq.finished:
                         ev.finished, ev.reason = True, r.seq.finish_reason
+                        ev.engine_s = spent.get(r.seq.id)
                     events.append(ev)
             for seq in done:
                 self._where.pop(seq.id, None)
+                spent.pop(seq.id, None)
                 self.completed += 1
         else:
             assert isinstance(inflight, list)
             outs = _split(value, [i.size for i in inflight])
             for item, out in zip(inflight, outs, strict=True):
                 if self._where.pop(item.id, None) is not None:
-                    events.append(Event(item.id, output=out, finished=True, reason="done"))
+                    events.append(Event(item.id, output=out, finished=True, reason="done",
+                                        engine_s=spent.pop(item.id, 0.0) + wall))
                     self.completed += 1
         return events
 
@@ -567,6 +577,7 @@ class Engine:
             gone = len(rep.failures) > 3
             if started or gone:
                 self._where.pop(what.id, None)
+                self._engine_s.pop(what.id, None)
                 sched.remove(what)  # type: ignore[arg-type]
                 if isinstance(what, Sequence):
                     what.finish_reason = "error"

@@ -46,6 +46,7 @@ MAX_BODY_BYTES = 4 << 20
 REQUEST_TIMEOUT_S = 600.0
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0, 120.0)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1)
 
 
 @dataclass
@@ -80,6 +81,10 @@ class Metrics:
                              lab, buckets=_LATENCY_BUCKETS, registry=r)
         self.step = Histogram("kcloud_engine_step_seconds", "Engine loop turns that ran a step",
                               lab, buckets=_LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram(
+            "kcloud_server_overhead_seconds", "A completed request's time in the server beyond "
+            "the engine steps it ran in (queueing, scheduling, hand-offs, detokenization)",
+            lab, buckets=_OVERHEAD_BUCKETS, registry=r)
         self.queue = Gauge("kcloud_queue_length", "Requests waiting", registry=r)
         self.running = Gauge("kcloud_running_batch_size", "Sequences (or samples) running",
                              registry=r)
@@ -93,7 +98,8 @@ class Metrics:
         self.prompt_tokens = Counter("kcloud_prompt_tokens", "Prompt tokens received", lab,
                                      registry=r)
         self._seen = {"preemptions": 0, "restarts": 0}
-        for m in (self.ttft, self.tpot, self.e2e, self.step, self.tokens, self.prompt_tokens):
+        for m in (self.ttft, self.tpot, self.e2e, self.step, self.overhead, self.tokens,
+                  self.prompt_tokens):
             m.labels(figures)  # present (at zero) before the first request
         self.requests.labels("200", figures)
 
@@ -290,6 +296,7 @@ def build_app(aengine: AsyncEngine, cfg: ServeConfig, tokenizer: Any = None) -> 
                     break
                 if ev.finished:
                     reason = ev.reason
+                    timing.engine_s = ev.engine_s
                     break
         except TimeoutError:
             aengine.abort(stream.id)
@@ -309,7 +316,8 @@ def build_app(aengine: AsyncEngine, cfg: ServeConfig, tokenizer: Any = None) -> 
             "choices": [choice],
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": n,
                       "total_tokens": len(prompt) + n},
-            "kcloud": {"figures": cfg.figures, "ttft_s": timing.ttft, "e2e_s": timing.e2e},
+            "kcloud": {"figures": cfg.figures, "ttft_s": timing.ttft, "e2e_s": timing.e2e,
+                       "engine_s": timing.engine_s},
         }, headers=headers)
 
     async def _sse(stream: Stream, out: TextOut, rid: str, created: int, chat: bool,
@@ -372,6 +380,7 @@ def build_app(aengine: AsyncEngine, cfg: ServeConfig, tokenizer: Any = None) -> 
                 if reason is not None:
                     if out.stopped and not ev.finished:
                         aengine.abort(stream.id)
+                    timing.engine_s = ev.engine_s
                     timing.observe(metrics, cfg.figures)
                     metrics.requests.labels("200", cfg.figures).inc()
                     break
@@ -486,6 +495,7 @@ class _Timing:
         self.first: float | None = None
         self.last = submitted
         self.n = 0
+        self.engine_s: float | None = None  # the engine's steps for this request (when done)
 
     def tokens(self, n: int) -> None:
         now = time.perf_counter()
@@ -507,7 +517,10 @@ class _Timing:
             m.ttft.labels(figures).observe(self.first - self.t0)
             if self.n > 1:
                 m.tpot.labels(figures).observe((self.last - self.first) / (self.n - 1))
-        m.e2e.labels(figures).observe(time.perf_counter() - self.t0)
+        e2e = time.perf_counter() - self.t0
+        m.e2e.labels(figures).observe(e2e)
+        if self.engine_s is not None:
+            m.overhead.labels(figures).observe(max(0.0, e2e - self.engine_s))
 
 
 async def _next(stream: Stream, timeout: float, request: Request | None) -> Event | None:
