@@ -484,3 +484,17 @@ def test_the_simulator_prices_an_offloaded_plan_with_its_pim_group():
         assert st.kv_token_capacity() == st.attention.kv_token_capacity()
         # and its step is the one plan_cost and the planner priced
         assert st.step(4, 4 * st.tables.captured_kv_tokens).time_s > 0
+
+
+def test_manifests_of_an_offloaded_plan_ask_for_its_pim_devices():
+    from kcloud.k8s.manifests import plan_groups
+
+    m, cl = mha_llm(), pim_cluster(nodes=1, npu=1, pim=4)
+    plan = make_plan(m, cl, Goal(objective="energy", attention_offload="on"),
+                     micro_batches=[4]).plan
+    groups = {g.device_type: g for g in plan_groups(plan)}
+    used = sum(s.attention_offload.count for r in plan.replicas for s in r.stages
+               if s.attention_offload)
+    assert used and "samsung-hbm-pim" in groups
+    assert sum(1 for d in plan.devices if "/samsung-hbm-pim/" in d) >= used
+    assert groups["samsung-hbm-pim"].resource == get_device("samsung-hbm-pim").k8s_resource
