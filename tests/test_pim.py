@@ -33,7 +33,7 @@ from kcloud.planner.evaluate import evaluate
 from kcloud.planner.goal import Goal, GoalError
 from kcloud.planner.model import ModelGraphs
 from kcloud.planner.plan import Plan
-from kcloud.planner.search import make_context, min_latency, per_item_family
+from kcloud.planner.search import make_context, min_latency, min_period, per_item_family
 from kcloud.planner.space import NET, StageSpace, build_types, offload_counts
 from kcloud.precision import Precision
 from tests.test_planner import decoder
@@ -317,7 +317,10 @@ def brute_chains(ctx, b: int):
                 energy = sum(sp.options[o].tp * c[1] + sp.opt_idle_w[o] * (period - c[0])
                              for o, c in zip(chosen, costs, strict=True))  # type: ignore[index]
                 latency = float(sp.arrival[sp.options[chosen[0]].type]) + sum(times) + sum(trans)
-                out.append((chosen, latency, energy / sp.items))
+                total = ctx.goal.max_devices
+                if total is not None and sum(use.values()) > total:
+                    continue
+                out.append((chosen, latency, energy / sp.items, sp.items / period))
     return out
 
 
@@ -334,11 +337,23 @@ def test_latency_with_offload_matches_brute_force(b):
 
 
 @pytest.mark.parametrize("b", [1, 4])
-@pytest.mark.parametrize("mode", ["auto", "on"])
-def test_energy_with_offload_matches_brute_force(b, mode):
+def test_throughput_with_offload_matches_brute_force(b):
     m, cl = mha_llm(), pim_cluster()
-    ctx = make_context(m, cl, Goal(objective="energy", attention_offload=mode),
-                       micro_batches=[b])
+    ctx = make_context(m, cl, Goal(batch=2, attention_offload="auto"), micro_batches=[b])
+    chains = brute_chains(ctx, b)
+    t = min_period(ctx, b, ctx.options(b, ctx.restrictions[0][1]))
+    assert t is not None
+    assert t.throughput == pytest.approx(max(c[3] for c in chains), rel=1e-9)
+
+
+@pytest.mark.parametrize("b", [1, 4])
+@pytest.mark.parametrize("mode", ["auto", "on"])
+@pytest.mark.parametrize("max_devices", [None, 2])
+def test_energy_with_offload_matches_brute_force(b, mode, max_devices):
+    """The PIM group's devices count against a device budget (and their type's count)."""
+    m, cl = mha_llm(), pim_cluster()
+    ctx = make_context(m, cl, Goal(objective="energy", attention_offload=mode,
+                                   max_devices=max_devices), micro_batches=[b])
     chains = brute_chains(ctx, b)
     found = per_item_family(ctx, b, ctx.options(b, ctx.restrictions[0][1]), "energy")
     assert min(t.objective("energy") for t in found) == pytest.approx(
