@@ -260,7 +260,7 @@ class OffloadGroup:
 
     tp: int  # NPU/GPU devices of the stage
     count: int  # PIM devices
-    n_layers: int  # layers of the stage
+    n_layers: Any  # layers of the stage (the planner: an array over its layer ranges)
     npu_idle_w: float
     pim_idle_w: float
 
@@ -332,12 +332,13 @@ class Offload:
         """`row_elems` per layer (the planner's ranges sum them)."""
         return np.array([self.row_elems(i, i + 1) for i in range(self.tables.n_layers)])
 
-    def transfer_s(self, rows: float, n_layers: int, row_bytes: float) -> float:
-        """A step's transfers for `rows` rows: two messages per layer, and the bytes."""
+    def transfer_s(self, rows: Any, n_layers: Any, row_bytes: Any) -> Any:
+        """A step's transfers for `rows` rows: two messages per layer, and the bytes (floats,
+        or arrays over the planner's layer ranges)."""
         bw, lat = self.link
         return 2.0 * n_layers * lat + rows * row_bytes / bw
 
-    def move_s(self, tokens: float, kv_bytes_per_token: float, n_layers: int) -> float:
+    def move_s(self, tokens: Any, kv_bytes_per_token: Any, n_layers: Any) -> Any:
         """Moving the KV of `tokens` prompt tokens into PIM memory (one message per layer)."""
         bw, lat = self.link
         return n_layers * lat + tokens * kv_bytes_per_token / bw
@@ -535,11 +536,12 @@ class StageTables:
                 t, e = t + ps * prefill_pairs, e + pe * prefill_pairs
             return t, e
 
-        move = self._move_s(prefill_tokens) - n * off.link[1] if prefill_tokens else 0.0
         if batch == 0:  # a prompt chunk alone: no attention on PIM, its KV moves there
             t, e = dense(0)
-            t2, e2 = g.prefill(t, e, move + n * off.link[1])
+            t2, e2 = g.prefill(t, e, self._move_s(prefill_tokens))
             return StepCost(_scalar(t2), _scalar(e2), self.idle_w)
+        # a chunk riding along a decode step: its KV's bytes go with the step's messages
+        move = self._move_s(prefill_tokens) - n * off.link[1] if prefill_tokens else 0.0
         ds, dj = dense(batch)
         # two sub-batches: the prompt chunk rides with one of them
         (h1, j1), (h2, j2) = dense(half), dense(half, chunk=False)

@@ -375,13 +375,13 @@ class StageSpace:
         off = Offload(pim, (bw, lat))
         row = _ranges(off.layer_row_elems()) * Precisions.of(prec).act_bytes
         kv_tok = _ranges(np.array([pim.kv_bytes_per_token(i, i + 1) for i in range(L)]))
-        group = OffloadGroup(tp, c, n_layers, dev.idle_power_w.value,  # type: ignore[arg-type]
+        group = OffloadGroup(tp, c, n_layers, dev.idle_power_w.value,
                              pt.device.idle_power_w.value)
         dec_t, dec_j, piped = group.decode(
             b, dense.time, dense.power * dense.time, dense_h.time, dense_h.power * dense_h.time,
             att.time, att.power * att.time, att_h.time, att_h.power * att_h.time,
-            off.transfer_s(b, n_layers, row), off.transfer_s(half, n_layers, row))  # type: ignore[arg-type]
-        move = off.move_s(b * m.prompt_tokens, kv_tok * c, n_layers)  # type: ignore[arg-type]
+            off.transfer_s(b, n_layers, row), off.transfer_s(half, n_layers, row))
+        move = off.move_s(b * m.prompt_tokens, kv_tok * c, n_layers)
         pre_t, pre_j = group.prefill(pre.time, pre.power * pre.time, move)
         g = generation_cost(pre_t, pre_j, dec_t, dec_j, m.output_tokens)
         time, energy = g.time_s, g.energy_j
