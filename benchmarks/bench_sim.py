@@ -74,11 +74,11 @@ def vidur_fleet():
 
 
 def simulate(models, stream, router: str = "round-robin"):
+    from kcloud.planner.scheduling import SchedulerConfig
     from kcloud.sim.fleet import Service, Simulator
-    from kcloud.sim.policy import SchedulerConfig
 
     cap = min(m.kv_token_capacity(512) for m in models)
-    sched = SchedulerConfig(chunk_tokens=512, max_seqs=128, block_size=16,
+    sched = SchedulerConfig(token_budget=512, max_batch=128, block_size=16,
                             num_blocks=cap // 16)
     svc = Service("chat", models, stream, replicas=len(models), router=router, sched=sched)
     return Simulator([svc], bin_s=60.0).run()

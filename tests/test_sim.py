@@ -21,9 +21,9 @@ from kcloud.hardware.steps import (
     plan_cost,
     step_cost,
 )
+from kcloud.planner.scheduling import SchedulerConfig
 from kcloud.precision import Precision
 from kcloud.sim.fleet import Service, Simulator, Slo
-from kcloud.sim.policy import SchedulerConfig
 from kcloud.sim.services import ServiceSpec, build_service, plan_service
 from kcloud.sim.streams import read_trace, synthetic_stream, trace_stream
 
@@ -162,7 +162,7 @@ def test_every_request_completes_or_is_dropped_under_preemption(llm):
     stream = synthetic_stream(400.0, limit=3000, seed=4,
                               lengths=__import__("kcloud.sim.streams", fromlist=["Lengths"])
                               .Lengths(60, 80, 0.8))
-    sched = SchedulerConfig(chunk_tokens=256, max_seqs=64, num_blocks=16)
+    sched = SchedulerConfig(token_budget=256, max_batch=64, num_blocks=16)
     res = _run(_llm_service(planned, stream, sched=sched))
     st = res.services["chat"]
     assert st.requests == 3000

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import httpx
 import typer
 
 from kcloud.errors import KCloudError
@@ -21,6 +20,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 def call(method: str, url: str, key: str | None, path: str,
          body: dict[str, Any] | None = None) -> dict[str, Any]:
     """One REST call; a refusal or an unreachable server is one `KCloudError` line."""
+    import httpx  # here: every other command starts without it
+
     if not key:
         raise KCloudError("no API key", "give --key or set KCLOUD_KEY (the admin key is in "
                           "DATA_DIR/admin.key)")

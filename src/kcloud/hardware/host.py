@@ -31,7 +31,7 @@ from kcloud.precision import Precision
 T = TypeVar("T")
 
 HOST_ID = "host-cpu"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one-thread matmul rates times the cores
 
 WATTS_PER_CORE = 6.0  # estimated board power per core at full load
 IDLE_SHARE = 0.3  # idle power as a share of max
@@ -168,8 +168,9 @@ def cache_file() -> Path:
     import torch
 
     key = _cache_key(cpu_model(), host_cores(), torch.__version__)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / f"host-{digest}.json"
+    # the formats' versions in the name: a checkout of another version keeps its own file
+    digest = hashlib.sha256(f"{key}|{CACHE_VERSION}|{PARAMS_CACHE_VERSION}".encode()).hexdigest()
+    return cache_dir() / f"host-{digest[:16]}.json"
 
 
 def _read_cache(path: Path, key: str, version: int, cls: type[T]) -> T | None:
@@ -277,13 +278,20 @@ def _run_benchmark() -> HostMeasurement:
     threads = torch.get_num_threads()
     start = time.perf_counter()
     try:
-        torch.set_num_threads(cores)
+        # One thread, as the runtime runs every worker (one per core), times the cores. A
+        # matmul over all cores' threads is no figure of this host where other tenants load
+        # it: one starved thread stalls the others at every barrier (measured here on a
+        # loaded 2-core machine: 0.84 GFLOP/s on 2 threads against 96 GFLOP/s on one).
+        torch.set_num_threads(1)
         with torch.no_grad():
             fp32 = _matmul_rate(torch.float32, _BUDGET_FP32)
             bf16 = _matmul_rate(torch.bfloat16, _BUDGET_BF16)
+            torch.set_num_threads(cores)
             bw = _copy_rate(_BUDGET_COPY)
     finally:
         torch.set_num_threads(threads)
+    fp32 = fp32 * cores if fp32 else fp32
+    bf16 = bf16 * cores if bf16 else bf16
     if not fp32 or bw <= 0:
         raise CatalogError("the host CPU micro-benchmark measured nothing",
                            "check that torch runs on this machine")
@@ -344,10 +352,11 @@ def host_device(measurement: HostMeasurement | None = None) -> Device:
     m = measurement or measure_host()
     memory, memory_source = host_memory()
     peak = {Precision.FP32: Figure(m.fp32_flops, m.source, False,
-                                   f"best fp32 matmul (up to 2048x2048), {m.cores} threads")}
+                                   f"best one-thread fp32 matmul (up to 2048x2048) x "
+                                   f"{m.cores} cores")}
     if m.bf16_flops:
         peak[Precision.BF16] = Figure(m.bf16_flops, m.source, False,
-                                      f"best bf16 matmul, {m.cores} threads")
+                                      f"best one-thread bf16 matmul x {m.cores} cores")
     power_note = (f"estimated: {WATTS_PER_CORE:g} W per core x {m.cores} cores, a guess between "
                   "server parts (about 3-5 W per core at TDP) and desktop parts (about 8-10 W)")
     max_w = WATTS_PER_CORE * m.cores
@@ -418,7 +427,7 @@ def host_core_device(threads: int = 1) -> Device:
 # what that pass loses against the chain's back-to-back time is `resume_s` (a measured median,
 # not fitted), which the planner adds once to a request's latency.
 
-PARAMS_CACHE_VERSION = 12
+PARAMS_CACHE_VERSION = 13  # 13: fitted over the one-thread peak (host cache 2)
 # (batch, width, blocks) of the timed chains; a block holds 8 x width^2 fp32 weights.
 _CHAINS: tuple[tuple[str, int, int, int], ...] = (
     ("mlp", 1, 32, 2), ("mlp", 4, 64, 4), ("mlp", 1, 256, 4), ("mlp", 8, 256, 4),
@@ -816,15 +825,80 @@ def _register() -> None:
     register_measured_params(HOST_ID, _host_overrides)
 
 
+# -- the engine's own step costs on this host -------------------------------------------------
+#
+# A step of the engine's CPU workers (`kcloud.runtime.engine`) costs more than the cost model's
+# kernels of that step: the engine schedules it and sends it to the workers (a pickled command
+# over a process queue, the result back), a worker lays out its rows (positions and KV slots of
+# every row, the packed decode batch), gathers each row's keys and values from the paged cache,
+# and samples. Those are measured by the runtime (`kcloud.runtime.step_costs`) on this host as
+# a few non-negative constants per step, per row and per byte of KV cache a step reads or
+# writes, and kept here beside the host's other measurements.
+
+ENGINE_COSTS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EngineStepCosts:
+    """Seconds a step of the engine's CPU workers takes beyond its kernels' modeled time."""
+
+    step_s: float  # per step: scheduling, the command and its result between processes
+    row_s: float  # per row (sequence) of the step: its layout, its sampled token
+    kv_byte_s: float  # per byte of KV cache the decode rows read (paged gather)
+    prefill_byte_s: float  # per byte of KV cache the prompt chunks write
+    pair_byte_s: float  # per (query, key) pair of a prompt chunk, per KV byte of a token
+    date: str
+    steps: int  # timed steps the constants were fitted on
+    load_avg: float  # the host's 1-minute load average while they were timed
+    fit_error_pct: float = 0.0  # median |fitted - measured| of a step, percent
+
+    @property
+    def source(self) -> str:
+        return (f"measured on this host by kcloud's engine step calibration {self.date} "
+                f"({self.steps} steps, load average {self.load_avg:.1f})")
+
+    def extra_s(self, rows: int, kv_tokens: float, prefill_tokens: int, pairs: float,
+                kv_bytes_per_token: float) -> float:
+        return (self.step_s + self.row_s * rows
+                + kv_bytes_per_token * (self.kv_byte_s * kv_tokens
+                                        + self.prefill_byte_s * prefill_tokens
+                                        + self.pair_byte_s * pairs))
+
+
+def engine_costs_file() -> Path:
+    path = cache_file()
+    return path.with_name(path.name.replace("host-", f"host-engine{ENGINE_COSTS_VERSION}-", 1))
+
+
+def engine_step_costs() -> EngineStepCosts | None:
+    """This host's measured engine step costs, None until the runtime has measured them."""
+    import torch
+
+    key = _cache_key(cpu_model(), host_cores(), torch.__version__)
+    return _read_cache(engine_costs_file(), key, ENGINE_COSTS_VERSION, EngineStepCosts)
+
+
+def save_engine_step_costs(costs: EngineStepCosts) -> Path:
+    import torch
+
+    path = engine_costs_file()
+    _write_cache(path, _cache_key(cpu_model(), host_cores(), torch.__version__),
+                 ENGINE_COSTS_VERSION, costs)
+    return path
+
+
 _register()
 
 __all__ = [
     "HOST_ID",
+    "EngineStepCosts",
     "HostMeasurement",
     "HostParams",
     "cache_dir",
     "cache_file",
     "cpu_model",
+    "engine_costs_file",
+    "engine_step_costs",
     "host_core_device",
     "host_cores",
     "host_device",
@@ -834,4 +908,5 @@ __all__ = [
     "measure_host_params",
     "params_cache_file",
     "reset_host_cache",
+    "save_engine_step_costs",
 ]

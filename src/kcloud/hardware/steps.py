@@ -31,6 +31,7 @@ of stages with `start`, `end`, `device_type`, `precision`, `devices`), never the
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -166,13 +167,20 @@ class StepTables:
         self._fwd: dict[int, LayerTable] = {}
         self._zero: dict[int, LayerTable] = {}
         self._full: dict[int, LayerTable] = {}
-        self._no_kv = without_kv(decode) if decode is not None else None
-        self._attn = attention_only(forward) if decode is not None else None
         self._attn_table: LayerTable | None = None
 
     @property
     def is_llm(self) -> bool:
         return self.decode is not None
+
+    # The derived graphs are built on first use: the planner reads whole-step tables only.
+    @cached_property
+    def _no_kv(self) -> LayerGraph | None:
+        return without_kv(self.decode) if self.decode is not None else None
+
+    @cached_property
+    def _attn(self) -> LayerGraph | None:
+        return attention_only(self.forward) if self.decode is not None else None
 
     def _table(self, graph: LayerGraph, batch: int) -> LayerTable:
         return layer_table(graph, self.device, self.precision, batch, self.params, self.tp,
@@ -195,7 +203,7 @@ class StepTables:
     def decode_table(self, batch: int, kv_per_seq: float | None = None) -> LayerTable:
         """One decode step of `batch` sequences, each attending over `kv_per_seq` tokens
         (default: as captured, the graph's own figures)."""
-        assert self.decode is not None and self._no_kv is not None
+        assert self.decode is not None
         full = self._full.get(batch)
         if full is None:
             full = self._full[batch] = self._table(self.decode, batch)

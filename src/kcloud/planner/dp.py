@@ -264,12 +264,16 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     may_follow = ~np.eye(n_t, dtype=bool) | np.diag(multi)  # [previous type, next type]
 
     inf = np.inf
-    F = np.full((K, L + 1, n_t, U, R + 1), inf)
-    F[:, L, :, :, :R] = np.where(state_ok, 0.0, inf)[None, :, :, None]
+    # F[k, t, u, r, i]: the least cost from layer i on, after a stage of type t that left its
+    # node holding u devices (tracked counters r); the layer runs along the last axis.
+    F = np.full((K, n_t, U, R + 1, L + 1), inf)
+    F[:, :, :, :R, L] = np.where(state_ok, 0.0, inf)[None, :, :, None]
     arg_j = np.zeros((K, L, n_t, M, U, R), dtype=np.int32)
     arg_fresh = np.zeros((K, L, n_t, R), dtype=np.int32)  # [.., previous type, ..]
     arg_cont = np.full((K, L, n_t, U, R), -1, dtype=np.int32)
     start = np.full((K, R), inf)
+    rows = np.arange(K * n_t * M * U * R)  # the flat rows of each step's (.., J) sums
+    k_idx, r_idx = np.arange(K)[:, None, None], np.arange(R)[None, None, :]
 
     for i in range(L - 1, -1, -1):
         jhi = int(reach[i])
@@ -284,25 +288,24 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
             C += (lat[:, None] * space.arrival[types][None, :])[:, :, None, None]
             back = lat[:, None] * space.feedback[types, INTRA][None, :]  # (K, T)
             C[..., : L - 1] += back[:, :, None, None]
-        Fs = F[:, sl]  # (K, J, T, U, R+1)
+        # The stage's end j runs along the last (contiguous) axis: the argmin over it is one
+        # pass over memory in order.
+        Fs = F[..., sl]  # (K, T, U, R+1, J)
         if dims:
-            sh = Fs[:, :, ti[..., None], np.arange(U)[None, None, :, None],
-                    g_shift[:, :, None, :]]  # (K, J, T, M, U, R)
-            tot = C.transpose(0, 3, 1, 2)[..., None, None] + sh
-            a = np.argmin(tot, axis=1)  # (K, T, M, U, R)
-            v = np.take_along_axis(tot, a[:, None], axis=1)[:, 0]
+            sh = Fs[:, ti[..., None], np.arange(U)[None, None, :, None],
+                    g_shift[:, :, None, :]]  # (K, T, M, U, R, J)
+            tot = C[:, :, :, None, None, :] + sh
         else:
-            tot = C[..., None] + Fs[..., 0].transpose(0, 2, 1, 3)[:, :, None]  # (K,T,M,J,U)
-            a = np.argmin(tot, axis=3)  # (K, T, M, U)
-            v = np.take_along_axis(tot, a[:, :, :, None], axis=3)[:, :, :, 0]
-            v, a = v[..., None], a[..., None]
+            tot = C[:, :, :, None, None, :] + Fs[:, :, None, :, :1]  # (K, T, M, U, 1, J)
+        a = np.argmin(tot, axis=-1)  # (K, T, M, U, R)
+        v = tot.reshape(-1, tot.shape[-1])[rows, a.ravel()].reshape(a.shape)
         G = np.where(g_ok[None, :, :, :, None], v, inf)  # (K, T, M, U, R)
         arg_j[:, i] = a + i + 1
         # A stage on a fresh node, leaving u' = k: any option after no stage or another
         # type; after a stage of type t only where t has another node.
         fresh = G[:, np.arange(n_t)[:, None], np.arange(M)[None, :], g_tp - 1]  # (K,T,M,R)
         fm = np.argmin(fresh, axis=2)  # (K, T, R): best option per type
-        fv = np.take_along_axis(fresh, fm[:, :, None, :], axis=2)[:, :, 0]  # (K, T, R)
+        fv = fresh.min(axis=2)  # (K, T, R)
         if i == 0:
             ft = np.argmin(fv, axis=1)  # (K, R)
             start = np.take_along_axis(fv, ft[:, None, :], axis=1)[:, 0]
@@ -310,16 +313,16 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
             break
         pv = np.where(may_follow[None, :, :, None], fv[:, None, :, :], inf)  # (K,Tp,T,R)
         pt = np.argmin(pv, axis=2)  # (K, Tp, R)
-        fbest = np.take_along_axis(pv, pt[:, :, None, :], axis=2)[:, :, 0]  # (K, Tp, R)
-        arg_fresh[:, i] = pt * M + np.take_along_axis(fm, pt, axis=1)
+        fbest = pv.min(axis=2)  # (K, Tp, R)
+        arg_fresh[:, i] = pt * M + fm[k_idx, pt, r_idx]
         net = fbest + tcost[:, :, NET, i][:, :, None]  # (K, T, R)
         cand = G[:, ti, mi, tgt_idx]  # (K, T, U, M, R)
         cand = np.where(cont_ok[None, ..., None], cand, inf) \
             + tcost[:, :, INTRA, i][:, :, None, None, None]
         cm = np.argmin(cand, axis=3)  # (K, T, U, R)
-        cv = np.take_along_axis(cand, cm[:, :, :, None], axis=3)[:, :, :, 0]
+        cv = cand.min(axis=3)
         use = cv < net[:, :, None, :]
-        F[:, i, :, :, :R] = np.where(state_ok[None, :, :, None],
+        F[:, :, :, :R, i] = np.where(state_ok[None, :, :, None],
                                      np.where(use, cv, net[:, :, None, :]), inf)
         arg_cont[:, i] = np.where(use, cm, -1)
 

@@ -77,7 +77,7 @@ from kcloud.planner.evaluate import Mix, Template, evaluate, queue_periods
 from kcloud.planner.goal import Goal, InfeasibleGoal
 from kcloud.planner.ilp import best_counts
 from kcloud.planner.model import ModelGraphs
-from kcloud.planner.space import DeviceType, StageSpace, build_types
+from kcloud.planner.space import DeviceType, OptionCosts, StageSpace, build_types
 
 MAX_MICRO_BATCH = 64
 MAX_LLM_MICRO_BATCH = 256
@@ -105,12 +105,14 @@ class Context:
     restrictions: list[tuple[str, tuple[int, ...]]]
     spaces: dict[int, StageSpace] = field(default_factory=dict)
     in_flight: int = 2  # LLM: micro-batches in flight per pipeline (see `StageSpace`)
+    # option costs by (b, type, tp), shared by the spaces of every in-flight round
+    costs: dict[tuple[int, int, int], OptionCosts] = field(default_factory=dict)
 
     def space(self, b: int) -> StageSpace:
         sp = self.spaces.get(b)
         if sp is None:
             sp = StageSpace(self.model, self.types, self.cluster.network, b, self.calibration,
-                            self.in_flight, self.goal.attention_offload)
+                            self.in_flight, self.costs, offload=self.goal.attention_offload)
             self.spaces[b] = sp
         return sp
 

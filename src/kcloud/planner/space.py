@@ -253,6 +253,24 @@ def stage_matrices(t: LayerTable) -> StageMatrices:
                          t.sram_half)
 
 
+@dataclass(frozen=True)
+class OptionCosts:
+    """One option's costs over every range [i, j) at one micro-batch (see `StageSpace`)."""
+
+    time: np.ndarray
+    energy: np.ndarray  # busy energy per device
+    comm: np.ndarray
+    resident: np.ndarray
+    streamed: np.ndarray
+    weight_bytes: np.ndarray  # per device
+    # activation bytes per device; for an LLM the prefill workspace alone, before / tp, and
+    # `kv` the KV-cache bytes per token of context over the range
+    act: np.ndarray
+    kv: np.ndarray | None
+    shared_cache: bool
+    sram_half: float
+
+
 @dataclass
 class StageSpace:
     """Costs of every stage option over every layer range, for micro-batch `b`."""
@@ -266,6 +284,9 @@ class StageSpace:
     # pipeline of S stages keeps S in flight to stay busy; the search sets it to the most
     # stages its plan's pipelines have).
     in_flight: int = 2
+    # (b, type, tp) -> the option's costs: what spaces of one search that differ only in
+    # `in_flight` share (their costs are the same; only the memory that fits differs)
+    costs: dict[tuple[int, int, int], OptionCosts] | None = None
     offload: str = "auto"  # attention offload to PIM: auto | on | off (`Goal`)
 
     def __post_init__(self) -> None:
@@ -315,6 +336,34 @@ class StageSpace:
     # -- per option ----------------------------------------------------------------------
     def _fill(self, opt: Option, upper: np.ndarray) -> None:
         t = self.types[opt.type]
+        dev, b, tp = t.device, self.b, opt.tp
+        key = (b, opt.type, tp)
+        c = None if self.costs is None else self.costs.get(key)
+        if c is None:
+            c = self._option_costs(opt)
+            if self.costs is not None:
+                self.costs[key] = c
+        m = self.model
+        if m.decode is None:
+            act = c.act
+        else:
+            act = (float(max(self.in_flight, 1)) * b * m.context_tokens * c.kv
+                   + c.act) / tp
+        mem = c.weight_bytes + act
+        fits = upper & (mem <= dev.memory_bytes.value * MEMORY_HEADROOM)
+        self.time[opt.index] = np.where(fits, c.time, np.inf)
+        self.busy_j[opt.index] = np.where(fits, c.energy, 0.0)
+        self.comm[opt.index] = np.where(upper, c.comm, 0.0)
+        self.mem[opt.index] = np.where(upper, mem, 0.0)
+        if c.shared_cache:
+            self.resident[opt.index] = np.where(fits, c.resident, np.inf)
+            self.streamed[opt.index] = np.where(fits, c.streamed, 0.0)
+            self.weights[opt.index] = np.where(upper, c.weight_bytes, 0.0)
+            self.cache[opt.index] = tp * c.sram_half
+
+    def _option_costs(self, opt: Option) -> OptionCosts:
+        """What an option costs over every range, whatever the micro-batches in flight."""
+        t = self.types[opt.type]
         dev, prec, b, tp = t.device, t.precision, self.b, opt.tp
         params = self.calibration.params(dev)
         link = (t.link.bandwidth, t.link.collective_s)
@@ -322,6 +371,7 @@ class StageSpace:
         tables = StepTables(m.forward, m.decode, dev, prec, params, tp, link)
         pre = stage_matrices(tables.forward_table(b))
         p = Precisions.of(prec)
+        kv = None
         if m.decode is None:
             time, energy, comm = pre.time, pre.power * pre.time, pre.comm
             resident, streamed = pre.resident, pre.streamed
@@ -337,22 +387,12 @@ class StageSpace:
             streamed = pre.streamed + n_out * dec.streamed
             kv = _ranges(m.kv_elems_per_token) * p.kv_bytes
             work_tok = _range_max(m.peak_act_elems) / m.prompt_tokens * p.act_bytes
-            act = (float(max(self.in_flight, 1)) * b * m.context_tokens * kv
-                   + min(b * m.prompt_tokens, PREFILL_CHUNK_TOKENS) * work_tok) / tp
+            act = min(b * m.prompt_tokens, PREFILL_CHUNK_TOKENS) * work_tok
         if tp > 1:  # what the group's lead receives, it broadcasts to the group's other ranks
             share = self._group_share(t, tp)
             time, comm, resident = time + share, comm + share, resident + share
-        mem = pre.weight_bytes + act
-        fits = upper & (mem <= dev.memory_bytes.value * MEMORY_HEADROOM)
-        self.time[opt.index] = np.where(fits, time, np.inf)
-        self.busy_j[opt.index] = np.where(fits, energy, 0.0)
-        self.comm[opt.index] = np.where(upper, comm, 0.0)
-        self.mem[opt.index] = np.where(upper, mem, 0.0)
-        if params.shared_cache:
-            self.resident[opt.index] = np.where(fits, resident, np.inf)
-            self.streamed[opt.index] = np.where(fits, streamed, 0.0)
-            self.weights[opt.index] = np.where(upper, pre.weight_bytes, 0.0)
-            self.cache[opt.index] = tp * pre.sram_half
+        return OptionCosts(time, energy, comm, resident, streamed, pre.weight_bytes, act, kv,
+                           params.shared_cache, pre.sram_half)
 
     def _fill_offload(self, opt: Option, upper: np.ndarray) -> None:
         """An LLM stage whose decode attention runs on `opt.pim_count` PIM devices: the

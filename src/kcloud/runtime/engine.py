@@ -185,6 +185,9 @@ class Engine:
         self._rendezvous: tuple[str, int] | None = None  # a run's one process group on Ray
         self.placement: dict[int, str] = {}  # rank -> Ray node address
         self.runs: list[Any] = []  # the results of `run` schedules, as they come
+        # when a list: (replica, step, seconds from its command to its result) of every LLM
+        # step (`kcloud.runtime.step_costs` times the engine with it)
+        self.step_times: list[tuple[int, StepPlan, float]] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -475,6 +478,8 @@ class Engine:
             step, value, _ = rest
             if step != rep.step:
                 return []
+            if self.step_times is not None and isinstance(rep.inflight, StepPlan):
+                self.step_times.append((ri, rep.inflight, time.monotonic() - rep.t_step))
             if rep.modeled_s is not None:
                 when = rep.t_step + rep.modeled_s
                 if when > time.monotonic():
@@ -647,12 +652,14 @@ class Engine:
                 "replicas": len(self.replicas)}
 
 
-def _pacer(plan: Plan, mode: str, llm: bool) -> Callable[[int, Any], float | None]:
+def _pacer(plan: Plan, mode: str, llm: bool,
+           emulated_only: bool = True) -> Callable[[int, Any], float | None]:
     """The cost model's seconds of one step of a replica (`kcloud.hardware.steps`, the
     composition predict, the planner and the simulator use): the sum over its emulated stages
-    of their step at this step's batch, KV tokens and prompt chunks."""
+    (all of them: `emulated_only=False`) of their step at this step's batch, KV tokens and
+    prompt chunks."""
     from kcloud.hardware.catalog import get_device
-    from kcloud.hardware.steps import prefill_pairs, stage_tables_for, step_cost
+    from kcloud.hardware.steps import stage_tables_for, step_cost
     from kcloud.runtime.model import layer_graph
 
     forward = layer_graph(plan.model, batch=plan.micro_batch, seq_len=plan.seq_len,
@@ -667,7 +674,8 @@ def _pacer(plan: Plan, mode: str, llm: bool) -> Callable[[int, Any], float | Non
     tables = [[stage_tables_for(st, forward, decode, get_device(st.device_type), None,
                                 cache=cache)
                for st in rep.stages
-               if backends.choose(st.device_type, mode, st.devices[0]).name == "emulated"]
+               if not emulated_only
+               or backends.choose(st.device_type, mode, st.devices[0]).name == "emulated"]
               for rep in plan.replicas]
 
     def seconds(replica: int, work: Any) -> float | None:
@@ -675,12 +683,8 @@ def _pacer(plan: Plan, mode: str, llm: bool) -> Callable[[int, Any], float | Non
         if not stages:
             return None
         if isinstance(work, StepPlan):
-            dec = [r for r in work.rows if r.n == 1 and r.start > 0]
-            chunks = [r for r in work.rows if not (r.n == 1 and r.start > 0)]
-            kv = float(sum(r.start + 1 for r in dec))
-            tok = sum(r.n for r in chunks)
-            pairs = sum(prefill_pairs(r.n, r.start) for r in chunks)
-            return sum(step_cost(t, len(dec), kv, prefill_tokens=tok,
+            batch, kv, tok, pairs = work.shape()
+            return sum(step_cost(t, batch, kv, prefill_tokens=tok,
                                  prefill_pairs=pairs).time_s for t in stages)
         return sum(step_cost(t, sum(i.size for i in work)).time_s for t in stages)
 

@@ -2,10 +2,10 @@
 
 Events in one heap: request arrivals (each service's stream, merged lazily), the end of a lane's
 iteration, autoscaling ticks, replicas becoming ready, idle power-down checks. Each replica's
-lanes schedule as an LLM engine does (`kcloud.sim.policy`: iteration-level batching, chunked
-prefill, KV blocks, preemption) or, for a non-LLM model, as a dynamic batcher (whatever waits,
-up to `max_batch`, in one forward pass). A run of decode-only iterations whose batch cannot
-change is advanced in one event: its step times are linear in the KV tokens
+lanes schedule as the engine does, with the engine's own policy (`kcloud.planner.scheduling`:
+iteration-level batching, chunked prefill, KV blocks, preemption; for a non-LLM model, dynamic
+batching up to `max_batch` samples or `max_wait_s`). A run of decode-only iterations whose
+batch cannot change is advanced in one event: its step times are linear in the KV tokens
 (`kcloud.hardware.steps`), so k steps take k a + s (k K + B k (k - 1) / 2) seconds in closed
 form; an arrival that could join the batch cuts the run at the end of the step in progress.
 The result is the same as stepping every iteration, at a fraction of the events.
@@ -16,18 +16,23 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kcloud.sim.policy import Iteration, SchedulerConfig, SchedulerState, Seq
+from kcloud.planner.scheduling import (
+    Batcher,
+    CountedSeq,
+    Scheduler,
+    SchedulerConfig,
+    StepPlan,
+)
 from kcloud.sim.replica import ReplicaModel
 from kcloud.sim.results import Ledger, ServiceStats
 
 ROUTERS = ("round-robin", "least-outstanding", "speed-aware")
 
-_ARRIVAL, _LANE, _TICK, _READY, _IDLE = range(5)
+_ARRIVAL, _LANE, _TICK, _READY, _IDLE, _DUE = range(6)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class Service:
     router: str = "least-outstanding"
     sched: SchedulerConfig | None = None  # LLM: per replica (blocks split over its lanes)
     max_batch: int = 8  # non-LLM: dynamic batching bound
+    max_wait_s: float = 0.0  # non-LLM: how long a batch waits to fill
     autoscale: Autoscale | None = None
     power_down_idle_s: float | None = None  # power a replica off after this long idle
     wake_s: float = 0.0  # time to power an idle replica back on
@@ -85,12 +91,14 @@ class Service:
 class _Lane:
     """One engine inside a replica (a pipeline of p stages runs p of them)."""
 
-    __slots__ = ("busy", "cur", "end", "macro", "replica", "sched", "version", "waiting")
+    __slots__ = ("batcher", "busy", "cur", "due", "end", "macro", "replica", "sched", "version")
 
-    def __init__(self, replica: _Replica, cfg: SchedulerConfig | None) -> None:
+    def __init__(self, replica: _Replica, sched: Scheduler | None,
+                 batcher: Batcher | None) -> None:
         self.replica = replica
-        self.sched = SchedulerState(cfg) if cfg is not None else None
-        self.waiting: deque[Seq] = deque()  # non-LLM
+        self.sched = sched
+        self.batcher = batcher  # non-LLM
+        self.due = -1.0  # non-LLM: when a wake-up to send a batch is pending
         self.busy = False
         self.version = 0
         self.end = 0.0
@@ -101,22 +109,22 @@ class _Lane:
     def outstanding(self) -> int:
         if self.sched is not None:
             return self.sched.outstanding
-        return len(self.waiting) + (len(self.cur) if self.busy and self.cur else 0)
+        assert self.batcher is not None
+        return len(self.batcher.waiting) + (len(self.cur) if self.busy and self.cur else 0)
 
 
 class _Replica:
     __slots__ = ("draining", "idle_since", "index", "lanes", "model", "on_since", "rate",
                  "service", "state", "types")
 
-    def __init__(self, service: int, index: int, model: ReplicaModel,
-                 cfg: SchedulerConfig | None, types: list[int], rate: float) -> None:
+    def __init__(self, service: int, index: int, model: ReplicaModel, svc: Service,
+                 types: list[int], rate: float) -> None:
         self.service, self.index, self.model = service, index, model
-        lane_cfg = None
-        if cfg is not None:
-            per = max(1, cfg.num_blocks // model.pp)
-            lane_cfg = SchedulerConfig(cfg.chunk_tokens, cfg.max_seqs, cfg.block_size, per,
-                                       cfg.watermark)
-        self.lanes = [_Lane(self, lane_cfg) for _ in range(model.pp)]
+        cfg = svc.sched
+        per = max(1, cfg.num_blocks // model.pp) if cfg is not None else 0
+        self.lanes = [_Lane(self, cfg.scheduler(num_blocks=per) if cfg is not None else None,
+                            None if cfg is not None else Batcher(svc.max_batch, svc.max_wait_s))
+                      for _ in range(model.pp)]
         self.state = "off"  # off | starting | on | asleep
         self.draining = False
         self.on_since = -1.0
@@ -248,8 +256,8 @@ class Simulator:
         for si, svc in enumerate(services):
             reps = []
             for ri, m in enumerate(svc.models):
-                b = svc.sched.max_seqs if svc.sched else svc.max_batch
-                reps.append(_Replica(si, ri, m, svc.sched,
+                b = svc.sched.max_batch if svc.sched else svc.max_batch
+                reps.append(_Replica(si, ri, m, svc,
                                      [self.ledger.index[t] for t in m.device_types],
                                      m.nominal_rate(min(b, 32), svc.mean_context)))
             self.replicas.append(reps)
@@ -318,6 +326,9 @@ class Simulator:
                         self._kick(lane, t)
             elif kind == _IDLE:
                 self._idle_check(obj, t, version)
+            elif kind == _DUE and obj.due == t:
+                obj.due = -1.0
+                self._kick(obj, t)
         end = max(self._last, horizon_s or 0.0)
         if until is not None:
             end = min(end, until) if self._heap else end
@@ -371,33 +382,35 @@ class Simulator:
         st = self.stats[si]
         st.requests += 1
         _, prompt, out = req
-        seq = Seq(self._rid, si, t, prompt, out)
+        seq = CountedSeq(self._rid, si, t, prompt, out)
         self._rid += 1
-        if svc.sched is not None and not svc.sched.fits(prompt + out + 1):
-            st.dropped += 1  # longer than any replica's KV cache can ever hold
-            return
         r = self._route(si, seq)
         if r is None:
             st.dropped += 1
             return
+        lane = min(r.lanes, key=lambda ln: ln.outstanding) if len(r.lanes) > 1 else r.lanes[0]
+        sch = lane.sched
+        if sch is not None and sch.fits(prompt, seq.out) is not None:
+            st.dropped += 1  # longer than the replica's context or KV cache can ever hold
+            return
         if r.state == "asleep":
             self._power_on(r, t, t + svc.wake_s)
-        lane = min(r.lanes, key=lambda ln: ln.outstanding) if len(r.lanes) > 1 else r.lanes[0]
-        if lane.sched is not None:
-            sch = lane.sched
+        if sch is not None:
             was_empty = not sch.waiting
-            sch.waiting.append(seq)
+            sch.add(seq)
             if lane.busy:
-                if lane.macro is not None and was_empty and sch.admissible(seq):
+                if lane.macro is not None and was_empty and \
+                        sch.admissible(sch.token_budget - len(sch.running)):
                     self._cut_macro(lane, t)
             else:
                 self._kick(lane, t)
         else:
-            lane.waiting.append(seq)
+            assert lane.batcher is not None
+            lane.batcher.add(seq)
             if not lane.busy:
                 self._kick(lane, t)
 
-    def _route(self, si: int, seq: Seq) -> _Replica | None:
+    def _route(self, si: int, seq: CountedSeq) -> _Replica | None:
         svc = self.services[si]
         reps = [r for r in self.replicas[si] if r.routable]
         if not reps:
@@ -420,14 +433,19 @@ class Simulator:
         m = r.model
         sch = lane.sched
         if sch is None:  # dynamic batching of a non-LLM model
-            if not lane.waiting:
+            bat = lane.batcher
+            assert bat is not None
+            batch = bat.take(t)
+            if not batch:
+                due = bat.due(t)
+                if due is not None and lane.due != due:
+                    lane.due = due
+                    self._push(due, _DUE, lane)
                 self._lane_idle(lane, t)
                 return
-            b = min(len(lane.waiting), self.services[r.service].max_batch)
-            batch = [lane.waiting.popleft() for _ in range(b)]
             for s in batch:
                 s.started = t
-            dt, per = m.forward(b)
+            dt, per = m.forward(len(batch))
             self._account(r, t, t + dt, per)
             lane.cur = batch
             lane.macro = None
@@ -438,21 +456,26 @@ class Simulator:
             b = len(sch.running)
             k0 = 0
             for s in sch.running:
-                k0 += s.ctx + 1
+                k0 += s.computed + 1
             coeffs = m.decode(b)
             lane.macro = (t, k, b, k0, coeffs)
             lane.cur = None
             self._start(lane, t + _run_time(coeffs[0], coeffs[1], k, b, k0))
             return
-        it = sch.plan_iteration(t)
-        st = self.stats[r.service]
-        st.preemptions += it.preempted
-        if not it.decode and not it.chunks:
+        n0 = len(sch.running)
+        plan = sch.schedule()
+        if plan.preempted:
+            self.stats[r.service].preemptions += len(plan.preempted)
+        elif len(sch.running) > n0:  # admitted this step (none are when one was preempted)
+            for s in sch.running[n0:]:
+                if s.started < 0:
+                    s.started = t
+        if not plan.rows:
             self._lane_idle(lane, t)
             return
-        dt, per = m.mixed(len(it.decode), it.kv_tokens, it.prefill_tokens, it.prefill_pairs)
+        dt, per = m.mixed(*plan.shape())
         self._account(r, t, t + dt, per)
-        lane.cur = it
+        lane.cur = plan
         lane.macro = None
         self._start(lane, t + dt)
 
@@ -501,20 +524,24 @@ class Simulator:
                                      for pa, ps, ea, es in per])
             self._finish(r, sch.advance_decode(k), t)
         else:
-            it: Iteration = lane.cur
-            self._finish(r, sch.finish_iteration(it, t), t)
+            plan: StepPlan = lane.cur
+            for seq, _, _, sample in plan.rows:
+                if sample and seq.first_token < 0:
+                    seq.first_token = t
+            self._finish(r, sch.update(plan), t)
         lane.busy = False
         self._kick(lane, t)
 
     def _account(self, r: _Replica, t0: float, t1: float,
                  per: Any) -> None:
-        lg = self.ledger
-        st = self.stats[r.service]
+        work = self.ledger.work
+        e = 0.0
         for ti, tp, (busy, dyn) in zip(r.types, r.model.tps, per, strict=True):
-            lg.work(ti, t0, t1, tp * busy, tp * dyn)
-            st.energy_j += tp * dyn
+            work(ti, t0, t1, tp * busy, tp * dyn)
+            e += tp * dyn
+        self.stats[r.service].energy_j += e
 
-    def _finish(self, r: _Replica, done: list[Seq], t: float) -> None:
+    def _finish(self, r: _Replica, done: list[CountedSeq], t: float) -> None:
         if not done:
             return
         svc = self.services[r.service]

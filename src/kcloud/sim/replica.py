@@ -6,6 +6,12 @@ p stages keeps p iterations in flight (p *lanes*, each an engine of its own over
 KV-cache blocks), as a pipeline-parallel vLLM replica runs p micro-batches; a lane's iteration
 time is the whole pipeline's latency.
 
+A replica on this host's CPU cores (`host-cpu` devices) runs the engine's workers: each of its
+steps also costs what the engine's own work around the kernels costs here (scheduling, the
+command and result between processes, each row's layout and sample, the paged KV cache's
+gathers), as `kcloud.runtime.step_costs` measured it (`kcloud.hardware.host.EngineStepCosts`),
+charged as busy time at no extra dynamic energy.
+
 Energy is split in two: the idle power of every device while its replica is powered on (the
 fleet's ledger counts it over time), and the dynamic energy of each step (busy power minus idle
 power, times the stage's time, per device), which this module gives per stage.
@@ -17,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kcloud.hardware.cost import Precisions
+from kcloud.hardware.host import HOST_ID, EngineStepCosts, engine_step_costs
 from kcloud.hardware.steps import StageTables, StepTables, offload_of, stage_tables_for
 
 
@@ -31,8 +38,13 @@ class ReplicaModel:
     _dec: dict[int, tuple[float, float, tuple[tuple[float, float, float, float], ...]]] = (
         field(default_factory=dict))
     _fwd: dict[int, tuple[float, tuple[tuple[float, float], ...]]] = field(default_factory=dict)
+    _mix: dict[tuple[int, int], Any] = field(default_factory=dict)
+    # per stage: the engine's step costs on its devices, and the KV bytes a token keeps there
+    engine: list[tuple[EngineStepCosts, float] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.engine:
+            self.engine = [None] * len(self.stages)
         self.device_types = [s.device.id for s in self.stages]
         self.tps = [s.tp for s in self.stages]
         self.idle_w = [s.idle_w for s in self.stages]  # per device
@@ -60,9 +72,14 @@ class ReplicaModel:
         hit = self._dec.get(batch)
         if hit is None:
             per = []
-            for st, idle in zip(self.stages, self.idle_w, strict=True):
+            for st, idle, eng in zip(self.stages, self.idle_w, self.engine, strict=True):
                 lin = st.decode_linear(batch)
-                per.append((lin.a, lin.b, lin.ea - idle * lin.a, lin.eb - idle * lin.b))
+                xa = xs = 0.0
+                if eng is not None:
+                    xa = eng[0].extra_s(batch, 0.0, 0, 0.0, eng[1])
+                    xs = eng[0].extra_s(batch, 1.0, 0, 0.0, eng[1]) - xa
+                per.append((lin.a + xa, lin.b + xs, lin.ea - idle * lin.a,
+                            lin.eb - idle * lin.b))
             a = sum(p[0] for p in per) + self.hop_s(batch)
             s = sum(p[1] for p in per)
             hit = self._dec[batch] = (a, s, tuple(per))
@@ -71,18 +88,39 @@ class ReplicaModel:
     def mixed(self, batch: int, kv_tokens: float, prefill_tokens: int,
               pairs: float) -> tuple[float, list[tuple[float, float]]]:
         """An iteration with decode steps and prompt chunks: its time, and per stage (time,
-        dynamic energy) per device."""
-        if len(self.stages) == 1:
-            c = self.stages[0].step(batch, kv_tokens, prefill_tokens, pairs)
-            t = c.time_s
-            if self.hops:
-                t += self.hop_s(batch + prefill_tokens)
-            return t, [(c.time_s, c.energy_j - self.idle_w[0] * c.time_s)]
+        dynamic energy) per device. A step is linear in its KV tokens and prompt pairs at a
+        given (batch, prompt tokens) (`StageTables.step`): those coefficients are cached."""
+        key = (batch, prefill_tokens)
+        co = self._mix.get(key)
+        if co is None:
+            co = self._mix[key] = self._mixed_coefficients(batch, prefill_tokens)
+        hop, per = co
+        out = [(t0 + s * kv_tokens + p * pairs, d0 + ds * kv_tokens + dp * pairs)
+               for t0, s, p, d0, ds, dp in per]
+        if len(out) == 1:
+            return out[0][0] + hop, out
+        return sum(o[0] for o in out) + hop, out
+
+    def _mixed_coefficients(self, batch: int, prefill_tokens: int) -> tuple[
+            float, tuple[tuple[float, float, float, float, float, float], ...]]:
         per = []
-        for st, idle in zip(self.stages, self.idle_w, strict=True):
-            c = st.step(batch, kv_tokens, prefill_tokens, pairs)
-            per.append((c.time_s, c.energy_j - idle * c.time_s))
-        return sum(p[0] for p in per) + self.hop_s(batch + prefill_tokens), per
+        rows = batch + (1 if prefill_tokens else 0)  # a step's prompt work: mostly one chunk
+        for st, idle, eng in zip(self.stages, self.idle_w, self.engine, strict=True):
+            base = st.step(batch, 0.0, prefill_tokens, 0.0)
+            kv = st.step(batch, 1.0, prefill_tokens, 0.0) if batch else base
+            pr = st.step(batch, 0.0, prefill_tokens, 1.0) if prefill_tokens else base
+            t0, e0 = base.time_s, base.energy_j
+            s, es = kv.time_s - t0, kv.energy_j - e0
+            p, ep = pr.time_s - t0, pr.energy_j - e0
+            d0, ds, dp = e0 - idle * t0, es - idle * s, ep - idle * p
+            if eng is not None:
+                x0 = eng[0].extra_s(rows, 0.0, prefill_tokens, 0.0, eng[1])
+                s += eng[0].extra_s(rows, 1.0, prefill_tokens, 0.0, eng[1]) - x0
+                p += eng[0].extra_s(rows, 0.0, prefill_tokens, 1.0, eng[1]) - x0
+                t0 += x0
+            per.append((t0, s, p, d0, ds, dp))
+        hop = self.hop_s(batch + prefill_tokens) if self.hops else 0.0
+        return hop, tuple(per)
 
     # -- non-LLM ------------------------------------------------------------------------------
     def forward(self, batch: int) -> tuple[float, tuple[tuple[float, float], ...]]:
@@ -115,6 +153,8 @@ def replica_models(plan: Any, cluster: Any, forward: Any, decode: Any,
     """A ReplicaModel per replica of `plan` (a `kcloud.planner.Plan`) on `cluster`."""
     cache: dict[tuple[Any, ...], StepTables] = {}
     graph = decode if decode is not None else forward
+    costs = engine_step_costs() if decode is not None and any(
+        s.device_type.startswith(HOST_ID) for r in plan.replicas for s in r.stages) else None
     out = []
     for r in plan.replicas:
         stages = []
@@ -130,5 +170,8 @@ def replica_models(plan: Any, cluster: Any, forward: Any, decode: Any,
             cut = graph.layers[a.end - 1].cut_elems / graph.batch / (graph.seq_len or 1)
             act = Precisions.of(stages[0].tables.precision).act_bytes
             hops.append((link.latency, cut * act, link.bandwidth))
-        out.append(ReplicaModel(stages, hops, decode is not None))
+        engine = [(costs, st.tables.kv_bytes_per_token(st.start, st.end))
+                  if costs is not None and st.device.id.startswith(HOST_ID) else None
+                  for st in stages]
+        out.append(ReplicaModel(stages, hops, decode is not None, engine=engine))
     return out

@@ -143,6 +143,13 @@ class Ledger:
     def work(self, i: int, t0: float, t1: float, busy_s: float, dyn_j: float) -> None:
         self.busy_total[i] += busy_s
         self.dyn_total[i] += dyn_j
+        w = self.bin_s
+        b0 = int(t0 / w)
+        busy = self.busy[i]
+        if b0 == int(t1 / w) and b0 < len(busy):  # within one bin: the common case
+            busy[b0] += busy_s
+            self.dyn[i][b0] += dyn_j
+            return
         self._spread(self.busy, i, t0, t1, busy_s)
         self._spread(self.dyn, i, t0, t1, dyn_j)
 

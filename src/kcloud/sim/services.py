@@ -32,8 +32,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kcloud.errors import KCloudError
+from kcloud.planner.scheduling import SchedulerConfig
 from kcloud.sim.fleet import ROUTERS, Autoscale, Service, Slo
-from kcloud.sim.policy import SchedulerConfig
 from kcloud.sim.replica import ReplicaModel, replica_models
 from kcloud.sim.streams import Lengths, read_trace, synthetic_stream, trace_stream
 
