@@ -29,7 +29,7 @@ def test_builtins_load_with_their_device_counts():
     # H100s in one DGX talk over NVLink, nodes over the network
     a, b = dgx.slots[0].id, dgx.slots[1].id
     assert dgx.link_between(a, b).bandwidth > dgx.network.bandwidth
-    assert set(builtin_names()) == {"local-cpu", "k-cloud-rack", "gpu-dgx"}
+    assert set(builtin_names()) == {"local-cpu", "k-cloud-rack", "k-cloud-rack-2028", "gpu-dgx"}
 
 
 def test_local_cpu_has_one_device_per_core():

@@ -56,6 +56,9 @@ InputTokensOpt = Annotated[int | None, typer.Option(
     "--input-tokens", min=1, max=MAX_TOKENS, help="Tokens per sample (LLM prompt)")]
 OutputTokensOpt = Annotated[int | None, typer.Option(
     "--output-tokens", min=1, max=MAX_TOKENS, help="LLM generated tokens per request")]
+OffloadOpt = Annotated[str, typer.Option(
+    "--attention-offload", help="Decode attention on PIM devices beside the NPUs/GPUs: auto "
+    "(the search decides) | on (every LLM stage that can) | off")]
 WorkloadOpt = Annotated[str | None, typer.Option(
     "--workload", help="Benchmark workload whose lengths to use (default: the model's "
     "benchmark, if it has one; 'none': the raw default lengths)")]
@@ -64,7 +67,7 @@ WorkloadOpt = Annotated[str | None, typer.Option(
 def build_goal(objective: str, slo_ms: float | None, batch: int, power_cap_w: float | None,
                max_devices: int | None, min_domestic_share: float, precision: str | None,
                input_tokens: int | None = None, output_tokens: int | None = None,
-               workload: str | None = None) -> Goal:
+               workload: str | None = None, attention_offload: str = "auto") -> Goal:
     """The `Goal` the plan options describe (a bad value raises a one-line `KCloudError`)."""
     from kcloud.planner.goal import Goal
     from kcloud.precision import Precision
@@ -75,6 +78,7 @@ def build_goal(objective: str, slo_ms: float | None, batch: int, power_cap_w: fl
         min_domestic_share=min_domestic_share,
         precision=Precision.parse(precision) if precision else None,
         input_tokens=input_tokens, output_tokens=output_tokens, workload=workload,
+        attention_offload=attention_offload.strip().lower(),
     )
 
 
@@ -94,6 +98,7 @@ def plan(
     input_tokens: InputTokensOpt = None,
     output_tokens: OutputTokensOpt = None,
     workload: WorkloadOpt = None,
+    attention_offload: OffloadOpt = "auto",
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also plan the baselines and show them beside the plan")] = False,
     pareto: Annotated[bool, typer.Option(
@@ -110,7 +115,7 @@ def plan(
     from kcloud.planner.explain import render
 
     goal = build_goal(objective, slo_ms, batch, power_cap_w, max_devices, min_domestic_share,
-                      precision, input_tokens, output_tokens, workload)
+                      precision, input_tokens, output_tokens, workload, attention_offload)
     cl = load_cluster(cluster)  # a bad cluster fails before the model is captured
     if output is not None:
         check_writable(output, "-o")

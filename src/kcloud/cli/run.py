@@ -26,6 +26,7 @@ from kcloud.cli.plan import (
     InputTokensOpt,
     MaxDevicesOpt,
     ObjectiveOpt,
+    OffloadOpt,
     OutputTokensOpt,
     PowerCapOpt,
     PrecisionOpt,
@@ -59,6 +60,7 @@ def run(
     precision: PrecisionOpt = None,
     input_tokens: InputTokensOpt = None,
     output_tokens: OutputTokensOpt = None,
+    attention_offload: OffloadOpt = "auto",
     mode: Annotated[str, typer.Option(help="real | emulated (absent devices modeled)")] =
         "emulated",
     batches: Annotated[int | None, typer.Option(
@@ -104,10 +106,13 @@ def run(
     goal = None
     if cluster is not None or (model is not None and plan_file is None):
         goal = build_goal(objective, slo_ms, batch, power_cap_w, max_devices,
-                          min_domestic_share, precision, input_tokens, output_tokens)
+                          min_domestic_share, precision, input_tokens, output_tokens,
+                          attention_offload=attention_offload)
     plan, search_time_s = _plan_to_run(plan_file, model, cluster, goal, trust_model_code,
                                        model_timeout_s)
-    with progress(f"running {plan.model}: {len(plan.devices)} worker(s)", not as_json):
+    workers = sum(len(r.devices) + sum(1 for s in r.stages if s.attention_offload)
+                  for r in plan.replicas)  # a PIM group's attention runs in one worker
+    with progress(f"running {plan.model}: {workers} worker(s)", not as_json):
         report = execute(plan, mode=mode, n_micro=batches, trace_path=trace,
                          ray_address=ray_address, warmup=warmup, probes=probes,
                          weights=weights, prompt_only=prompt_only, timeout_s=timeout_s,

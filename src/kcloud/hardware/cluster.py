@@ -225,6 +225,22 @@ BUILTIN: dict[str, dict[str, Any]] = {
             {"name": "a100", "devices": {"nvidia-a100-sxm-80gb": 8}},
         ],
     },
+    # K-Cloud stage 2 (2026-2028): DRAM PIM beside domestic NPUs, on the node's PCIe Gen5
+    # fabric (64 GB/s each way, as the NPUs' host links), for decode attention offload: per
+    # ATOM-Max, four HBM-PIM stacks (one HBM-PIM card of four stacks, as on the MI100 boards
+    # HBM-PIM was shown on); per RNGD, one AiMX card.
+    "k-cloud-rack-2028": {
+        "name": "k-cloud-rack-2028",
+        "network": {"bandwidth_gbps": 25, "latency_us": 8, "name": "ethernet-200g-rdma"},
+        "nodes": [
+            {"name": "atom-pim", "count": 2,
+             "devices": {"rebellions-atom-max": 8, "samsung-hbm-pim": 32},
+             "link": {"bandwidth_gbps": 64, "latency_us": 2, "name": "pcie-gen5"}},
+            {"name": "rngd-aim", "count": 2,
+             "devices": {"furiosa-rngd": 8, "skhynix-aimx": 8},
+             "link": {"bandwidth_gbps": 64, "latency_us": 2, "name": "pcie-gen5"}},
+        ],
+    },
     "gpu-dgx": {
         "name": "gpu-dgx",
         "network": {"bandwidth_gbps": 50, "latency_us": 5, "name": "infiniband-400g"},

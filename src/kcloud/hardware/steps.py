@@ -75,6 +75,27 @@ def attention_only(prefill: LayerGraph) -> LayerGraph:
     return replace(prefill, layers=tuple(layers), model=prefill.model + "#attention")
 
 
+def decode_attention(decode: LayerGraph) -> LayerGraph:
+    """The decode graph's attention ops alone, over the KV cache as captured: what a PIM
+    group runs of a decode step when a stage offloads its attention. No weights, no tensor-
+    parallel collectives (heads split over the group; each head's output goes back alone)."""
+    layers = []
+    for layer in decode.layers:
+        ops: tuple[Op, ...] = tuple(o for o in layer.ops if o.op_class is OpClass.ATTENTION)
+        layers.append(Layer(layer.index, layer.name, layer.kind, ops, 0, layer.cut_elems))
+    return replace(decode, layers=tuple(layers), model=decode.model + "#attention")
+
+
+def dense_only(decode: LayerGraph) -> LayerGraph:
+    """The decode graph without its attention ops: what the NPU/GPU group of a stage that
+    offloads its attention runs of a decode step (projections, MLP, norms, head)."""
+    layers = []
+    for layer in decode.layers:
+        ops = tuple(o for o in layer.ops if o.op_class is not OpClass.ATTENTION)
+        layers.append(replace(layer, ops=ops))
+    return replace(decode, layers=tuple(layers), model=decode.model + "#dense")
+
+
 def _lerp_table(a: LayerTable, b: LayerTable, w: float) -> LayerTable:
     """Every per-layer column of `a` + w (`b` - `a`); `a` and `b` share device and TP."""
     if w == 0.0:
@@ -219,12 +240,132 @@ class StepTables:
         return float(self.forward_table(1).weight_bytes[start:end].sum())
 
 
-class StageTables:
-    """One stage of a replica, [start, end) on `tables`' device type: its step costs."""
+# ---------------------------------------------------------------------------------------------
+# Attention offload to a PIM group
 
-    def __init__(self, tables: StepTables, start: int = 0, end: int | None = None) -> None:
+
+@dataclass(frozen=True)
+class OffloadGroup:
+    """How a stage whose decode attention runs on `count` PIM devices composes a step from its
+    parts. Every part is a float or an array of them (the planner's matrices over layer
+    ranges), so `StageTables` and the planner share this one composition.
+
+    - Decode, sequenced: the NPU/GPU group runs a layer's dense ops, sends the queries (and
+      the new token's K and V) to the PIM group, which attends over the KV cache it holds and
+      sends the attention output back: time = dense + attention + transfers.
+    - Decode, pipelined by layer (NeuPIMs' sub-batch interleaving; a batch of 2 or more): two
+      sub-batches alternate, the dense ops of one run while the other's attention runs on
+      PIM. The dense side reads its weights twice (two sub-batches of ceil(b/2) rows); the
+      step takes the longer side plus the fill of one half layer. The faster mode is taken.
+    - Prefill stays on the NPU/GPU group; the KV it writes moves to PIM memory layer by layer
+      over the node link, overlapped with the next layers: max(prefill, move) + the smaller
+      one's share of one layer.
+
+    Energy: per device of the NPU/GPU group, the PIM group's share spread over them (so that
+    `tp` x energy is the stage's whole energy, as for every stage): each side's busy energy
+    and its idle power while the other side works. The link's own energy is not counted.
+    """
+
+    tp: int  # NPU/GPU devices of the stage
+    count: int  # PIM devices
+    n_layers: Any  # layers of the stage (the planner: an array over its layer ranges)
+    npu_idle_w: float
+    pim_idle_w: float
+
+    @property
+    def idle_w(self) -> float:
+        """Idle power per NPU/GPU device, the PIM group's share included."""
+        return self.npu_idle_w + self.count / self.tp * self.pim_idle_w
+
+    def _energy(self, time: Any, npu_s: Any, npu_j: Any, pim_s: Any, pim_j: Any) -> Any:
+        npu = npu_j + self.npu_idle_w * np.maximum(0.0, time - npu_s)
+        pim = pim_j + self.pim_idle_w * np.maximum(0.0, time - pim_s)
+        return npu + self.count / self.tp * pim
+
+    def decode(self, batch: int, dense_s: Any, dense_j: Any, half_s: Any, half_j: Any,
+               attn_s: Any, attn_j: Any, attn_half_s: Any, attn_half_j: Any,
+               xfer_s: Any, xfer_half_s: Any) -> tuple[Any, Any, Any]:
+        """(time, energy per NPU/GPU device, pipelined?) of a decode step of `batch` rows:
+        `dense_*` the NPU/GPU side at `batch` rows, `half_*` at ceil(batch / 2); `attn_*` the
+        PIM side (per PIM device) over the step's KV, `attn_half_*` over half the sequences;
+        `xfer_*` the step's transfers over the node link, all rows or one sub-batch."""
+        seq = dense_s + attn_s + xfer_s
+        seq_j = self._energy(seq, dense_s, dense_j, attn_s, attn_j)
+        if batch < 2:
+            return seq, seq_j, np.zeros_like(np.asarray(seq), dtype=bool)
+        d2, p2 = 2.0 * half_s, 2.0 * (attn_half_s + xfer_half_s)
+        pipe = np.maximum(d2, p2) + np.minimum(d2, p2) / (2.0 * self.n_layers)
+        pipe_j = self._energy(pipe, d2, 2.0 * half_j, 2.0 * attn_half_s, 2.0 * attn_half_j)
+        use = pipe < seq
+        return np.where(use, pipe, seq), np.where(use, pipe_j, seq_j), use
+
+    def prefill(self, pre_s: Any, pre_j: Any, move_s: Any) -> tuple[Any, Any]:
+        """(time, energy per NPU/GPU device) of a prefill whose KV moves to PIM memory."""
+        time = np.maximum(pre_s, move_s) + np.minimum(pre_s, move_s) / self.n_layers
+        return time, self._energy(time, pre_s, pre_j, 0.0, 0.0)
+
+
+def _scalar(x: Any) -> float:
+    return float(np.asarray(x))
+
+
+class Offload:
+    """The PIM group a stage offloads its decode attention to: its tables (the PIM device
+    type over `decode_attention` of the decode graph, tensor-parallel over `count` devices:
+    heads split) and the node link between the stage's devices and the group."""
+
+    def __init__(self, attention: StepTables, link: tuple[float, float]) -> None:
+        if attention.decode is None:
+            raise ValueError("an offload needs the decode graph's attention")
+        self.tables = attention
+        self.link = link  # (bandwidth B/s, latency s)
+
+    @property
+    def device(self) -> Device:
+        return self.tables.device
+
+    @property
+    def count(self) -> int:
+        return self.tables.tp
+
+    def row_elems(self, start: int, end: int) -> float:
+        """Activation elements one decode row sends to the PIM group and gets back over
+        layers [start, end): the query and the new token's K and V out, the output back."""
+        d = self.tables.decode
+        assert d is not None
+        return float(sum(max(0, o.in_elems - o.kv_elems) + o.out_elems
+                         for layer in d.layers[start:end] for o in layer.ops)) / d.batch
+
+    def layer_row_elems(self) -> np.ndarray:
+        """`row_elems` per layer (the planner's ranges sum them)."""
+        return np.array([self.row_elems(i, i + 1) for i in range(self.tables.n_layers)])
+
+    def transfer_s(self, rows: Any, n_layers: Any, row_bytes: Any) -> Any:
+        """A step's transfers for `rows` rows: two messages per layer, and the bytes (floats,
+        or arrays over the planner's layer ranges)."""
+        bw, lat = self.link
+        return 2.0 * n_layers * lat + rows * row_bytes / bw
+
+    def move_s(self, tokens: Any, kv_bytes_per_token: Any, n_layers: Any) -> Any:
+        """Moving the KV of `tokens` prompt tokens into PIM memory (one message per layer)."""
+        bw, lat = self.link
+        return n_layers * lat + tokens * kv_bytes_per_token / bw
+
+
+class StageTables:
+    """One stage of a replica, [start, end) on `tables`' device type: its step costs.
+
+    With `offload`, the stage's decode attention runs on a PIM group (`Offload`): `tables`
+    then hold the dense part of the decode graph (`dense_only`) beside the whole prompt's
+    prefill, and the group holds the KV cache (`OffloadGroup` composes the two sides)."""
+
+    def __init__(self, tables: StepTables, start: int = 0, end: int | None = None,
+                 offload: Offload | None = None) -> None:
         self.tables = tables
         self.start, self.end = start, tables.n_layers if end is None else end
+        self.offload = offload
+        self.attention = (StageTables(offload.tables, self.start, self.end)
+                          if offload is not None else None)
         self._fwd: dict[int, tuple[float, float]] = {}
         self._tok: dict[int, tuple[float, float]] = {}
         self._kv: dict[int, tuple[float, float]] = {}  # per KV token at a decode batch
@@ -239,8 +380,19 @@ class StageTables:
         return self.tables.tp
 
     @property
+    def group(self) -> OffloadGroup | None:
+        """The composition of an offloaded stage (None: no offload)."""
+        if self.offload is None:
+            return None
+        return OffloadGroup(self.tp, self.offload.count, self.end - self.start,
+                            self.device.idle_power_w.value,
+                            self.offload.device.idle_power_w.value)
+
+    @property
     def idle_w(self) -> float:
-        return self.device.idle_power_w.value
+        """Idle power per device (an offloaded stage: the PIM group's share included)."""
+        g = self.group
+        return self.device.idle_power_w.value if g is None else g.idle_w
 
     @property
     def max_w(self) -> float:
@@ -251,7 +403,10 @@ class StageTables:
 
     def kv_token_capacity(self, workspace_tokens: int = 0) -> int:
         """KV tokens this stage's devices hold beside their weights (and the activations of
-        `workspace_tokens` new tokens of one step)."""
+        `workspace_tokens` new tokens of one step); an offloaded stage's KV lives in its PIM
+        group's memory."""
+        if self.attention is not None:
+            return self.attention.kv_token_capacity()
         t = self.tables
         per = t.kv_bytes_per_token(self.start, self.end)
         if per <= 0:
@@ -304,12 +459,41 @@ class StageTables:
     def forward(self, batch: int) -> StepCost:
         """A forward pass of `batch` samples (non-LLM), or of `batch` whole prompts."""
         t, e = self._bucketed(self._exact_forward, batch)
+        g = self.group
+        if g is not None and self.tables.is_llm:  # the prompts' KV moves to PIM memory
+            move = self._move_s(batch * (self.tables.forward.seq_len or 1))
+            t, e = (_scalar(x) for x in g.prefill(t, e, move))
         return StepCost(t, e, self.idle_w)
 
+    def _move_s(self, tokens: float) -> float:
+        assert self.offload is not None and self.attention is not None
+        a = self.attention
+        per = a.tables.kv_bytes_per_token(self.start, self.end) * a.tp  # the whole group's
+        return self.offload.move_s(tokens, per, self.end - self.start)
+
+    def _row_bytes(self) -> float:
+        assert self.offload is not None
+        return (self.offload.row_elems(self.start, self.end)
+                * Precisions.of(self.tables.precision).act_bytes)
+
     def decode_linear(self, batch: int) -> Linear:
-        """A decode step of `batch` sequences as a + b x kv_tokens (in all)."""
+        """A decode step of `batch` sequences as a + b x kv_tokens (in all). An offloaded
+        stage gives its sequenced mode (`OffloadGroup`; the pipelined one is not linear in
+        the KV tokens, and never slower): an upper bound on its time."""
         t, e = self._bucketed(self._exact_tokens, batch)
         s, es = self._bucketed(self._exact_kv, batch)
+        if self.attention is not None and self.offload is not None:
+            g = self.group
+            assert g is not None
+            a = self.attention
+            at, ae = a._bucketed(a._exact_tokens, batch)
+            s, es = a._bucketed(a._exact_kv, batch)
+            x = self.offload.transfer_s(batch, self.end - self.start, self._row_bytes())
+            k = g.count / g.tp  # the PIM group's energy per NPU/GPU device
+            t0 = t + at + x
+            e0 = e + g.npu_idle_w * (at + x) + k * (ae + g.pim_idle_w * (t + x))
+            # per KV token: the PIM side works, the NPU/GPU side waits
+            return Linear(t0, s, e0, k * es + g.npu_idle_w * s)
         return Linear(t, s, e, es)
 
     def pair_cost(self) -> tuple[float, float]:
@@ -331,6 +515,8 @@ class StageTables:
         tok = batch + prefill_tokens
         if tok <= 0:
             return StepCost(0.0, 0.0, self.idle_w)
+        if self.offload is not None:
+            return self._offload_step(batch, kv_tokens, prefill_tokens, prefill_pairs)
         t, e = self._bucketed(self._exact_tokens, tok)
         if batch and kv_tokens:
             s, es = self._bucketed(self._exact_kv, batch)
@@ -339,6 +525,55 @@ class StageTables:
             ps, pe = self.pair_cost()
             t, e = t + ps * prefill_pairs, e + pe * prefill_pairs
         return StepCost(t, e, self.idle_w)
+
+
+    def _offload_step(self, batch: int, kv_tokens: float, prefill_tokens: int,
+                      prefill_pairs: float) -> StepCost:
+        """A step of an offloaded stage: the dense ops (and a prompt chunk, attention
+        included) on the stage's devices, the decode attention on the PIM group."""
+        g, a, off = self.group, self.attention, self.offload
+        assert g is not None and a is not None and off is not None
+        n = self.end - self.start
+        half = (batch + 1) // 2
+        rb = self._row_bytes()
+
+        def dense(rows: int, chunk: bool = True) -> tuple[float, float]:
+            t, e = self._bucketed(self._exact_tokens, rows + (prefill_tokens if chunk else 0))
+            if prefill_pairs and chunk:
+                ps, pe = self.pair_cost()
+                t, e = t + ps * prefill_pairs, e + pe * prefill_pairs
+            return t, e
+
+        if batch == 0:  # a prompt chunk alone: no attention on PIM, its KV moves there
+            t, e = dense(0)
+            t2, e2 = g.prefill(t, e, self._move_s(prefill_tokens))
+            return StepCost(_scalar(t2), _scalar(e2), self.idle_w)
+        # a chunk riding along a decode step: its KV's bytes go with the step's messages
+        move = self._move_s(prefill_tokens) - n * off.link[1] if prefill_tokens else 0.0
+        ds, dj = dense(batch)
+        # two sub-batches: the prompt chunk rides with one of them
+        (h1, j1), (h2, j2) = dense(half), dense(half, chunk=False)
+        hs, hj = (h1 + h2) / 2.0, (j1 + j2) / 2.0
+        at = a.step(batch, kv_tokens)
+        ah = a.step(half, kv_tokens * half / batch)
+        x = off.transfer_s(batch, n, rb) + move
+        xh = off.transfer_s(half, n, rb) + move / 2.0
+        t, e, _ = g.decode(batch, ds, dj, hs, hj, at.time_s, at.energy_j, ah.time_s,
+                           ah.energy_j, x, xh)
+        return StepCost(_scalar(t), _scalar(e), self.idle_w)
+
+    def offload_pipelined(self, batch: int, kv_tokens: float) -> bool:
+        """Whether a decode step of this offloaded stage runs pipelined by layer."""
+        g, a, off = self.group, self.attention, self.offload
+        if g is None or a is None or off is None or batch < 2:
+            return False
+        n, half, rb = self.end - self.start, (batch + 1) // 2, self._row_bytes()
+        ds, dj = self._bucketed(self._exact_tokens, batch)
+        hs, hj = self._bucketed(self._exact_tokens, half)
+        at, ah = a.step(batch, kv_tokens), a.step(half, kv_tokens * half / batch)
+        return bool(g.decode(batch, ds, dj, hs, hj, at.time_s, at.energy_j, ah.time_s,
+                             ah.energy_j, off.transfer_s(batch, n, rb),
+                             off.transfer_s(half, n, rb))[2])
 
 
 def step_cost(stage: StageTables, batch: int, kv_tokens: float = 0.0, *,
@@ -457,22 +692,67 @@ class PlanCost:
         return self.power_w / self.throughput
 
 
+def pim_precision(pim: Device, precision: Precision) -> Precision:
+    """The precision a PIM group attends at for a stage at `precision` (its KV cache's)."""
+    got = pim.resolve_precision(precision)
+    if got is not None:
+        return got
+    for p in (Precision.FP16, Precision.BF16, Precision.FP8, Precision.INT8, Precision.FP32):
+        if pim.supports(p):
+            return p
+    return next(iter(pim.peak_flops))
+
+
+def offload_tables(decode: LayerGraph, pim: Device, count: int, precision: Precision,
+                   calibration: Calibration | None = None) -> StepTables:
+    """The tables of a PIM group of `count` devices attending over `decode`'s KV cache."""
+    g = decode_attention(decode)
+    prec = pim_precision(pim, precision)
+    return StepTables(g, g, pim, prec, (calibration or default_calibration()).params(pim),
+                      count)
+
+
+def offload_of(stage: Any, cluster: Any) -> tuple[Device, int, tuple[float, float]] | None:
+    """(PIM device, count, node link (bandwidth, latency)) of a plan stage that offloads its
+    decode attention (its `attention_offload`), on `cluster`; None for one that does not."""
+    off = getattr(stage, "attention_offload", None)
+    if off is None:
+        return None
+    link = cluster.intra_link(stage.device_type)
+    return cluster.device_types[off.device_type], off.count, (link.bandwidth, link.latency)
+
+
 def stage_tables_for(stage: _StageLike, forward: LayerGraph, decode: LayerGraph | None,
                      device: Device, link: tuple[float, float] | None,
                      calibration: Calibration | None = None,
-                     cache: dict[tuple[Any, ...], StepTables] | None = None) -> StageTables:
-    """The StageTables of one plan stage (its device type, precision, layers, tp)."""
+                     cache: dict[tuple[Any, ...], StepTables] | None = None, *,
+                     offload: tuple[Device, int, tuple[float, float]] | None = None
+                     ) -> StageTables:
+    """The StageTables of one plan stage (its device type, precision, layers, tp), with
+    `offload` = (PIM device, count, node link (bandwidth, latency)) when its decode attention
+    runs on a PIM group."""
     prec = device.resolve_precision(Precision.parse(stage.precision)) or Precision.parse(
         stage.precision)
     tp = len(stage.devices)
-    key = (device.id, prec, tp, link)
+    dense = offload is not None and decode is not None
+    key = (device.id, prec, tp, link, dense)
     tables = cache.get(key) if cache is not None else None
     if tables is None:
         params = (calibration or default_calibration()).params(device)
-        tables = StepTables(forward, decode, device, prec, params, tp, link)
+        dec = dense_only(decode) if dense and decode is not None else decode
+        tables = StepTables(forward, dec, device, prec, params, tp, link)
         if cache is not None:
             cache[key] = tables
-    return StageTables(tables, stage.start, stage.end)
+    if not dense or offload is None or decode is None:
+        return StageTables(tables, stage.start, stage.end)
+    pim, count, node_link = offload
+    pkey = ("pim", pim.id, count, prec)
+    ptab = cache.get(pkey) if cache is not None else None
+    if ptab is None:
+        ptab = offload_tables(decode, pim, count, prec, calibration)
+        if cache is not None:
+            cache[pkey] = ptab
+    return StageTables(tables, stage.start, stage.end, Offload(ptab, node_link))
 
 
 def plan_cost(plan: Any, cluster: Any, calibration: Calibration | None,
@@ -491,7 +771,7 @@ def plan_cost(plan: Any, cluster: Any, calibration: Calibration | None,
             dev = cluster.device_types[s.device_type]
             link = cluster.intra_link(s.device_type)
             st = stage_tables_for(s, forward, decode, dev, (link.bandwidth, link.collective_s),
-                                  calibration, cache)
+                                  calibration, cache, offload=offload_of(s, cluster))
             if decode is None:
                 c = st.forward(b)
                 time, energy = c.time_s, c.energy_j
@@ -501,15 +781,16 @@ def plan_cost(plan: Any, cluster: Any, calibration: Calibration | None,
                 g = generation_cost(pre.time_s, pre.energy_j, dec.time_s, dec.energy_j, out_tok)
                 time, energy = float(g.time_s), float(g.energy_j)
             stages.append(StagePlanCost(s.device_type, len(s.devices), time, energy,
-                                        dev.idle_power_w.value))
+                                        st.idle_w))
         replicas.append(tuple(stages))
     items = b * (out_tok if decode is not None else 1)
     return PlanCost(tuple(replicas), items)
 
 
 __all__ = [
-    "GenerationCost", "Linear", "PlanCost", "StageTables", "StepCost", "StepTables",
-    "attention_only", "batch_buckets", "decode_steps", "generation_cost",
-    "period_energy", "plan_cost", "prefill_pairs", "stage_tables_for", "step_cost",
-    "without_kv",
+    "GenerationCost", "Linear", "Offload", "OffloadGroup", "PlanCost", "StageTables",
+    "StepCost", "StepTables", "attention_only", "batch_buckets", "decode_attention",
+    "decode_steps", "dense_only", "generation_cost", "offload_of", "offload_tables",
+    "period_energy", "pim_precision", "plan_cost", "prefill_pairs", "stage_tables_for",
+    "step_cost", "without_kv",
 ]

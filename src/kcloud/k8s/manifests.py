@@ -91,15 +91,17 @@ def slot_parts(slot: str) -> tuple[str, str]:
 
 
 def plan_groups(plan: Plan) -> list[Group]:
-    """The plan's devices grouped by type, in the order the plan first uses them."""
+    """The plan's devices grouped by type, in the order the plan first uses them (the PIM
+    devices of a stage's attention offload too: its pods ask for them)."""
     count: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     memory: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for r in plan.replicas:
         for st in r.stages:
-            for slot in st.devices:
+            pim = st.attention_offload.devices if st.attention_offload else ()
+            for slot in (*st.devices, *pim):
                 node, dtype = slot_parts(slot)
                 count[dtype][node] += 1
-                memory[dtype][node] += st.memory_bytes
+                memory[dtype][node] += 0.0 if slot in pim else st.memory_bytes
     return [Group(t, tuple(by_node), max(by_node.values()), max(memory[t].values()))
             for t, by_node in count.items()]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from kcloud.planner.dp import Path
 from kcloud.planner.evaluate import Mix, Template
-from kcloud.planner.plan import Plan, Predicted, Replica, Stage
+from kcloud.planner.plan import AttentionOffload, Plan, Predicted, Replica, Stage
 from kcloud.planner.search import Context
 from kcloud.planner.space import INTRA, NET
 
@@ -62,8 +62,9 @@ def _replicas(mix: Mix) -> list[Template]:
 
 
 def assign(ctx: Context, mix: Mix) -> tuple[list[Template], list[list[tuple[str, ...]]],
-                                              list[str]]:
-    """Replicas (re-costed where the placement changed a link), their slots, and notes."""
+                                              list[list[tuple[str, ...]]], list[str]]:
+    """Replicas (re-costed where the placement changed a link), their slots, the slots of
+    their stages' attention offloads, and notes."""
     reps = _replicas(mix)
     groups: list[_Group] = []
     runs: list[list[int]] = []
@@ -74,10 +75,25 @@ def assign(ctx: Context, mix: Mix) -> tuple[list[Template], list[list[tuple[str,
                 runs.append([])
             runs[-1].append(len(groups))
             groups.append(_Group(r, s, t.space.types[opt.type].id, opt.tp, len(runs) - 1))
-    placed = _by_runs(ctx, groups, runs) or _by_groups(ctx, groups, runs)
+    # An offloaded stage's PIM group goes on its own devices' node, taken right after them;
+    # stages that run on PIM devices are placed last (the search took at most a node's PIM
+    # devices per device for each offload, so the node holds them).
+    offload: dict[int, tuple[str, int]] = {}
+    for n, g in enumerate(groups):
+        opt = reps[g.replica].space.options[reps[g.replica].path.stages[g.stage][0]]
+        if opt.offload:
+            offload[n] = (reps[g.replica].space.types[opt.pim].id, opt.pim_count)
+    late = {pid for pid, _ in offload.values()}
+    pim_of: dict[int, tuple[str, ...]] = {}
+    placed = _by_runs(ctx, groups, runs, offload, late, pim_of)
+    if placed is None:
+        pim_of.clear()
+        placed = _by_groups(ctx, groups, runs, offload, late, pim_of)
     slots: list[list[tuple[str, ...]]] = [[() for _ in t.path.stages] for t in reps]
-    for g, devs in zip(groups, placed, strict=True):
+    pim: list[list[tuple[str, ...]]] = [[() for _ in t.path.stages] for t in reps]
+    for n, (g, devs) in enumerate(zip(groups, placed, strict=True)):
         slots[g.replica][g.stage] = devs
+        pim[g.replica][g.stage] = pim_of.get(n, ())
     notes: list[str] = []
     out: list[Template] = []
     for r, t in enumerate(reps):
@@ -91,7 +107,7 @@ def assign(ctx: Context, mix: Mix) -> tuple[list[Template], list[list[tuple[str,
             notes.append(f"replica {r}: stages placed on other nodes than costed; figures "
                          "re-costed for the placement")
         out.append(t)
-    return out, slots, notes
+    return out, slots, pim, notes
 
 
 def _stage_type(t: Template, s: int) -> int:
@@ -110,28 +126,56 @@ def _apart(groups: list[_Group], runs: list[list[int]]) -> dict[int, list[int]]:
     return out
 
 
-def _by_runs(ctx: Context, groups: list[_Group],
-             runs: list[list[int]]) -> list[tuple[str, ...]] | None:
+def _take_pim(pool: _Pool, node: str, g: int, offload: dict[int, tuple[str, int]],
+              pim_of: dict[int, tuple[str, ...]]) -> bool:
+    if g not in offload:
+        return True
+    pid, count = offload[g]
+    if len(pool.free.get((node, pid), ())) < count:
+        return False
+    pim_of[g] = pool.take(node, pid, count)
+    return True
+
+
+def _by_runs(ctx: Context, groups: list[_Group], runs: list[list[int]],
+             offload: dict[int, tuple[str, int]], late: set[str],
+             pim_of: dict[int, tuple[str, ...]]) -> list[tuple[str, ...]] | None:
     pool = _Pool(ctx)
     out: list[tuple[str, ...]] = [() for _ in groups]
     apart = _apart(groups, runs)
     node_of: dict[int, str] = {}
-    order = sorted(range(len(runs)), key=lambda k: -sum(groups[g].size for g in runs[k]))
+    order = sorted(range(len(runs)), key=lambda k: (groups[runs[k][0]].type_id in late,
+                                                    -sum(groups[g].size for g in runs[k])))
     for k in order:
         members = runs[k]
         tid = groups[members[0]].type_id
         avoid = {node_of[x] for x in apart[k] if x in node_of}
-        node = pool.best_fit(tid, sum(groups[g].size for g in members), avoid)
-        if node is None:
+        fits = [n for n in pool.nodes_for(tid, sum(groups[g].size for g in members))
+                if _pim_room(pool, n, members, offload)]
+        away = [n for n in fits if n not in avoid] or fits
+        if not away:
             return None
+        node = min(away, key=lambda n: len(pool.free[(n, tid)]))
         node_of[k] = node
         for g in members:
             out[g] = pool.take(node, tid, groups[g].size)
+            if not _take_pim(pool, node, g, offload, pim_of):
+                return None
     return out
 
 
-def _by_groups(ctx: Context, groups: list[_Group],
-               runs: list[list[int]]) -> list[tuple[str, ...]]:
+def _pim_room(pool: _Pool, node: str, members: list[int],
+              offload: dict[int, tuple[str, int]]) -> bool:
+    need: dict[str, int] = {}
+    for g in members:
+        if g in offload:
+            need[offload[g][0]] = need.get(offload[g][0], 0) + offload[g][1]
+    return all(len(pool.free.get((node, p), ())) >= n for p, n in need.items())
+
+
+def _by_groups(ctx: Context, groups: list[_Group], runs: list[list[int]],
+               offload: dict[int, tuple[str, int]], late: set[str],
+               pim_of: dict[int, tuple[str, ...]]) -> list[tuple[str, ...]]:
     pool = _Pool(ctx)
     out: list[tuple[str, ...]] = [() for _ in groups]
     apart = _apart(groups, runs)
@@ -141,10 +185,12 @@ def _by_groups(ctx: Context, groups: list[_Group],
     for members in runs:
         for a, b in itertools.pairwise(members):
             prev[b] = a
-    for g in sorted(range(len(groups)), key=lambda g: -groups[g].size):
+    for g in sorted(range(len(groups)), key=lambda g: (groups[g].type_id in late,
+                                                       -groups[g].size)):
         grp = groups[g]
         near = node_of.get(prev.get(g, -1))
-        if near is not None and len(pool.free.get((near, grp.type_id), ())) >= grp.size:
+        if (near is not None and len(pool.free.get((near, grp.type_id), ())) >= grp.size
+                and _pim_room(pool, near, [g], offload)):
             node = near
         else:
             avoid = set().union(*(run_nodes[x] for x in apart[grp.run]))
@@ -152,23 +198,30 @@ def _by_groups(ctx: Context, groups: list[_Group],
         if node is None:
             raise AssertionError(f"no node holds {grp.size} x {grp.type_id}: counts were checked")
         out[g] = pool.take(node, grp.type_id, grp.size)
+        if not _take_pim(pool, node, g, offload, pim_of):
+            raise AssertionError(f"node {node} has no PIM group left for an offload: the "
+                                 "search bounds offloads by the node's PIM devices")
         node_of[g] = node
         run_nodes[grp.run].add(node)
     return out
 
 
 def build_plan(ctx: Context, mix: Mix, extra_notes: list[str] | None = None) -> Plan:
-    reps, slots, notes = assign(ctx, mix)
+    reps, slots, pim, notes = assign(ctx, mix)
     final = Mix(tuple((t, 1) for t in reps))
     replicas = []
     for t, ss in zip(reps, slots, strict=True):
         stages = []
         for s, (o, i, j) in enumerate(t.path.stages):
-            ty = t.space.types[t.space.options[o].type]
+            opt = t.space.options[o]
+            ty = t.space.types[opt.type]
+            off = None if not opt.offload else AttentionOffload(
+                t.space.types[opt.pim].id, opt.pim_count, pim[len(replicas)][s])
             stages.append(Stage(
                 start=i, end=j, device_type=ty.id, devices=ss[s], precision=ty.precision.value,
                 time_s=t.stage_time[s], comm_s=t.transfers[s] if s < len(t.transfers) else 0.0,
-                memory_bytes=t.stage_mem[s], power_w=t.stage_power[s]))
+                memory_bytes=t.stage_mem[s], power_w=t.stage_power[s],
+                attention_offload=off))
         replicas.append(Replica(tuple(stages)))
     m, g = ctx.model, ctx.goal
     used = {ty for t in reps for ty, _ in t.devices}

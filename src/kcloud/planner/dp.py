@@ -58,8 +58,9 @@ class Path:
     def usage(self, space: StageSpace) -> dict[int, int]:
         out: dict[int, int] = {}
         for o, _, _ in self.stages:
-            opt = space.options[o]
-            out[opt.type] = out.get(opt.type, 0) + opt.tp
+            for ty, n in enumerate(space.opt_use[o]):
+                if n:
+                    out[ty] = out.get(ty, 0) + int(n)
         return out
 
 
@@ -149,11 +150,10 @@ def _priced(space: StageSpace, batch: Batch, ks: list[int], first: list[Path],
     """Problems `ks` (whose best chains `first` broke a limit) with every device of the
     limited `resources` priced at mu, swept geometrically; the cheapest chain within the
     limits, by the problem's own cost, is kept (see the module docstring)."""
-    opt_type = space.opt_type[batch.options]
-    opt_tp = space.opt_tp[batch.options].astype(float)
+    opt_use = space.opt_use[batch.options].astype(float)  # devices per type (PIM included)
     use = np.zeros(len(batch.options))
     for r in resources:
-        use += opt_tp if r[0] == "total" else np.where(opt_type == r[1], opt_tp, 0.0)
+        use += opt_use.sum(axis=1) if r[0] == "total" else opt_use[:, r[1]]
     rows, mus = [], []
     for k, p in zip(ks, first, strict=True):
         c0 = max(abs(stage_costs(space, batch, k, p)), 1e-30)
@@ -235,8 +235,9 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     if dims:
         strides = np.cumprod([1, *dims[:-1]]).astype(np.int64)
         coords = (np.arange(R)[:, None] // strides[None, :]) % np.array(dims)[None, :]
+        o_use = space.opt_use[opts]  # devices per type, an offload's PIM group included
         for n in range(n_opt):
-            use = np.array([o_tp[n] if (r[0] == "total" or r[1] == o_type[n]) else 0
+            use = np.array([o_use[n].sum() if r[0] == "total" else o_use[n, r[1]]
                             for r in tracked])
             new = coords + use[None, :]
             ok = (new < np.array(dims)[None, :]).all(axis=1)

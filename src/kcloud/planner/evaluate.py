@@ -21,6 +21,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from kcloud.hardware.steps import period_energy
 from kcloud.planner.dp import Path
 from kcloud.planner.space import StageSpace, shared_cache_times
@@ -86,6 +88,8 @@ class Template:
         for o, i, j in self.path.stages:
             opt = self.space.options[o]
             kind = f"{self.space.types[opt.type].id} x{opt.tp}"
+            if opt.offload:
+                kind += f" + {self.space.types[opt.pim].id} x{opt.pim_count} (attention)"
             if short and parts and parts[-1][0] == kind:
                 parts[-1][1] = int(parts[-1][1]) + 1  # type: ignore[call-overload]
             else:
@@ -128,10 +132,12 @@ def evaluate(space: StageSpace, path: Path, batch: int) -> Template:
         busy = float(space.busy_j[o, i, j]) * (tau / tau0 if tau0 > 0 else 1.0)
         powers.append(busy / tau if tau > 0 else t.device.idle_power_w.value)
         energy += opt.tp * busy
-        idle_w += opt.tp * t.device.idle_power_w.value
-        p = t.price_per_hour
-        price = None if price is None or p is None else price + opt.tp * p / 3600.0
-        usage[opt.type] = usage.get(opt.type, 0) + opt.tp
+        idle_w += float(space.opt_idle_w[o])
+        p = float(space.opt_price_s[o])
+        price = None if price is None or np.isnan(p) else price + p
+        for ty, n in enumerate(space.opt_use[o]):  # an offload's PIM group included
+            if n:
+                usage[ty] = usage.get(ty, 0) + int(n)
     for (o, _, j), kind in zip(path.stages, path.links, strict=False):
         transfers.append(float(space.trans[space.options[o].type, kind, j]))
     first = space.options[path.stages[0][0]].type
@@ -141,8 +147,7 @@ def evaluate(space: StageSpace, path: Path, batch: int) -> Template:
     period = max([*times, *transfers])
     # energy per period: busy energy + idle power for the rest of the period
     e_period = energy + sum(
-        space.options[o].tp * period_energy(
-            0.0, space.types[space.options[o].type].device.idle_power_w.value, tau, period)
+        period_energy(0.0, float(space.opt_idle_w[o]), tau, period)
         for (o, _, _), tau in zip(path.stages, times, strict=True))
     items = space.items
     return Template(

@@ -11,12 +11,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from kcloud.hardware.cost import MEMORY_HEADROOM
-from kcloud.planner.plan import Plan, Replica
+from kcloud.planner.plan import AttentionOffload, Plan, Replica, Stage
 from kcloud.planner.search import Context
 
 
 def _signature(r: Replica) -> tuple[object, ...]:
-    return tuple((s.start, s.end, s.device_type, s.tp) for s in r.stages)
+    return tuple((s.start, s.end, s.device_type, s.tp,
+                  None if s.attention_offload is None else
+                  (s.attention_offload.device_type, s.attention_offload.count))
+                 for s in r.stages)
+
+
+def stage_devices(s: Stage) -> str:
+    """'rebellions-atom-max x4', or with an offload '... + samsung-hbm-pim x16 (attention)'."""
+    text = f"{s.device_type} x{s.tp}"
+    off = s.attention_offload
+    return text if off is None else f"{text} + {off.device_type} x{off.count} (attention)"
 
 
 def replica_groups(plan: Plan) -> list[tuple[list[int], Replica]]:
@@ -32,11 +42,18 @@ def _usable(ctx: Context, device_type: str) -> float:
     return dev.memory_bytes.value * MEMORY_HEADROOM
 
 
-def _collective_s(ctx: Context, plan: Plan, device_type: str, tp: int, i: int, j: int) -> float:
+def _same_offload(sp: Any, o: Any, off: AttentionOffload | None) -> bool:
+    if off is None:
+        return not o.offload
+    return o.offload and sp.types[o.pim].id == off.device_type and o.pim_count == off.count
+
+
+def _collective_s(ctx: Context, plan: Plan, s: Stage) -> float:
     sp = ctx.space(plan.micro_batch)
     for o in sp.options:
-        if sp.types[o.type].id == device_type and o.tp == tp:
-            return float(sp.comm[o.index, i, j])
+        if (sp.types[o.type].id == s.device_type and o.tp == s.tp
+                and _same_offload(sp, o, s.attention_offload)):
+            return float(sp.comm[o.index, s.start, s.end])
     return 0.0
 
 
@@ -48,10 +65,9 @@ def stage_rows(ctx: Context, plan: Plan) -> list[dict[str, Any]]:
             usable = _usable(ctx, s.device_type)
             rows.append({
                 "replica": label, "stage": n, "layers": f"[{s.start}, {s.end})",
-                "devices": f"{s.device_type} x{s.tp}", "precision": s.precision,
+                "devices": stage_devices(s), "precision": s.precision,
                 "time_s": s.time_s,
-                "comm_s": s.comm_s + _collective_s(ctx, plan, s.device_type, s.tp, s.start,
-                                                   s.end),
+                "comm_s": s.comm_s + _collective_s(ctx, plan, s),
                 "memory_bytes": s.memory_bytes, "headroom": 1.0 - s.memory_bytes / usable,
             })
     return rows
@@ -72,13 +88,17 @@ def stage_table(ctx: Context, plan: Plan) -> Table:
 
 
 def _why_tp(ctx: Context, plan: Plan, device_type: str, tp: int, i: int,
-            j: int) -> tuple[str, float] | None:
+            j: int, off: AttentionOffload | None = None) -> tuple[str, float] | None:
     """Why `tp` and not tp / 2 for layers [i, j): ("memory", GB needed per device at tp / 2)
-    or ("speed", how much longer a micro-batch would take at tp / 2)."""
+    or ("speed", how much longer a micro-batch would take at tp / 2), with the same
+    attention offload."""
     if tp == 1:
         return None
     sp = ctx.space(plan.micro_batch)
-    opt = {(sp.types[o.type].id, o.tp): o.index for o in sp.options}
+    opt = {(sp.types[o.type].id, o.tp): o.index for o in sp.options
+           if _same_offload(sp, o, off)}
+    if (device_type, tp) not in opt:
+        return None
     half = opt.get((device_type, tp // 2))
     if half is None:
         return None
@@ -96,7 +116,7 @@ def _tp_lines(ctx: Context, plan: Plan) -> list[str]:
             if key in seen:
                 continue
             seen.add(key)
-            why = _why_tp(ctx, plan, *key)
+            why = _why_tp(ctx, plan, *key, off=s.attention_offload)
             if why is not None:
                 found.setdefault((s.device_type, s.tp, why[0]), []).append(
                     (s.start, s.end, why[1]))
@@ -141,9 +161,10 @@ def reasons(ctx: Context, plan: Plan) -> list[str]:
         what = "its transfer out" if s.comm_s > s.time_s else "it"
         who = f"replica {ks[0]}" + (f" (and {len(ks) - 1} like it)" if len(ks) > 1 else "")
         out.append(f"bottleneck of {who}: stage {bn} (layers [{s.start}, {s.end}) on "
-                   f"{s.device_type} x{s.tp}); {what} sets the period at "
+                   f"{stage_devices(s)}); {what} sets the period at "
                    f"{period * 1e3:,.3f} ms; stages are busy {busy:.0%} of it on average")
     out.extend(_tp_lines(ctx, plan))
+    out.extend(offload_lines(ctx, plan))
     tight = min((st for r in plan.replicas for st in r.stages),
                 key=lambda st: 1.0 - st.memory_bytes / _usable(ctx, st.device_type))
     usable = _usable(ctx, tight.device_type)
@@ -157,6 +178,98 @@ def reasons(ctx: Context, plan: Plan) -> list[str]:
     out.append(f"communication: {pred.comm_share:.1%} of the slowest replica's micro-batch "
                "latency (transfers between stages and tensor-parallel collectives)")
     return out
+
+
+def _stage_figures(sp: Any, o: int, i: int, j: int) -> tuple[float, float]:
+    """(time, energy of the whole group) of option o over layers [i, j) per micro-batch."""
+    return float(sp.time[o, i, j]), float(sp.opt_tp[o] * sp.busy_j[o, i, j])
+
+
+def offload_lines(ctx: Context, plan: Plan) -> list[str]:
+    """Per stage that could offload its decode attention to PIM: chosen or rejected, and
+    by how much (the stage's time and energy per micro-batch with and without it)."""
+    sp = ctx.space(plan.micro_batch)
+    if not any(o.offload for o in sp.options):
+        if not ctx.model.is_llm:
+            return []
+        if any(t.pim_ratio for t in ctx.types):
+            return ["decode attention offload to PIM not searched (--attention-offload off)"]
+        if any(t.device.kind.value == "pim" for t in ctx.types):
+            return ["attention offload: no NPU/GPU type shares its nodes with PIM devices"]
+        return []
+    found: dict[tuple[str, str], list[str]] = {}  # (devices, what) -> stages
+
+    def add(n: int, s: Stage, what: str) -> None:
+        found.setdefault((f"{s.device_type} x{s.tp}", what), []).append(
+            f"{n} [{s.start}, {s.end})")
+
+    seen = set()
+    mode = ctx.goal.attention_offload
+    for _, r in replica_groups(plan):
+        for n, s in enumerate(r.stages):
+            key = (s.device_type, s.tp, s.start, s.end, s.attention_offload)
+            if key in seen:
+                continue
+            seen.add(key)
+            mine = [o for o in sp.options if sp.types[o.type].id == s.device_type
+                    and o.tp == s.tp]
+            plain = next((o for o in mine if not o.offload), None)
+            offs = [o for o in mine if o.offload]
+            if not offs:
+                continue
+            i, j = s.start, s.end
+            off = s.attention_offload
+            if off is not None:
+                o = next(x for x in offs if sp.types[x.pim].id == off.device_type
+                         and x.pim_count == off.count)
+                t1, e1 = _stage_figures(sp, o.index, i, j)
+                piped = bool(sp.pipelined[o.index][i, j])
+                how = "pipelined by layer" if piped else "sequenced"
+                kv = float(sp.pim_mem[o.index][i, j])
+                cap = sp.types[o.pim].device.memory_bytes.value * MEMORY_HEADROOM
+                line = (f"decode attention on {off.device_type} x{off.count} "
+                        f"({how}; KV cache {kv / 1e9:,.2f} of {cap / 1e9:,.2f} GB per PIM "
+                        "device)")
+                if plain is None:
+                    line += (f"; --attention-offload {mode}: no stage without it searched"
+                             if mode == "on"
+                             else "; no stage without offload was possible")
+                elif not np.isfinite(sp.time[plain.index, i, j]):
+                    line += (f"; without offload it would not fit (KV cache on "
+                             f"{s.device_type}: {sp.mem[plain.index, i, j] / 1e9:,.1f} GB per "
+                             "device)")
+                else:
+                    t0, e0 = _stage_figures(sp, plain.index, i, j)
+                    line += (f"; chosen: the stage takes {_change(t1, t0)} time and "
+                             f"{_change(e1, e0)} busy energy per micro-batch than without "
+                             "(modeled)")
+                add(n, s, line)
+                continue
+            best = min(offs, key=lambda o: _stage_figures(sp, o.index, i, j)[1]
+                       if np.isfinite(sp.time[o.index, i, j]) else np.inf)
+            if not np.isfinite(sp.time[best.index, i, j]):
+                kv = float(sp.pim_mem[best.index][i, j])
+                add(n, s, f"attention offload rejected: the KV cache would need "
+                    f"{kv / 1e9:,.1f} GB per {sp.types[best.pim].id} device, more than it "
+                    "holds")
+                continue
+            t0, e0 = _stage_figures(sp, plain.index if plain else best.index, i, j)
+            t1, e1 = _stage_figures(sp, best.index, i, j)
+            why = "--attention-offload off" if mode == "off" else f"its {plan.objective}"
+            add(n, s, f"attention offload rejected ({why}): on {sp.types[best.pim].id} "
+                f"x{best.pim_count} the stage would take {_change(t1, t0)} time and "
+                f"{_change(e1, e0)} busy energy per micro-batch (modeled)")
+    out = []
+    for (devs, what), where in found.items():
+        many = len(where) > 1
+        shown = ", ".join(where[:4]) + (f" and {len(where) - 4} more" if len(where) > 4 else "")
+        out.append(f"stage{'s' if many else ''} {shown} on {devs}: {what}")
+    return out
+
+
+def _change(new: float, old: float) -> str:
+    r = new / old - 1.0 if old > 0 else 0.0
+    return f"{-r:.0%} less" if r < 0 else f"{r:.0%} more"
 
 
 def _constrained(plan: Plan) -> bool:

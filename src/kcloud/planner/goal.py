@@ -17,6 +17,9 @@ from kcloud.predict import DEFAULT_LLM_INPUT, DEFAULT_LLM_OUTPUT
 from kcloud.workloads import NONE, WORKLOADS
 
 OBJECTIVES: tuple[str, ...] = ("latency", "throughput", "energy", "cost")
+# Decode attention on PIM devices: the search decides (auto), every LLM stage that can
+# offloads (on), or none does (off).
+OFFLOAD_MODES: tuple[str, ...] = ("auto", "on", "off")
 
 
 class GoalError(KCloudError):
@@ -41,11 +44,15 @@ class Goal:
     # The workload whose lengths the model runs (`kcloud.workloads`); None: the model's own
     # benchmark workload where it has one; "none": the raw defaults.
     workload: str | None = None
+    attention_offload: str = "auto"  # one of OFFLOAD_MODES
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise GoalError(f"unknown objective '{self.objective}'",
                             f"use one of: {', '.join(OBJECTIVES)}")
+        if self.attention_offload not in OFFLOAD_MODES:
+            raise GoalError(f"unknown attention offload '{self.attention_offload}'",
+                            f"use one of: {', '.join(OFFLOAD_MODES)}")
         if self.slo_s is not None and not self.slo_s > 0:
             raise GoalError(f"SLO must be positive, got {self.slo_s:g} s",
                             "give --slo-ms greater than 0")

@@ -24,6 +24,23 @@ _HINT = "give a file written by `kcloud plan -o`"
 
 
 @dataclass(frozen=True)
+class AttentionOffload:
+    """A stage's decode attention on PIM devices beside its own (the KV cache lives there)."""
+
+    device_type: str  # catalog id of the PIM devices
+    count: int
+    devices: tuple[str, ...] = ()  # cluster slots; len == count
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise KCloudError("attention offload with no devices",
+                              "give attention_offload a count of 1 or more")
+        if self.devices and len(self.devices) != self.count:
+            raise KCloudError(f"attention offload lists {len(self.devices)} devices for a "
+                              f"count of {self.count}", "make count the number of devices")
+
+
+@dataclass(frozen=True)
 class Stage:
     start: int  # first layer (inclusive)
     end: int  # last layer (exclusive)
@@ -34,6 +51,7 @@ class Stage:
     comm_s: float = 0.0  # modeled time to send its output to the next stage
     memory_bytes: float = 0.0  # modeled memory per device
     power_w: float = 0.0  # modeled power per device while busy
+    attention_offload: AttentionOffload | None = None  # decode attention on PIM devices
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:
@@ -119,7 +137,9 @@ class Plan:
                 raise KCloudError(
                     f"a replica covers layers [{r.stages[0].start}, {r.stages[-1].end}) of "
                     f"{self.n_layers}", "each replica must run every layer once")
-            for d in r.devices:
+            offloaded = tuple(d for s in r.stages if s.attention_offload
+                              for d in s.attention_offload.devices)
+            for d in r.devices + offloaded:
                 if d in seen:
                     raise KCloudError(f"device {d} is used twice in the plan",
                                       "each device may be used once")
@@ -129,12 +149,22 @@ class Plan:
 
     @property
     def devices(self) -> tuple[str, ...]:
-        return tuple(d for r in self.replicas for d in r.devices)
+        """Every device the plan uses: the stages' and their attention offloads'."""
+        return tuple(d for r in self.replicas for d in r.devices) + self.offload_devices
+
+    @property
+    def offload_devices(self) -> tuple[str, ...]:
+        return tuple(d for r in self.replicas for s in r.stages if s.attention_offload
+                     for d in s.attention_offload.devices)
 
     # -- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["notes"] = list(self.notes)
+        for r in d["replicas"]:
+            for st in r["stages"]:
+                if st["attention_offload"] is None:  # absent when there is none
+                    del st["attention_offload"]
         return {"schema": "kcloud.plan", **d}
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -168,8 +198,14 @@ class Plan:
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
             raise KCloudError(f"malformed plan: field {where}: {err['msg'][:1].lower()}"
                               f"{err['msg'][1:]}", _HINT) from None
-        replicas = tuple(Replica(tuple(Stage(**{**s.model_dump(), "devices": tuple(s.devices)})
-                                       for s in r.stages)) for r in raw.replicas)
+        def stage(s: _StageIn) -> Stage:
+            off = None if s.attention_offload is None else AttentionOffload(
+                s.attention_offload.device_type, s.attention_offload.count,
+                tuple(s.attention_offload.devices))
+            return Stage(**{**s.model_dump(exclude={"attention_offload"}),
+                            "devices": tuple(s.devices), "attention_offload": off})
+
+        replicas = tuple(Replica(tuple(stage(s) for s in r.stages)) for r in raw.replicas)
         fields = raw.model_dump(exclude={"schema_", "replicas", "predicted", "notes"})
         return cls(replicas=replicas, predicted=Predicted(**raw.predicted.model_dump()),
                    notes=tuple(raw.notes), **fields)
@@ -223,6 +259,13 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class _OffloadIn(_In):
+    device_type: Annotated[str, Field(min_length=1)]
+    count: Annotated[int, Field(strict=True, ge=1, le=inputs.MAX_DEVICES)]
+    devices: Annotated[list[Annotated[str, Field(min_length=1)]],
+                       Field(max_length=inputs.MAX_DEVICES)] = []
+
+
 class _StageIn(_In):
     start: Annotated[int, Field(strict=True, ge=0, lt=inputs.MAX_LAYERS)]
     end: Annotated[int, Field(strict=True, ge=1, le=inputs.MAX_LAYERS)]
@@ -234,6 +277,7 @@ class _StageIn(_In):
     comm_s: _Seconds = 0.0
     memory_bytes: _Seconds = 0.0
     power_w: _Seconds = 0.0
+    attention_offload: _OffloadIn | None = None
 
 
 class _ReplicaIn(_In):

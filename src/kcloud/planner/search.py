@@ -112,7 +112,7 @@ class Context:
         sp = self.spaces.get(b)
         if sp is None:
             sp = StageSpace(self.model, self.types, self.cluster.network, b, self.calibration,
-                            self.in_flight, self.costs)
+                            self.in_flight, self.costs, offload=self.goal.attention_offload)
             self.spaces[b] = sp
         return sp
 
@@ -120,7 +120,8 @@ class Context:
         ts = set(types)
         sp = self.space(b)
         return [o.index for o in sp.options
-                if o.type in ts and np.isfinite(sp.time[o.index]).any()]
+                if o.type in ts and (not o.offload or o.pim in ts)
+                and np.isfinite(sp.time[o.index]).any()]
 
     def evaluate(self, b: int, path: Path) -> Template:
         return evaluate(self.space(b), path, self.goal.batch)
@@ -201,8 +202,8 @@ def min_devices(ctx: Context, b: int, opts: list[int], caps: np.ndarray,
     chain fits: nothing to track or price."""
     sp = ctx.space(b)
     eps = 0.5 / _latency_bound(sp, opts)
-    per = sp.opt_tp[opts].astype(float)[None, :]
-    one_type = len({sp.options[o].type for o in opts}) == 1
+    per = sp.opt_use[opts].sum(axis=1).astype(float)[None, :]  # PIM groups included
+    one_type = len({int(t) for o in opts for t in np.flatnonzero(sp.opt_use[o])}) == 1
     return _run(ctx, sp, make_batch(sp, opts, _fits(sp, opts), eps, per, caps),
                 exact and not one_type, price=not one_type)
 
@@ -360,7 +361,7 @@ def device_family(ctx: Context, b: int, opts: list[int]) -> list[Template]:
     seeds = [None if p is None else ctx.evaluate(b, p)
              for p in min_devices(ctx, b, opts, caps, exact=False)]
     sp = ctx.space(b)
-    per = sp.opt_tp[opts].astype(float)[None, :]
+    per = sp.opt_use[opts].sum(axis=1).astype(float)[None, :]
 
     def weighted(c: np.ndarray, lam: np.ndarray) -> list[Path | None]:
         return _run(ctx, sp, make_batch(sp, opts, _fits(sp, opts), lam, per, c), exact=False)

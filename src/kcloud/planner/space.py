@@ -8,6 +8,13 @@ per cut the time to move the cut activation over the node link or the network. A
 of more than one stage also sends each chosen token from its last stage back to its first, once
 per decode step (`feedback`).
 
+An LLM stage on NPUs or GPUs may offload its decode attention to PIM devices beside them: an
+option then also names a PIM type and a count (`Option.pim`, `Option.pim_count`), priced by
+`kcloud.hardware.steps.OffloadGroup` (the same composition `plan_cost` uses). Every node that
+holds the stage's type holds that PIM type too, and an option of tp devices takes at most
+tp x (the PIM devices per NPU/GPU device of those nodes): any node that holds the stage's
+devices holds its PIM group, so the DP's node accounting stays that of the stage's devices.
+
 `stage_matrices` is `LayerTable.stage` written over every range at once with prefix sums; the
 tests hold the two equal.
 """
@@ -15,7 +22,7 @@ tests hold the two equal.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, reduce
 
 import numpy as np
@@ -29,8 +36,15 @@ from kcloud.hardware.cost import (
     default_calibration,
     tp_max_degree,
 )
-from kcloud.hardware.device import Device
-from kcloud.hardware.steps import StepTables, generation_cost
+from kcloud.hardware.device import Device, DeviceKind
+from kcloud.hardware.steps import (
+    Offload,
+    OffloadGroup,
+    StepTables,
+    dense_only,
+    generation_cost,
+    offload_tables,
+)
 from kcloud.planner.goal import Goal
 from kcloud.planner.model import ModelGraphs
 from kcloud.precision import Precision
@@ -53,6 +67,9 @@ class DeviceType:
     tps: tuple[int, ...]  # tensor-parallel degrees a stage of this type may use
     link: Link  # inside a node (collectives, and stages placed on one node)
     nodes: tuple[str, ...]  # the nodes that hold this type
+    # PIM types every node of this type holds, with the fewest PIM devices per device of
+    # this type on those nodes (an NPU/GPU type may offload decode attention to them)
+    pim_ratio: tuple[tuple[int, float], ...] = ()
 
     @property
     def id(self) -> str:
@@ -72,6 +89,24 @@ class Option:
     index: int
     type: int  # index into the device types
     tp: int
+    pim: int = -1  # the PIM type its decode attention runs on (-1: none)
+    pim_count: int = 0
+
+    @property
+    def offload(self) -> bool:
+        return self.pim >= 0
+
+
+OFFLOAD_COUNTS = 3  # PIM group sizes per option: the largest a node allows, its half, quarter
+
+
+def offload_counts(ratio: float, tp: int) -> tuple[int, ...]:
+    """PIM group sizes for a stage of `tp` devices with `ratio` PIM devices per device."""
+    top = math.floor(ratio * tp + 1e-9)
+    if top < 1:
+        return ()
+    c = 1 << (top.bit_length() - 1)
+    return tuple(x for x in (c, c // 2, c // 4) if x >= 1)[:OFFLOAD_COUNTS]
 
 
 def build_types(cluster: Cluster, model: ModelGraphs, goal: Goal, *,
@@ -106,7 +141,27 @@ def build_types(cluster: Cluster, model: ModelGraphs, goal: Goal, *,
                     max(n.link.collective_s for n in holders))
         types.append(DeviceType(len(types), dev, used, cluster.counts[dev_id], node_cap, tps,
                                 link, tuple(n.name for n in holders)))
+    if model.is_llm:
+        types = [_with_pim(t, types, cluster) for t in types]
     return types, notes
+
+
+def _with_pim(t: DeviceType, types: list[DeviceType], cluster: Cluster) -> DeviceType:
+    """`t` with the PIM types it may offload decode attention to (see `DeviceType`)."""
+    if t.device.kind not in (DeviceKind.NPU, DeviceKind.GPU):
+        return t
+    out = []
+    for p in types:
+        if p.device.kind is not DeviceKind.PIM:
+            continue
+        ratios = []
+        for n in cluster.nodes:
+            have = dict(n.devices)
+            if t.id in have:
+                ratios.append(have.get(p.id, 0) / have[t.id])
+        if ratios and min(ratios) > 0:
+            out.append((p.index, min(ratios)))
+    return replace(t, pim_ratio=tuple(out))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,12 +287,18 @@ class StageSpace:
     # (b, type, tp) -> the option's costs: what spaces of one search that differ only in
     # `in_flight` share (their costs are the same; only the memory that fits differs)
     costs: dict[tuple[int, int, int], OptionCosts] | None = None
+    offload: str = "auto"  # attention offload to PIM: auto | on | off (`Goal`)
 
     def __post_init__(self) -> None:
         self.options: list[Option] = []
         for t in self.types:
             for tp in t.tps:
-                self.options.append(Option(len(self.options), t.index, tp))
+                pairs = [(p, c) for p, r in t.pim_ratio for c in offload_counts(r, tp)] \
+                    if self.model.is_llm and self.offload != "off" else []
+                if not pairs or self.offload == "auto":
+                    self.options.append(Option(len(self.options), t.index, tp))
+                for p, c in pairs:
+                    self.options.append(Option(len(self.options), t.index, tp, p, c))
         self.L = self.model.n_layers
         n, o = self.L + 1, len(self.options)
         self.time = np.full((o, n, n), np.inf)  # inf: not a stage (empty range or no fit)
@@ -253,8 +314,15 @@ class StageSpace:
         self.cache = np.zeros(o)
         self.trans = np.full((len(self.types), 2, n), np.inf)  # [type, INTRA|NET, cut]
         upper = np.triu(np.ones((n, n), dtype=bool), 1)
+        # offload options: bytes per PIM device of the KV cache, and whether decode steps
+        # run pipelined by layer (`OffloadGroup`)
+        self.pim_mem: dict[int, np.ndarray] = {}
+        self.pipelined: dict[int, np.ndarray] = {}
         for opt in self.options:
-            self._fill(opt, upper)
+            if opt.offload:
+                self._fill_offload(opt, upper)
+            else:
+                self._fill(opt, upper)
         self.feedback = np.zeros((len(self.types), 2))  # [last stage's type, INTRA|NET]
         # [first stage's type]: what a request's first pass loses on a device that sat idle
         self.arrival = np.array([self.calibration.params(t.device).resume_s
@@ -326,6 +394,55 @@ class StageSpace:
         return OptionCosts(time, energy, comm, resident, streamed, pre.weight_bytes, act, kv,
                            params.shared_cache, pre.sram_half)
 
+    def _fill_offload(self, opt: Option, upper: np.ndarray) -> None:
+        """An LLM stage whose decode attention runs on `opt.pim_count` PIM devices: the
+        matrices of `StageTables` with an `Offload` (the tests hold the two equal)."""
+        t, pt = self.types[opt.type], self.types[opt.pim]
+        dev, prec, b, tp, c = t.device, t.precision, self.b, opt.tp, opt.pim_count
+        m = self.model
+        assert m.decode is not None
+        params = self.calibration.params(dev)
+        tables = StepTables(m.forward, dense_only(m.decode), dev, prec, params, tp,
+                            (t.link.bandwidth, t.link.collective_s))
+        pim = offload_tables(m.decode, pt.device, c, prec, self.calibration)
+        half = (b + 1) // 2
+        pre = stage_matrices(tables.forward_table(b))
+        dense, dense_h = (stage_matrices(tables.token_table(x)) for x in (b, half))
+        att, att_h = (stage_matrices(pim.decode_table(x)) for x in (b, half))
+        L = self.L
+        n_layers = np.where(upper, _ranges(np.ones(L)), 1.0)
+        bw, lat = t.link.bandwidth, t.link.latency
+        off = Offload(pim, (bw, lat))
+        row = _ranges(off.layer_row_elems()) * Precisions.of(prec).act_bytes
+        kv_tok = _ranges(np.array([pim.kv_bytes_per_token(i, i + 1) for i in range(L)]))
+        group = OffloadGroup(tp, c, n_layers, dev.idle_power_w.value,
+                             pt.device.idle_power_w.value)
+        dec_t, dec_j, piped = group.decode(
+            b, dense.time, dense.power * dense.time, dense_h.time, dense_h.power * dense_h.time,
+            att.time, att.power * att.time, att_h.time, att_h.power * att_h.time,
+            off.transfer_s(b, n_layers, row), off.transfer_s(half, n_layers, row))
+        move = off.move_s(b * m.prompt_tokens, kv_tok * c, n_layers)
+        pre_t, pre_j = group.prefill(pre.time, pre.power * pre.time, move)
+        g = generation_cost(pre_t, pre_j, dec_t, dec_j, m.output_tokens)
+        time, energy = g.time_s, g.energy_j
+        comm = pre.comm + g.decode_steps * dense.comm
+        work_tok = _range_max(m.peak_act_elems) / m.prompt_tokens \
+            * Precisions.of(prec).act_bytes
+        mem = pre.weight_bytes + min(b * m.prompt_tokens, PREFILL_CHUNK_TOKENS) * work_tok / tp
+        kv = float(max(self.in_flight, 1)) * b * m.context_tokens * kv_tok
+        if tp > 1:
+            share = self._group_share(t, tp)
+            time, comm = time + share, comm + share
+        fits = (upper & (mem <= dev.memory_bytes.value * MEMORY_HEADROOM)
+                & (kv_tok > 0)  # a stage with no attention has none to offload
+                & (kv <= pt.device.memory_bytes.value * MEMORY_HEADROOM))
+        self.time[opt.index] = np.where(fits, time, np.inf)
+        self.busy_j[opt.index] = np.where(fits, energy, 0.0)
+        self.comm[opt.index] = np.where(upper, comm, 0.0)
+        self.mem[opt.index] = np.where(upper, mem, 0.0)
+        self.pim_mem[opt.index] = np.where(upper, kv, 0.0)
+        self.pipelined[opt.index] = np.where(upper, piped, False)
+
     def _group_share(self, t: DeviceType, tp: int) -> np.ndarray:
         """[i, j]: a tensor-parallel stage [i, j) broadcasts every hop it receives over its
         group (a tree of log2(tp) steps, each a collective call): the cut after layer i-1 for
@@ -370,19 +487,28 @@ class StageSpace:
         return np.array([o.tp for o in self.options], dtype=np.int64)
 
     @cached_property
+    def opt_use(self) -> np.ndarray:
+        """[option, type]: devices of each type an option takes (its PIM group included)."""
+        out = np.zeros((len(self.options), len(self.types)), dtype=np.int64)
+        for o in self.options:
+            out[o.index, o.type] += o.tp
+            if o.offload:
+                out[o.index, o.pim] += o.pim_count
+        return out
+
+    @cached_property
     def opt_idle_w(self) -> np.ndarray:
-        """Idle power of an option's whole device group."""
-        return np.array([self.types[o.type].device.idle_power_w.value * o.tp
-                         for o in self.options])
+        """Idle power of an option's whole device group (its PIM group included)."""
+        return self.opt_use @ np.array([t.device.idle_power_w.value for t in self.types])
 
     @cached_property
     def opt_price_s(self) -> np.ndarray:
         """USD per second of an option's whole device group (nan where unpriced)."""
-        out = []
-        for o in self.options:
-            p = self.types[o.type].price_per_hour
-            out.append(np.nan if p is None else p * o.tp / 3600.0)
-        return np.array(out)
+        per = np.array([np.nan if t.price_per_hour is None else t.price_per_hour / 3600.0
+                        for t in self.types])
+        use = self.opt_use.astype(float)
+        return np.array([np.sum(np.where(u > 0, u * per, 0.0)) if not np.isnan(
+            per[u > 0]).any() else np.nan for u in use])
 
     @cached_property
     def any_fit(self) -> bool:

@@ -243,10 +243,15 @@ def execute(
     for r, i in copy_of.items():
         layouts.update({(r, si): layouts[i, si] for si in range(len(plan.replicas[r].stages))
                         if (i, si) in layouts})
-    stage_specs = [s for rep in lay.replicas for s in rep]
-    run_specs = [_run_spec(s, lay.replicas[s.replica], n=n, warmup=warmup, probes=probes,
-                           per_request=per_request, steps=steps if gen else None,
-                           comm_timeout_s=comm_timeout_s) for s in stage_specs]
+    stage_specs = [s for rep in lay.replicas for s in rep if not s.serves]
+    run_specs = [_run_spec(s, [x for x in lay.replicas[s.replica] if not x.serves], n=n,
+                           warmup=warmup, probes=probes, per_request=per_request,
+                           steps=steps if gen else None, comm_timeout_s=comm_timeout_s)
+                 for s in stage_specs]
+    # the PIM groups' workers of stages that offload their decode attention (`offload`)
+    pim_specs = [_run_spec(s, [], n=n, warmup=warmup, probes=probes, per_request=per_request,
+                           steps=None, comm_timeout_s=comm_timeout_s)
+                 for rep in lay.replicas for s in rep if s.serves]
     specs = _all_specs(plan, run_specs, computed, copy_of)
     feed_of = {r: copy_of.get(r, r) for r in range(len(plan.replicas))}
     feeds = [x for r in range(len(plan.replicas))
@@ -270,6 +275,15 @@ def execute(
             continue
         st = plan.replicas[sp.replica].stages[sp.stage]
         key = (st.device_type, st.precision, st.start, st.end, st.tp)
+        if st.attention_offload is not None and dec_graph is not None:
+            # the dense side and the PIM side together: the plan's own composition
+            off = _offload_costs(plan, st, graph, dec_graph)
+            power[sp.rank] = off[2], off[3]
+            power_estimated = True
+            step_costs[sp.rank] = off[0], off[1]
+            if sp.backend == "emulated":
+                modeled[sp.rank] = off[0] + (steps - 1) * off[1]
+            continue
         if key not in stage_costs:  # replicas of one device type share their figures
             stage_costs[key] = _stage_cost(graph, st.device_type, st.precision,
                                            plan.micro_batch, st.start, st.end, st.tp)
@@ -287,7 +301,17 @@ def execute(
             modeled[sp.rank] = cost.time_s + (
                 (steps - 1) * step_costs[sp.rank][1] if gen else 0.0)
 
-    ran = _run_on_engine(engine, run_specs, inputs, timeout_s)
+    ran = _run_on_engine(engine, run_specs + pim_specs, inputs + [None] * len(pim_specs),
+                         timeout_s)
+    for ps in pim_specs:
+        st = plan.replicas[computed[ps.replica]].stages[ps.stage]
+        calls = ran[ps.rank][1][0][4] if ran[ps.rank][1] else 0
+        notes.append(f"stage {ps.stage} of replica {computed[ps.replica]}: decode attention "
+                     f"ran in the worker of its PIM group ({st.attention_offload.count} x "  # type: ignore[union-attr]
+                     f"{ps.device_type}, {ps.backend}) at rank {ps.rank}: {calls:,} attention "
+                     "calls, queries and new K/V out and outputs back over torch.distributed; "
+                     "its KV cache there; the stage's times modeled with the PIM side "
+                     "(kcloud.hardware.steps)")
     results = _spread(ran, plan, specs, run_specs, computed, copy_of)
 
     # Reference: the whole model in this process, micro-batch by micro-batch.
@@ -552,7 +576,8 @@ def sample_replicas(plan: Plan, mode: str) -> tuple[list[int], dict[int, int]]:
     for ri, rep in enumerate(plan.replicas):
         emulated = all(backends.choose(st.device_type, mode, st.devices[0]).name == "emulated"
                        for st in rep.stages)
-        key = tuple((st.start, st.end, st.tp) for st in rep.stages)  # host numerics: fp32
+        key = tuple((st.start, st.end, st.tp, st.attention_offload is not None)
+                    for st in rep.stages)  # host numerics: fp32
         if emulated and key in seen:
             copy_of[ri] = seen[key]
             continue
@@ -612,7 +637,8 @@ def _run_spec(s: StageSpec, replica: list[StageSpec], *, n: int, warmup: int, pr
         seq_len=s.seq_len, phase=s.phase, bounds=s.bounds, n_micro=n, prev=s.prev,
         next=s.next, comm_timeout_s=comm_timeout_s, group=s.group, tp_groups=s.tp_groups,
         layout=None if gspec is not None else s.layout, n_warmup=warmup, n_probe=probes,
-        per_request=per_request, pin_core=s.pin_core, gen=gspec)
+        per_request=per_request, pin_core=s.pin_core, gen=gspec, attention=s.attention,
+        serves=s.serves)
 
 
 def _run_on_engine(engine: Engine, specs: list[WorkerSpec], inputs: list[Any],
@@ -739,6 +765,24 @@ def _stage_reports(plan: Plan, specs: list[WorkerSpec], results: dict[int, Any],
             measured_allreduce_s=_per_micro(ev, "AR"), sharded=sharded, **gen,
         ))
     return out
+
+
+def _offload_costs(plan: Plan, st: Any, prefill: Any,
+                   decode: Any) -> tuple[float, float, float, float]:
+    """(prefill s, decode step s, busy W, idle W per device) of a stage whose decode attention
+    runs on its PIM group, from `kcloud.hardware.steps` (as the planner priced it)."""
+    from kcloud.hardware.cluster import load_cluster
+    from kcloud.hardware.steps import offload_of, stage_tables_for
+
+    cl = load_cluster(plan.cluster)
+    dev = cl.device_types[st.device_type]
+    link = cl.intra_link(st.device_type)
+    tables = stage_tables_for(st, prefill, decode, dev, (link.bandwidth, link.collective_s),
+                              offload=offload_of(st, cl))
+    b = plan.micro_batch
+    pre = tables.forward(b)
+    dec = tables.step(b, b * tables.tables.captured_kv_tokens)
+    return pre.time_s, dec.time_s, dec.busy_w, tables.idle_w
 
 
 def _stage_cost(graph: Any, device_type: str, precision: str, batch: int,

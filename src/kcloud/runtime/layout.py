@@ -100,6 +100,18 @@ def stage_plan(plan: Plan, mode: str, *, weights: str | None = None, block_size:
                    for si, st in enumerate(rep.stages)] for ri, rep in enumerate(plan.replicas)]
     offsets = [sum(map(sum, all_widths[:ri])) if not serving else 0
                for ri in range(len(plan.replicas))]
+    # A run (not serving) of an LLM plan gives each stage that offloads its decode attention a
+    # worker of its own for the PIM group, ranked after every stage worker.
+    offloaded = [(ri, si) for ri, rep in enumerate(plan.replicas)
+                 for si, st in enumerate(rep.stages) if st.attention_offload is not None]
+    pim_rank: dict[tuple[int, int], int] = {}
+    if offloaded and llm and not serving:
+        base = sum(map(sum, all_widths))
+        pim_rank = {k: base + n for n, k in enumerate(offloaded)}
+    elif offloaded:
+        notes.append("attention offload: this execution runs the offloaded stages' attention "
+                     "on their own devices (`kcloud run` of a generation runs it in a worker "
+                     "of the PIM group)")
     every_group = tuple(
         tuple(range(off + f, off + f + w))
         for off, widths in zip(offsets, all_widths, strict=True)
@@ -109,7 +121,7 @@ def stage_plan(plan: Plan, mode: str, *, weights: str | None = None, block_size:
         widths = all_widths[ri]
         off = offsets[ri]
         firsts = [off + sum(widths[:i]) for i in range(len(widths))]
-        world = sum(widths) if serving else sum(map(sum, all_widths))
+        world = sum(widths) if serving else sum(map(sum, all_widths)) + len(pim_rank)
         # every rank of a process group creates every one of its groups, in the same order
         tp_groups = every_group if not serving else tuple(
             tuple(range(f, f + w)) for f, w in zip(firsts, widths, strict=True) if w > 1)
@@ -139,8 +151,21 @@ def stage_plan(plan: Plan, mode: str, *, weights: str | None = None, block_size:
                     prev=None if si == 0 else firsts[si - 1],
                     next=None if si == len(rep.stages) - 1 else firsts[si + 1],
                     block_size=block_size, weights=weights, pin_core=core,
-                    comm_timeout_s=comm_timeout_s,
+                    comm_timeout_s=comm_timeout_s, attention=pim_rank.get((ri, si)),
                 ))
+        for si, st in enumerate(rep.stages):
+            if (ri, si) not in pim_rank or st.attention_offload is None:
+                continue
+            off = st.attention_offload
+            slot = off.devices[0] if off.devices else st.devices[0]
+            be = backends.choose(off.device_type, mode, slot)
+            group = tuple(range(firsts[si], firsts[si] + widths[si]))
+            specs.append(StageSpec(
+                replica=ri, stage=si, rank=pim_rank[ri, si], world=world, port=0, device=slot,
+                device_type=off.device_type, backend=be.name, torch_device=be.torch_device,
+                model=plan.model, llm=llm, micro_batch=plan.micro_batch, seq_len=plan.seq_len,
+                phase=plan.phase, tp_groups=tp_groups, comm_timeout_s=comm_timeout_s,
+                serves=group))
         replicas.append(specs)
     blocks_plan = min(plan_blocks) if plan_blocks else 0
     enough = max_seqs * -(-max_len // block_size) if llm else 0

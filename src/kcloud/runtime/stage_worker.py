@@ -78,6 +78,8 @@ class StageSpec(Placed):
     pin_core: int | None = None
     comm_timeout_s: float = 60.0
     master_addr: str = "127.0.0.1"
+    attention: int | None = None  # rank of the PIM worker its decode attention runs on
+    serves: tuple[int, ...] = ()  # a PIM worker: the stage ranks whose attention it runs
 
 
 
@@ -137,6 +139,9 @@ class StageWorker:
         if spec.pin_core is not None:
             with contextlib.suppress(AttributeError, OSError):
                 os.sched_setaffinity(0, {spec.pin_core})
+        if spec.serves:  # a PIM group's worker: no layers, the caches come with the calls
+            self.group = self._join()
+            return
         module, example = load_runnable(spec.model, batch=spec.micro_batch,
                                         seq_len=spec.seq_len, phase=spec.phase)
         if spec.weights is not None:
@@ -237,6 +242,13 @@ class StageWorker:
                     port = sock.getsockname()[1]
                 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                                         rank=0, world_size=1)
+            if wspec.serves:  # a PIM group's worker: attention for its stage's ranks
+                from kcloud.runtime.offload import serve
+
+                t0 = time.perf_counter_ns()
+                calls = serve(wspec.serves, where)
+                where.step = "finish"
+                return ("done", wspec.rank, None, [("A", 0, t0, time.perf_counter_ns(), calls)])
             feed = cmd.feed
             run = _generate if wspec.gen is not None else _stream
             outputs, events = run(wspec, self.stage, feed, self.group, self.ar_log, self.dev,

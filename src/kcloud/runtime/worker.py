@@ -95,6 +95,8 @@ class WorkerSpec(Placed):
     per_request: int = 1  # micro-batches per request
     pin_core: int | None = None  # the CPU core a local worker runs on
     gen: GenSpec | None = None  # generate (prompt, then decode steps) instead of one pass
+    attention: int | None = None  # rank of the PIM worker its decode attention runs on
+    serves: tuple[int, ...] = ()  # a PIM worker: the stage ranks whose attention it runs
 
 
 
@@ -225,9 +227,16 @@ def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
     logits: dict[int, list[torch.Tensor]] = {}
     events: list[GenEvent] = []
     clock = time.perf_counter_ns
+    remote = None
+    if spec.attention is not None:  # its decode attention runs in the PIM group's worker
+        from kcloud.runtime.offload import install
+
+        remote = install(stage, spec.attention)
     with torch.inference_mode():
         for n, (kind, m, t, j) in enumerate(items):
             if kind == "B":  # what follows starts from an empty pipeline, with new caches
+                if remote is not None:
+                    remote.barrier()
                 _between_phases(where, items, n)
                 caches = []
                 continue
@@ -291,6 +300,8 @@ def _generate(spec: WorkerSpec, stage: Any, feed: list[Any] | None, group: Any,
                 if timed:
                     events.append(("ST", m, t0, clock(), t))
     where.step = "finish"
+    if remote is not None:
+        remote.stop()
     for s in (sender, tok_out):
         if s is not None:
             s.wait()

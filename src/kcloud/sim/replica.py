@@ -24,7 +24,7 @@ from typing import Any
 
 from kcloud.hardware.cost import Precisions
 from kcloud.hardware.host import HOST_ID, EngineStepCosts, engine_step_costs
-from kcloud.hardware.steps import StageTables, StepTables, stage_tables_for
+from kcloud.hardware.steps import StageTables, StepTables, offload_of, stage_tables_for
 
 
 @dataclass
@@ -163,7 +163,7 @@ def replica_models(plan: Any, cluster: Any, forward: Any, decode: Any,
             link = cluster.intra_link(s.device_type)
             stages.append(stage_tables_for(s, forward, decode, dev,
                                            (link.bandwidth, link.collective_s), calibration,
-                                           cache))
+                                           cache, offload=offload_of(s, cluster)))
         hops = []
         for a, b in zip(r.stages, r.stages[1:], strict=False):
             link = cluster.link_between(a.devices[0], b.devices[0])

@@ -14,7 +14,7 @@ and always while tracing) the modules compute exactly what they did before.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +161,23 @@ class Embeddings(nn.Module):
         return h
 
 
+def attend_cached(cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  past: int, causal: bool) -> torch.Tensor:
+    """Attention of new tokens (q, k, v: [batch, heads, new, head_dim]) over `cache` plus
+    themselves, the new K/V appended to it: new token i sits at position past + i and sees
+    every key up to it (a single new token sees them all). Where the attention runs beside
+    the rest of its layer (`Attention`) or in a worker of its own (an offload to PIM)."""
+    gqa = q.size(1) != k.size(1)
+    k, v = cache.append(k, v)
+    new = q.size(2)
+    if not causal or new == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if past == 0:  # the prompt: the same causal attention as the traced prefill
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = torch.ones(new, past + new, dtype=torch.bool, device=q.device).tril(past)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(
         self, cfg: TransformerConfig, *, offset: int = 0, cache: tuple[int, int] | None = None
@@ -187,6 +204,10 @@ class Attention(nn.Module):
             self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
         self.kv: KVCache | None = None  # eager generation (prefill-phase modules only)
         self.paged: PagedKV | None = None  # an engine step over KV blocks
+        # Eager generation with the attention elsewhere (a stage that offloads it to PIM):
+        # called as remote(self, q, k, v, past), it returns the attention output; the cache
+        # then lives with the remote side and `kv` only counts tokens.
+        self.remote: Any = None
 
     def _rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = self.rotary_dim // 2
@@ -212,6 +233,10 @@ class Attention(nn.Module):
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         if step is not None:
             return self.o_proj(self._attend_paged(q, k, v, step).transpose(1, 2).flatten(2))
+        if self.kv is not None and self.remote is not None:
+            y = self.remote(self, q, k, v, past)
+            self.kv.advance(q.size(2))
+            return self.o_proj(y.to(q.dtype).transpose(1, 2).flatten(2))
         if self.kv is not None:
             return self.o_proj(self._attend_cached(q, k, v, past).transpose(1, 2).flatten(2))
         if self.has_cache:
@@ -225,14 +250,7 @@ class Attention(nn.Module):
         """Attention of the new tokens over the cache plus themselves: new token i sits at
         position past + i and sees every key up to it (a single new token sees them all)."""
         assert self.kv is not None
-        k, v = self.kv.append(k, v)
-        new = q.size(2)
-        if not self.causal or new == 1:
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=self.gqa)
-        if past == 0:  # the prompt: the same causal attention as the traced prefill
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
-        mask = torch.ones(new, past + new, dtype=torch.bool, device=q.device).tril(past)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+        return attend_cached(self.kv, q, k, v, past, self.causal)
 
 
     def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
