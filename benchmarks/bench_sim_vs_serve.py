@@ -123,8 +123,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         load0 = load_average()
         measured = []
         with bs.server("kcloud-serve", cmd, port, work, start_timeout_s=600, ready="/ready"):
-            limits = server_limits(port)
             bs.warm_up(port, a)
+            limits = server_limits(port)  # after steps have run: the KV gauges are set by them
             for i in range(a.rounds):
                 bs.console.print(f"[bold]K-Cloud[/]: trace replay, round {i + 1}/{a.rounds}")
                 measured.append(bs.bench(port, bs.replay(a)))
