@@ -32,20 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kcloud.hardware.steps import StageSpan
+
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PEERS = {"AttAcc (ASPLOS'24)": "up to 2.81x throughput, 2.67x energy efficiency (GPT-3 175B)",
          "NeuPIMs (ASPLOS'24)": "3x / 2.4x / 1.6x throughput vs GPU / NPU / naive NPU+PIM"}
-
-
-@dataclass(frozen=True)
-class _Stage:  # the plan's stage vocabulary, one stage over every layer
-    start: int
-    end: int
-    device_type: str
-    precision: str
-    devices: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -80,7 +73,7 @@ def configs(model: Any, cluster: Any) -> list[tuple[str, Any, int, int]]:
             continue
         link = (t.link.bandwidth, t.link.collective_s)
         for tp in t.tps:
-            stage = _Stage(0, L, t.id, t.precision.value, tuple(str(k) for k in range(tp)))
+            stage = StageSpan(0, L, t.id, t.precision.value, tuple(str(k) for k in range(tp)))
             copies = t.node_cap // tp
             st = stage_tables_for(stage, model.forward, model.decode, t.device, link)
             out.append((f"{t.id} x{tp}", st, tp, copies))

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kcloud.hardware.steps import StageSpan
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 if not SHARED.is_dir():
@@ -30,17 +32,8 @@ TRACE = SHARED / "traces" / "azure-llm-2023-conversation.csv"
 
 
 @dataclass(frozen=True)
-class _Stage:  # the plan's stage vocabulary (start, end, device type, precision, devices)
-    start: int
-    end: int
-    device_type: str
-    precision: str
-    devices: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class _Replica:
-    stages: tuple[_Stage, ...]
+    stages: tuple[StageSpan, ...]
 
 
 @dataclass(frozen=True)
@@ -69,8 +62,8 @@ def vidur_fleet():
     for r in range(4):
         node = f"a100-{r}"
         reps.append(_Replica((
-            _Stage(0, cut, dev, "fp16", (f"{node}/{dev}/0", f"{node}/{dev}/1")),
-            _Stage(cut, n, dev, "fp16", (f"{node}/{dev}/2", f"{node}/{dev}/3")))))
+            StageSpan(0, cut, dev, "fp16", (f"{node}/{dev}/0", f"{node}/{dev}/1")),
+            StageSpan(cut, n, dev, "fp16", (f"{node}/{dev}/2", f"{node}/{dev}/3")))))
     return replica_models(_Plan(tuple(reps)), cluster, pre, dec)
 
 

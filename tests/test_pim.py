@@ -21,7 +21,7 @@ from kcloud.hardware.steps import (
     OffloadGroup,
     StageTables,
     StepTables,
-    decode_attention,
+    attention_only,
     dense_only,
     generation_cost,
     offload_tables,
@@ -154,7 +154,7 @@ def test_a_sequenced_step_is_the_dense_side_plus_pim_plus_transfers():
     assert all(o.op_class is not OpClass.ATTENTION
                for layer in dense_only(m.decode).layers for o in layer.ops)
     assert all(o.op_class is OpClass.ATTENTION
-               for layer in decode_attention(m.decode).layers for o in layer.ops)
+               for layer in attention_only(m.decode).layers for o in layer.ops)
 
 
 def test_kv_capacity_of_an_offloaded_stage_is_the_pim_groups_memory():

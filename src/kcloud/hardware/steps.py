@@ -66,24 +66,16 @@ def without_kv(decode: LayerGraph) -> LayerGraph:
     return replace(decode, layers=tuple(layers), kv_len=0, model=decode.model + "#no-kv")
 
 
-def attention_only(prefill: LayerGraph) -> LayerGraph:
-    """The prefill graph's attention ops alone (what a prompt's attention costs)."""
+def attention_only(graph: LayerGraph) -> LayerGraph:
+    """A graph's attention ops alone: of a prefill graph, what a prompt's attention costs; of
+    a decode graph (over the KV cache as captured), what a PIM group runs of a decode step when
+    a stage offloads its attention. No weights, no tensor-parallel collectives (heads split
+    over the group; each head's output goes back alone)."""
     layers = []
-    for layer in prefill.layers:
+    for layer in graph.layers:
         ops: tuple[Op, ...] = tuple(o for o in layer.ops if o.op_class is OpClass.ATTENTION)
         layers.append(Layer(layer.index, layer.name, layer.kind, ops, 0, layer.cut_elems))
-    return replace(prefill, layers=tuple(layers), model=prefill.model + "#attention")
-
-
-def decode_attention(decode: LayerGraph) -> LayerGraph:
-    """The decode graph's attention ops alone, over the KV cache as captured: what a PIM
-    group runs of a decode step when a stage offloads its attention. No weights, no tensor-
-    parallel collectives (heads split over the group; each head's output goes back alone)."""
-    layers = []
-    for layer in decode.layers:
-        ops: tuple[Op, ...] = tuple(o for o in layer.ops if o.op_class is OpClass.ATTENTION)
-        layers.append(Layer(layer.index, layer.name, layer.kind, ops, 0, layer.cut_elems))
-    return replace(decode, layers=tuple(layers), model=decode.model + "#attention")
+    return replace(graph, layers=tuple(layers), model=graph.model + "#attention")
 
 
 def dense_only(decode: LayerGraph) -> LayerGraph:
@@ -311,7 +303,7 @@ def _scalar(x: Any) -> float:
 
 class Offload:
     """The PIM group a stage offloads its decode attention to: its tables (the PIM device
-    type over `decode_attention` of the decode graph, tensor-parallel over `count` devices:
+    type over `attention_only` of the decode graph, tensor-parallel over `count` devices:
     heads split) and the node link between the stage's devices and the group."""
 
     def __init__(self, attention: StepTables, link: tuple[float, float]) -> None:
@@ -650,6 +642,18 @@ class _StageLike(Protocol):
 
 
 @dataclass(frozen=True)
+class StageSpan:
+    """A stage as `plan_cost` reads one (a plan's `Stage` is one too): layers [start, end) on
+    `devices` of one type, for callers that price a layout without a whole `Plan`."""
+
+    start: int
+    end: int
+    device_type: str
+    precision: str
+    devices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class StagePlanCost:
     device_type: str
     tp: int
@@ -706,7 +710,7 @@ def pim_precision(pim: Device, precision: Precision) -> Precision:
 def offload_tables(decode: LayerGraph, pim: Device, count: int, precision: Precision,
                    calibration: Calibration | None = None) -> StepTables:
     """The tables of a PIM group of `count` devices attending over `decode`'s KV cache."""
-    g = decode_attention(decode)
+    g = attention_only(decode)
     prec = pim_precision(pim, precision)
     return StepTables(g, g, pim, prec, (calibration or default_calibration()).params(pim),
                       count)
@@ -788,9 +792,27 @@ def plan_cost(plan: Any, cluster: Any, calibration: Calibration | None,
 
 
 __all__ = [
-    "GenerationCost", "Linear", "Offload", "OffloadGroup", "PlanCost", "StageTables",
-    "StepCost", "StepTables", "attention_only", "batch_buckets", "decode_attention",
-    "decode_steps", "dense_only", "generation_cost", "offload_of", "offload_tables",
-    "period_energy", "pim_precision", "plan_cost", "prefill_pairs", "stage_tables_for",
-    "step_cost", "without_kv",
+    "GenerationCost",
+    "Linear",
+    "Offload",
+    "OffloadGroup",
+    "PlanCost",
+    "StageSpan",
+    "StageTables",
+    "StepCost",
+    "StepTables",
+    "attention_only",
+    "batch_buckets",
+    "decode_steps",
+    "dense_only",
+    "generation_cost",
+    "offload_of",
+    "offload_tables",
+    "period_energy",
+    "pim_precision",
+    "plan_cost",
+    "prefill_pairs",
+    "stage_tables_for",
+    "step_cost",
+    "without_kv",
 ]
