@@ -132,7 +132,8 @@ class Cluster:
 
 class _LinkSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    bandwidth_gbps: float = Field(gt=0, allow_inf_nan=False)
+    # bounded far above any link (1 PB/s), so that GB/s -> B/s stays finite
+    bandwidth_gbps: float = Field(gt=0, le=1e6, allow_inf_nan=False)
     latency_us: float = Field(default=5.0, ge=0, allow_inf_nan=False)
     collective_latency_us: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     name: str = ""
