@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +239,8 @@ class BwrapBackend:
              "--unshare-uts", "--unshare-net", "--unshare-cgroup-try",
              "--hostname", spec.name[:60], "--info-fd", str(info_fd),
              "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+        for p in _code_under_tmp():
+            a += ["--ro-bind", p, p]
         for node in spec.device_nodes:
             a += ["--dev-bind", node, node]
         for h in spec.hide:
@@ -328,6 +331,8 @@ class RuncBackend:
             {"destination": "/sys", "type": "sysfs", "source": "sysfs",
              "options": ["nosuid", "noexec", "nodev", "ro"]},
         ]
+        mounts += [{"destination": p, "type": "bind", "source": p,
+                    "options": ["rbind", "ro", "nosuid"]} for p in _code_under_tmp()]
         mounts += [{"destination": str(h), "type": "tmpfs", "source": "tmpfs",
                     "options": ["nosuid", "nodev", "mode=755"]} for h in spec.hide]
         mounts.append({"destination": str(spec.root), "type": "bind", "source": str(spec.root),
@@ -423,3 +428,17 @@ def reap_orphan(root: Path) -> bool:
         pass
     pid_file.unlink(missing_ok=True)
     return found
+
+
+def _code_under_tmp() -> list[str]:
+    """The Python installation and K-Cloud's own code, where they lie under /tmp (a fresh
+    tmpfs in a sandbox would hide them): bound back read-only so the engine can start."""
+    import kcloud
+
+    tmp = Path("/tmp").resolve()
+    out: list[str] = []
+    for p in (sys.prefix, sys.base_prefix, str(Path(kcloud.__file__).resolve().parents[1])):
+        path = Path(p).resolve()
+        if path != tmp and path.is_relative_to(tmp) and str(path) not in out:
+            out.append(str(path))
+    return out
