@@ -16,14 +16,7 @@ from kcloud.hardware.catalog import (
     reset_catalog,
 )
 from tests.test_catalog import USER_DEVICE
-
-
-@pytest.fixture(autouse=True)
-def _fresh_catalog(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv(ENV_CATALOG_PATH, raising=False)
-    reset_catalog()
-    yield
-    reset_catalog()
+from tests.test_catalog import _fresh_catalog as _fresh_catalog  # the same fresh catalog per test
 
 
 def test_every_builtin_device_has_pci_ids_and_a_resource() -> None:
