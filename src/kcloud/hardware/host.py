@@ -835,7 +835,7 @@ def _register() -> None:
 # a few non-negative constants per step, per row and per byte of KV cache a step reads or
 # writes, and kept here beside the host's other measurements.
 
-ENGINE_COSTS_VERSION = 1
+ENGINE_COSTS_VERSION = 2  # 2: KV reads of the decode rows padded per attention group
 
 
 @dataclass(frozen=True)
@@ -844,13 +844,14 @@ class EngineStepCosts:
 
     step_s: float  # per step: scheduling, the command and its result between processes
     row_s: float  # per row (sequence) of the step: its layout, its sampled token
-    kv_byte_s: float  # per byte of KV cache the decode rows read (paged gather)
+    kv_byte_s: float  # per byte of KV cache the decode rows read, padded in their groups
     prefill_byte_s: float  # per byte of KV cache the prompt chunks write
     pair_byte_s: float  # per (query, key) pair of a prompt chunk, per KV byte of a token
     date: str
     steps: int  # timed steps the constants were fitted on
     load_avg: float  # the host's 1-minute load average while they were timed
     fit_error_pct: float = 0.0  # median |fitted - measured| of a step, percent
+    group_s: float = 0.0  # per attention group of decode rows (`scheduling.decode_groups`)
 
     @property
     def source(self) -> str:
@@ -858,8 +859,10 @@ class EngineStepCosts:
                 f"({self.steps} steps, load average {self.load_avg:.1f})")
 
     def extra_s(self, rows: int, kv_tokens: float, prefill_tokens: int, pairs: float,
-                kv_bytes_per_token: float) -> float:
-        return (self.step_s + self.row_s * rows
+                kv_bytes_per_token: float, groups: int = 0) -> float:
+        """A step's extra seconds: `kv_tokens` are its decode rows' KV tokens as their groups
+        read them, padded (`kcloud.planner.scheduling.StepPlan.decode_padding`)."""
+        return (self.step_s + self.row_s * rows + self.group_s * groups
                 + kv_bytes_per_token * (self.kv_byte_s * kv_tokens
                                         + self.prefill_byte_s * prefill_tokens
                                         + self.pair_byte_s * pairs))

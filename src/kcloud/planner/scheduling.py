@@ -30,6 +30,32 @@ from typing import Any, NamedTuple
 
 from kcloud.errors import KCloudError
 
+# Decode rows are attended in groups of similar contexts, each padded to its longest
+# (`decode_groups`): a row joins the group of the longer ones while it is within this factor of
+# the group's longest, or this many tokens of it.
+DECODE_SPREAD = 1.5
+DECODE_PAD_TOKENS = 64
+
+
+def decode_groups(contexts: list[int]) -> list[list[int]]:
+    """The decode rows of a step (their contexts, in tokens) in the groups they are attended
+    in: indices, longest context first. Padding every row to the step's longest context would
+    make a step's KV reads the batch times its longest context (a long conversation beside
+    short ones triples them on the Azure trace); grouping bounds each row's padding at
+    `DECODE_SPREAD` (or `DECODE_PAD_TOKENS`) at the price of one more attention call a group.
+    The engine's workers attend in these groups and its step costs are priced on them."""
+    order = sorted(range(len(contexts)), key=contexts.__getitem__, reverse=True)
+    groups: list[list[int]] = []
+    top = 0
+    for i in order:
+        c = contexts[i]
+        if groups and top - c <= max(DECODE_PAD_TOKENS, (DECODE_SPREAD - 1.0) * c):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+            top = c
+    return groups
+
 
 class BlockManager:
     """Fixed-size KV blocks of one replica: a free list, and each sequence's block table
@@ -179,6 +205,13 @@ class StepPlan:
 
     def shape(self) -> tuple[int, float, int, float]:
         return self.batch, self.kv_tokens, self.prefill_tokens, self.prefill_pairs
+
+    def decode_padding(self) -> tuple[int, int]:
+        """The decode rows' attention groups (`decode_groups`) and the KV tokens they read
+        padded: what the engine's CPU workers gather."""
+        ctx = [r.start + 1 for r in self.rows if r.n == 1 and r.start > 0]
+        groups = decode_groups(ctx)
+        return len(groups), sum(len(g) * ctx[g[0]] for g in groups)
 
 
 class Scheduler:

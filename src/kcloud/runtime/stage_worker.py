@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from kcloud.graph.models.transformer import Attention, Embeddings, PagedKV, StepLayout
+from kcloud.planner.scheduling import decode_groups
 from kcloud.runtime import lifecycle
 from kcloud.runtime.backends import place
 from kcloud.runtime.comm import TupleBroadcast, TupleReceiver, TupleSender
@@ -322,34 +323,42 @@ def _layout(rows: tuple[Row, ...], block_size: int,
     positions: list[torch.Tensor] = []
     slots: list[torch.Tensor] = []
     dec_rows: list[int] = []
-    dec_ctx: list[torch.Tensor] = []
-    chunks: list[tuple[int, int, torch.Tensor]] = []
+    dec_rows_of: list[Row] = []
+    chunks: list[tuple[int, int, torch.Tensor, int]] = []
     sample_at: list[int] = []
     first = 0
     for r in rows:
-        pos = torch.arange(r.start + r.n)
+        pos = torch.arange(r.start, r.start + r.n)
         table = torch.tensor(r.blocks, dtype=torch.long)
-        ctx = table[pos // block_size] * block_size + pos % block_size
-        positions.append(pos[r.start:])
-        slots.append(ctx[r.start:])
-        if r.n == 1:
+        positions.append(pos)
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+        length = r.start + r.n
+        if r.n == 1 and r.start > 0:  # a decode row (`kcloud.planner.scheduling.Scheduled`)
             dec_rows.append(first)
-            dec_ctx.append(ctx)
+            dec_rows_of.append(r)
         else:
-            chunks.append((first, r.n, ctx.to(dev)))
+            used = -(-length // block_size)
+            chunks.append((first, r.n, table[:used].to(dev), length))
         if r.sample:
             sample_at.append(first + r.n - 1)
         first += r.n
-    longest = max((c.numel() for c in dec_ctx), default=0)
-    dec_slots = torch.zeros(len(dec_ctx), longest, dtype=torch.long)
-    mask = torch.zeros(len(dec_ctx), 1, 1, longest, dtype=torch.bool)
-    for i, c in enumerate(dec_ctx):
-        dec_slots[i, :c.numel()] = c
-        mask[i, 0, 0, :c.numel()] = True
+    decode = []
+    lengths = [r.start + 1 for r in dec_rows_of]
+    for group in decode_groups(lengths):
+        longest = lengths[group[0]]
+        used = -(-longest // block_size)
+        tables = torch.zeros(len(group), used, dtype=torch.long)  # padding: block 0, masked
+        mask = torch.zeros(len(group), 1, 1, longest, dtype=torch.bool)
+        for i, j in enumerate(group):
+            blocks = dec_rows_of[j].blocks[:-(-lengths[j] // block_size)]
+            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+            mask[i, 0, 0, :lengths[j]] = True
+        padded = lengths[group[-1]] < longest
+        decode.append((torch.tensor([dec_rows[j] for j in group], dtype=torch.long, device=dev),
+                       tables.to(dev), longest, mask.to(dev) if padded else None))
     layout = StepLayout(
         positions=torch.cat(positions).to(dev), slots=torch.cat(slots).to(dev),
-        decode_rows=torch.tensor(dec_rows, dtype=torch.long, device=dev),
-        decode_slots=dec_slots.to(dev), decode_mask=mask.to(dev), chunks=tuple(chunks))
+        decode=tuple(decode), chunks=tuple(chunks))
     return layout, torch.tensor(sample_at, dtype=torch.long, device=dev)
 
 

@@ -3,12 +3,14 @@ kernels (`kcloud.hardware.host.EngineStepCosts`): the simulator adds it to every
 replica on host CPU cores, so that a simulated `local-cpu` service steps as a served one does.
 
 An `Engine` of the given plan (real mode, every stage on this host's cores) runs a grid of
-loads: decode batches of 1 to 16 sequences at short and long contexts, and prompts prefilled in
-chunks. Every step's time is taken as the engine sees it (the command sent to the result back,
+loads: decode batches of 1 to 16 sequences at short and long contexts, long conversations beside
+short ones (their decode rows attend in several groups), and prompts prefilled in chunks. Every
+step's time is taken as the engine sees it (the command sent to the result back,
 `Engine.step_times`), beside the cost model's time of that step (`kcloud.hardware.steps`, as
 the engine's pacer costs it). The difference is fitted by non-negative least squares (scipy)
-to a constant per step, one per row and three per byte of KV cache (read by decode rows,
-written by prompt chunks, per (query, key) pair of a chunk), and saved in the host's cache.
+to a constant per step, one per row, one per attention group of decode rows and three per byte
+of KV cache (read by decode rows, padded in their groups; written by prompt chunks; per (query,
+key) pair of a chunk), and saved in the host's cache.
 """
 
 from __future__ import annotations
@@ -17,22 +19,50 @@ import datetime as _dt
 import os
 import statistics
 import time
+from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import nnls
+from scipy.optimize import least_squares, nnls
 
 from kcloud.errors import KCloudError
 from kcloud.hardware.host import EngineStepCosts, save_engine_step_costs
 from kcloud.planner.plan import Plan
 
-# (sequences, prompt tokens, generated tokens) of each load of the grid
-LOADS: tuple[tuple[int, int, int], ...] = (
-    (1, 32, 24), (4, 64, 24), (16, 64, 24), (1, 900, 24), (4, 700, 24), (8, 300, 24),
+# each load of the grid: requests submitted together, as (sequences, prompt tokens, generated
+# tokens)
+LOADS: tuple[tuple[tuple[int, int, int], ...], ...] = (
+    ((1, 32, 24),), ((4, 64, 24),), ((16, 64, 24),), ((1, 900, 24),), ((4, 700, 24),),
+    ((8, 300, 24),), ((2, 2000, 24), (6, 100, 24)), ((4, 1500, 32), (4, 400, 32)),
+    ((2, 4000, 16), (4, 50, 16)),
 )
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """One timed step: its features (`FEATURES`, KV bytes included) and times."""
+
+    features: tuple[float, ...]
+    wall_s: float  # as the engine saw it, measured
+    kernels_s: float  # the cost model's time of its kernels, modeled
+
+
+# what a step's extra seconds are fitted to, in `EngineStepCosts`' order
+FEATURES = ("step", "row", "KV byte read (padded)", "KV byte written", "pair x KV byte",
+            "decode group")
 
 
 def measure(plan: Plan, *, save: bool = True) -> EngineStepCosts:
     """Time the engine of `plan` (an LLM on host CPU cores) over `LOADS`; fit, save, return."""
+    load0 = os.getloadavg()[0]
+    samples = time_steps(plan)
+    costs = fit(samples, load_avg=statistics.mean([load0, os.getloadavg()[0]]))
+    if save:
+        save_engine_step_costs(costs)
+    return costs
+
+
+def time_steps(plan: Plan) -> list[StepSample]:
+    """Every step of the engine of `plan` over `LOADS`, timed."""
     from kcloud.hardware.catalog import get_device
     from kcloud.hardware.steps import stage_tables_for
     from kcloud.runtime.engine import Engine, _pacer
@@ -50,44 +80,56 @@ def measure(plan: Plan, *, save: bool = True) -> EngineStepCosts:
                            None).tables.kv_bytes_per_token(st.start, st.end)
     eng = Engine(plan, mode="real", pace=False)
     eng.start()
-    samples: list[tuple[tuple[int, float, int, float], int, float, float]] = []
-    load0 = os.getloadavg()[0]
+    samples: list[StepSample] = []
     try:
-        for n, prompt, out in LOADS:
+        for load in LOADS:
             eng.step_times = []
-            for i in range(n):
-                eng.submit([5 + (i * 7 + j) % 200 for j in range(prompt)],
-                           SamplingParams(max_tokens=out, min_tokens=out, ignore_eos=True))
+            for n, prompt, out in load:
+                for i in range(n):
+                    eng.submit([5 + (i * 7 + j) % 200 for j in range(prompt)],
+                               SamplingParams(max_tokens=out, min_tokens=out, ignore_eos=True))
             deadline = time.monotonic() + 120.0
             while eng.busy and time.monotonic() < deadline:
                 eng.step(0.5)
-            for ri, plan_step, wall in eng.step_times:
-                samples.append((plan_step.shape(), len(plan_step.rows), wall,
-                                modeled(ri, plan_step) or 0.0))
+            for ri, step, wall in eng.step_times:
+                _, _, pre, pairs = step.shape()
+                groups, padded = step.decode_padding()
+                samples.append(StepSample(
+                    (1.0, len(step.rows), padded * kvb, pre * kvb, pairs * kvb, groups), wall,
+                    modeled(ri, step) or 0.0))
     finally:
         eng.stop()
     if len(samples) < 20:
         raise KCloudError(f"the engine ran {len(samples)} steps, too few to fit",
                           "check that the plan's workers start on this host")
-    rows = np.array([[1.0, r, kv * kvb, pre * kvb, pairs * kvb]
-                     for (_, kv, pre, pairs), r, _, _ in samples])
-    resid = np.array([wall - m for _, _, wall, m in samples])
+    return samples
+
+
+def fit(samples: list[StepSample], load_avg: float = 0.0) -> EngineStepCosts:
+    """Non-negative constants for `FEATURES` that best explain each step's wall time beyond
+    its kernels. The fit is robust (soft-L1 loss): a step that another process on the host
+    delayed is an outlier, not a cost of the engine."""
+    rows = np.array([s.features for s in samples])
+    resid = np.array([s.wall_s - s.kernels_s for s in samples])
+    walls = np.array([s.wall_s for s in samples])
     scale = rows.max(axis=0)
     scale[scale == 0] = 1.0
-    coef, _ = nnls(rows / scale, resid)
-    coef = coef / scale
-    fitted = rows @ coef + np.array([m for *_, m in samples])
-    walls = np.array([w for _, _, w, _ in samples])
-    costs = EngineStepCosts(step_s=float(coef[0]), row_s=float(coef[1]),
-                            kv_byte_s=float(coef[2]), prefill_byte_s=float(coef[3]),
-                            pair_byte_s=float(coef[4]), date=_dt.date.today().isoformat(),
-                            steps=len(samples),
-                            load_avg=round(statistics.mean([load0, os.getloadavg()[0]]), 2),
-                            fit_error_pct=round(100 * float(np.median(
-                                np.abs(fitted - walls) / walls)), 1))
-    if save:
-        save_engine_step_costs(costs)
-    return costs
+    a = rows / scale
+    start, _ = nnls(a, resid)
+    # residuals relative to the step: a long step's few ms of noise weigh as a short one's
+    w = 1.0 / walls
+    typical = float(np.median(np.abs(resid) * w)) or 1.0
+    res = least_squares(lambda c: (a @ c - resid) * w, start, bounds=(0.0, np.inf),
+                        loss="cauchy", f_scale=0.5 * typical)
+    coef = res.x / scale
+    fitted = rows @ coef + np.array([s.kernels_s for s in samples])
+    return EngineStepCosts(step_s=float(coef[0]), row_s=float(coef[1]),
+                           kv_byte_s=float(coef[2]), prefill_byte_s=float(coef[3]),
+                           pair_byte_s=float(coef[4]), group_s=float(coef[5]),
+                           date=_dt.date.today().isoformat(), steps=len(samples),
+                           load_avg=round(load_avg, 2),
+                           fit_error_pct=round(100 * float(np.median(
+                               np.abs(fitted - walls) / walls)), 1))
 
 
 def _main() -> None:  # python -m kcloud.runtime.step_costs PLAN.json

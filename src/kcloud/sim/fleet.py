@@ -451,7 +451,9 @@ class Simulator:
             lane.macro = None
             self._start(lane, t + dt)
             return
-        k = sch.steady_decode_steps() if self.fast else 0
+        # a run of decode steps is priced as one batch's KV growing linearly: not the engine's
+        # CPU workers, whose steps read KV padded in groups that change as contexts grow
+        k = sch.steady_decode_steps() if self.fast and not m.engine_costs else 0
         if k >= 2:
             b = len(sch.running)
             k0 = 0
@@ -473,7 +475,11 @@ class Simulator:
         if not plan.rows:
             self._lane_idle(lane, t)
             return
-        dt, per = m.mixed(*plan.shape())
+        if m.engine_costs:
+            groups, padded = plan.decode_padding()
+            dt, per = m.mixed(*plan.shape(), padded, groups)
+        else:
+            dt, per = m.mixed(*plan.shape())
         self._account(r, t, t + dt, per)
         lane.cur = plan
         lane.macro = None

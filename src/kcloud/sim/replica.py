@@ -10,7 +10,9 @@ A replica on this host's CPU cores (`host-cpu` devices) runs the engine's worker
 steps also costs what the engine's own work around the kernels costs here (scheduling, the
 command and result between processes, each row's layout and sample, the paged KV cache's
 gathers), as `kcloud.runtime.step_costs` measured it (`kcloud.hardware.host.EngineStepCosts`),
-charged as busy time at no extra dynamic energy.
+charged as busy time at no extra dynamic energy; its decode rows' KV reads are priced as the
+workers attend them, in groups of similar contexts padded to each group's longest
+(`kcloud.planner.scheduling.decode_groups`).
 
 Energy is split in two: the idle power of every device while its replica is powered on (the
 fleet's ledger counts it over time), and the dynamic energy of each step (busy power minus idle
@@ -75,9 +77,9 @@ class ReplicaModel:
             for st, idle, eng in zip(self.stages, self.idle_w, self.engine, strict=True):
                 lin = st.decode_linear(batch)
                 xa = xs = 0.0
-                if eng is not None:
-                    xa = eng[0].extra_s(batch, 0.0, 0, 0.0, eng[1])
-                    xs = eng[0].extra_s(batch, 1.0, 0, 0.0, eng[1]) - xa
+                if eng is not None:  # one attention group, no padding: a steady batch
+                    xa = eng[0].extra_s(batch, 0.0, 0, 0.0, eng[1], groups=1)
+                    xs = eng[0].extra_s(batch, 1.0, 0, 0.0, eng[1], groups=1) - xa
                 per.append((lin.a + xa, lin.b + xs, lin.ea - idle * lin.a,
                             lin.eb - idle * lin.b))
             a = sum(p[0] for p in per) + self.hop_s(batch)
@@ -85,24 +87,35 @@ class ReplicaModel:
             hit = self._dec[batch] = (a, s, tuple(per))
         return hit
 
-    def mixed(self, batch: int, kv_tokens: float, prefill_tokens: int,
-              pairs: float) -> tuple[float, list[tuple[float, float]]]:
+    @property
+    def engine_costs(self) -> bool:
+        """Whether a stage runs the engine's CPU workers here (their step costs apply)."""
+        return any(e is not None for e in self.engine)
+
+    def mixed(self, batch: int, kv_tokens: float, prefill_tokens: int, pairs: float,
+              padded: float | None = None,
+              groups: int = 0) -> tuple[float, list[tuple[float, float]]]:
         """An iteration with decode steps and prompt chunks: its time, and per stage (time,
         dynamic energy) per device. A step is linear in its KV tokens and prompt pairs at a
-        given (batch, prompt tokens) (`StageTables.step`): those coefficients are cached."""
+        given (batch, prompt tokens) (`StageTables.step`): those coefficients are cached. On
+        the engine's CPU workers (`engine_costs`) a step also costs its decode rows' `padded`
+        KV tokens (`kv_tokens` when not given) and attention `groups`
+        (`StepPlan.decode_padding`)."""
         key = (batch, prefill_tokens)
         co = self._mix.get(key)
         if co is None:
             co = self._mix[key] = self._mixed_coefficients(batch, prefill_tokens)
         hop, per = co
-        out = [(t0 + s * kv_tokens + p * pairs, d0 + ds * kv_tokens + dp * pairs)
-               for t0, s, p, d0, ds, dp in per]
+        pk = kv_tokens if padded is None else padded
+        out = [(t0 + s * kv_tokens + p * pairs + xk * pk + xg * groups,
+                d0 + ds * kv_tokens + dp * pairs)
+               for t0, s, p, xk, xg, d0, ds, dp in per]
         if len(out) == 1:
             return out[0][0] + hop, out
         return sum(o[0] for o in out) + hop, out
 
     def _mixed_coefficients(self, batch: int, prefill_tokens: int) -> tuple[
-            float, tuple[tuple[float, float, float, float, float, float], ...]]:
+            float, tuple[tuple[float, float, float, float, float, float, float, float], ...]]:
         per = []
         rows = batch + (1 if prefill_tokens else 0)  # a step's prompt work: mostly one chunk
         for st, idle, eng in zip(self.stages, self.idle_w, self.engine, strict=True):
@@ -113,12 +126,15 @@ class ReplicaModel:
             s, es = kv.time_s - t0, kv.energy_j - e0
             p, ep = pr.time_s - t0, pr.energy_j - e0
             d0, ds, dp = e0 - idle * t0, es - idle * s, ep - idle * p
+            xk = xg = 0.0
             if eng is not None:
-                x0 = eng[0].extra_s(rows, 0.0, prefill_tokens, 0.0, eng[1])
-                s += eng[0].extra_s(rows, 1.0, prefill_tokens, 0.0, eng[1]) - x0
-                p += eng[0].extra_s(rows, 0.0, prefill_tokens, 1.0, eng[1]) - x0
+                c, kvb = eng
+                x0 = c.extra_s(rows, 0.0, prefill_tokens, 0.0, kvb)
+                xk = c.extra_s(rows, 1.0, prefill_tokens, 0.0, kvb) - x0
+                p += c.extra_s(rows, 0.0, prefill_tokens, 1.0, kvb) - x0
+                xg = c.extra_s(rows, 0.0, prefill_tokens, 0.0, kvb, groups=1) - x0
                 t0 += x0
-            per.append((t0, s, p, d0, ds, dp))
+            per.append((t0, s, p, xk, xg, d0, ds, dp))
         hop = self.hop_s(batch + prefill_tokens) if self.hops else 0.0
         return hop, tuple(per)
 

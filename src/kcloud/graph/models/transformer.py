@@ -98,17 +98,17 @@ class KVCache:
 class StepLayout:
     """Where the tokens of one engine step sit: every sequence's new tokens packed into one row
     ([1, tokens, hidden]), their positions, and their slots in a `PagedKV` pool (block * size +
-    offset). `decode_*`: the sequences with one new token, attended as one batch over their
-    blocks (`decode_slots` [n, longest], padded; `decode_mask` [n, 1, 1, longest]);
-    `chunks`: the others (prompt chunks), each (first token, tokens, slots of its whole
-    context), attended one by one. Built once per step by the worker (`kcloud.runtime`); the
-    same for every layer of a stage."""
+    offset). `decode`: the sequences with one new token over a cache that holds the rest, in
+    groups of similar contexts (`kcloud.planner.scheduling.decode_groups`), each attended as
+    one batch over its blocks: (packed indices [n], block tables [n, blocks] padded, the
+    longest context, mask [n, 1, 1, longest] or None when no row is padded);
+    `chunks`: the others (prompt chunks), each (first token, tokens, block table of its
+    whole context, context length), attended one by one. Built once per step by the worker
+    (`kcloud.runtime`); the same for every layer of a stage."""
 
     positions: torch.Tensor  # [tokens] int64
     slots: torch.Tensor  # [tokens] int64
-    decode_rows: torch.Tensor  # [n] int64: indices into the packed tokens
-    decode_slots: torch.Tensor  # [n, longest] int64
-    decode_mask: torch.Tensor  # [n, 1, 1, longest] bool
+    decode: tuple[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None], ...]
     chunks: tuple[tuple[int, int, torch.Tensor], ...]
 
 
@@ -122,7 +122,16 @@ class PagedKV:
         shape = (blocks * block_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
         self.step: StepLayout | None = None
+
+    def gather(self, pool: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
+        """The first `length` slots of the blocks in `tables` ([..., blocks]) of `pool` (`k`
+        or `v`): [..., length, kv_heads, head_dim]. Whole blocks are copied (one index each,
+        not one a token), then cut to the context."""
+        _, kv, hd = pool.shape
+        got = pool.view(-1, self.block_size, kv, hd).index_select(0, tables.reshape(-1))
+        return got.view(*tables.shape[:-1], -1, kv, hd)[..., :length, :, :]
 
 
 def _norm(cfg: TransformerConfig) -> nn.Module:
@@ -257,25 +266,25 @@ class Attention(nn.Module):
                       step: StepLayout) -> torch.Tensor:
         """Attention of an engine step's packed tokens ([1, heads, tokens, head_dim]) over the
         KV blocks: the new K/V are written at their slots first; one-token sequences attend as
-        a batch over their gathered slots (padding masked), prompt chunks one by one, causally
-        from their first position."""
+        batch per group over their gathered slots (padding masked), prompt chunks one by one,
+        causally from their first position."""
         assert self.paged is not None
         pool_k, pool_v = self.paged.k, self.paged.v
         pool_k[step.slots] = k[0].transpose(0, 1).to(pool_k.dtype)
         pool_v[step.slots] = v[0].transpose(0, 1).to(pool_v.dtype)
         out = torch.empty_like(q)
-        if step.decode_rows.numel():
-            qd = q[0][:, step.decode_rows].unsqueeze(2).transpose(0, 1)  # [n, heads, 1, hd]
-            kd = pool_k[step.decode_slots].transpose(1, 2).to(q.dtype)  # [n, kv, longest, hd]
-            vd = pool_v[step.decode_slots].transpose(1, 2).to(q.dtype)
-            yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=step.decode_mask,
-                                                enable_gqa=self.gqa)
-            out[0][:, step.decode_rows] = yd.squeeze(2).transpose(0, 1)
-        for first, n, ctx in step.chunks:
+        gather = self.paged.gather
+        for rows, tables, longest, mask in step.decode:
+            qd = q[0][:, rows].unsqueeze(2).transpose(0, 1)  # [n, heads, 1, hd]
+            kd = gather(pool_k, tables, longest).transpose(1, 2).to(q.dtype)  # [n, kv, L, hd]
+            vd = gather(pool_v, tables, longest).transpose(1, 2).to(q.dtype)
+            yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=self.gqa)
+            out[0][:, rows] = yd.squeeze(2).transpose(0, 1)
+        for first, n, table, length in step.chunks:
             qc = q[:, :, first:first + n]
-            kc = pool_k[ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, kv, ctx, hd]
-            vc = pool_v[ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)
-            past = ctx.numel() - n
+            kc = gather(pool_k, table, length).transpose(0, 1).unsqueeze(0).to(q.dtype)
+            vc = gather(pool_v, table, length).transpose(0, 1).unsqueeze(0).to(q.dtype)
+            past = length - n  # kc, vc: [1, kv, length, hd]
             if not self.causal:
                 yc = F.scaled_dot_product_attention(qc, kc, vc, enable_gqa=self.gqa)
             elif past == 0:

@@ -1,0 +1,77 @@
+"""The engine's measured step costs on this host (`kcloud.runtime.step_costs`): the fit finds
+the constants that made the steps, and a step another process delayed does not move them."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kcloud.hardware.host import EngineStepCosts
+from kcloud.runtime.step_costs import FEATURES, StepSample, fit
+
+TRUE = EngineStepCosts(step_s=1.5e-3, row_s=80e-6, kv_byte_s=0.3e-9, prefill_byte_s=2e-9,
+                       pair_byte_s=0.0, group_s=0.25e-3, date="", steps=0, load_avg=0.0)
+KVB = 4096.0  # KV bytes a token keeps
+
+
+def _samples(delayed: float, seed: int = 0) -> list[StepSample]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(400):
+        prompt = rng.random() < 0.25
+        rows = rng.randint(1, 12)
+        groups = 0 if prompt else rng.randint(1, min(3, rows))
+        padded = 0.0 if prompt else rows * rng.randint(50, 3000)
+        pre = rng.randint(16, 256) if prompt else 0
+        feats = (1.0, rows, padded * KVB, pre * KVB, 0.0, groups)
+        kernels = 2e-3 + 1e-5 * rows + (pre * 2e-4)
+        wall = kernels + TRUE.extra_s(rows, padded, pre, 0.0, KVB, groups)
+        wall *= rng.uniform(0.97, 1.03)
+        if rng.random() < delayed:  # another process took the core for a while
+            wall += rng.uniform(5e-3, 40e-3)
+        out.append(StepSample(feats, wall, kernels))
+    return out
+
+
+@pytest.mark.parametrize("delayed", [0.0, 0.15])
+def test_fit_recovers_the_step_costs_despite_delayed_steps(delayed: float) -> None:
+    samples = _samples(delayed)
+    got = fit(samples)
+    assert len(FEATURES) == 6
+    for name in ("step_s", "row_s", "kv_byte_s", "group_s"):  # what decode steps are made of
+        want = getattr(TRUE, name)
+        assert getattr(got, name) == pytest.approx(want, rel=0.2), name
+    assert got.steps == 400
+    # every step as it ran undisturbed, prompt chunks too, within a few percent
+    clean = _samples(0.0)
+    for s in clean:
+        rows, padded, pre, groups = s.features[1], s.features[2] / KVB, s.features[3] / KVB, \
+            int(s.features[5])
+        want = s.kernels_s + TRUE.extra_s(int(rows), padded, int(pre), 0.0, KVB, groups)
+        have = s.kernels_s + got.extra_s(int(rows), padded, int(pre), 0.0, KVB, groups)
+        assert have == pytest.approx(want, rel=0.05)
+
+
+def test_sim_prices_padded_kv_and_groups_on_the_engines_workers() -> None:
+    """A host-CPU replica's step costs what the fitted constants say for its padded KV and its
+    attention groups, on top of the kernels' time."""
+    from kcloud.hardware.steps import StepCost
+    from kcloud.sim.replica import ReplicaModel
+
+    class Stage:  # a stage's tables: kernels linear in batch, KV and prompt pairs
+        device = type("D", (), {"id": "host-cpu"})()
+        tp, idle_w = 1, 1.0
+
+        def step(self, batch: int, kv: float, pre: int, pairs: float) -> StepCost:
+            t = 1e-3 + 1e-5 * batch + 1e-9 * kv + 1e-7 * pre + 1e-10 * pairs
+            return StepCost(time_s=t, energy_j=10 * t, idle_w=1.0)
+
+    m = ReplicaModel([Stage()], [], True, engine=[(TRUE, KVB)])  # type: ignore[list-item]
+    assert m.engine_costs
+    batch, kv, padded, groups = 6, 3000.0, 4100.0, 2
+    dt, _ = m.mixed(batch, kv, 0, 0.0, padded, groups)
+    kernels = Stage().step(batch, kv, 0, 0.0).time_s
+    assert dt == pytest.approx(kernels + TRUE.extra_s(batch, padded, 0, 0.0, KVB, groups))
+    plain, _ = m.mixed(batch, kv, 0, 0.0)  # unpadded, no group
+    assert dt - plain == pytest.approx(TRUE.kv_byte_s * KVB * (padded - kv) + 2 * TRUE.group_s)
