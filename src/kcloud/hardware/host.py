@@ -137,6 +137,11 @@ def host_memory() -> tuple[float, str]:
     return total, source
 
 
+def cache_share_bytes() -> float:
+    """One core's share of the last-level cache (0 when the OS does not say)."""
+    return (_last_level_cache() or 0.0) / host_cores()
+
+
 def _last_level_cache() -> float | None:
     try:
         size = os.sysconf("SC_LEVEL3_CACHE_SIZE")
@@ -835,7 +840,7 @@ def _register() -> None:
 # a few non-negative constants per step, per row and per byte of KV cache a step reads or
 # writes, and kept here beside the host's other measurements.
 
-ENGINE_COSTS_VERSION = 2  # 2: KV reads of the decode rows padded per attention group
+ENGINE_COSTS_VERSION = 3  # 2: KV reads padded per attention group; 3: past the cache
 
 
 @dataclass(frozen=True)
@@ -852,6 +857,10 @@ class EngineStepCosts:
     load_avg: float  # the host's 1-minute load average while they were timed
     fit_error_pct: float = 0.0  # median |fitted - measured| of a step, percent
     group_s: float = 0.0  # per attention group of decode rows (`scheduling.decode_groups`)
+    # per byte of those KV reads past a core's share of the last-level cache (`cache_bytes`):
+    # a worker whose sequences' KV outgrows it streams the rest from DRAM every step
+    spill_byte_s: float = 0.0
+    cache_bytes: float = 0.0
 
     @property
     def source(self) -> str:
@@ -862,7 +871,9 @@ class EngineStepCosts:
                 kv_bytes_per_token: float, groups: int = 0) -> float:
         """A step's extra seconds: `kv_tokens` are its decode rows' KV tokens as their groups
         read them, padded (`kcloud.planner.scheduling.StepPlan.decode_padding`)."""
+        read = kv_bytes_per_token * kv_tokens
         return (self.step_s + self.row_s * rows + self.group_s * groups
+                + self.spill_byte_s * max(0.0, read - self.cache_bytes)
                 + kv_bytes_per_token * (self.kv_byte_s * kv_tokens
                                         + self.prefill_byte_s * prefill_tokens
                                         + self.pair_byte_s * pairs))

@@ -16,16 +16,19 @@ key) pair of a chunk), and saved in the host's cache.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
+import random
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import least_squares, nnls
 
 from kcloud.errors import KCloudError
-from kcloud.hardware.host import EngineStepCosts, save_engine_step_costs
+from kcloud.hardware.host import EngineStepCosts, cache_share_bytes, save_engine_step_costs
 from kcloud.planner.plan import Plan
 
 # each load of the grid: requests submitted together, as (sequences, prompt tokens, generated
@@ -33,8 +36,10 @@ from kcloud.planner.plan import Plan
 LOADS: tuple[tuple[tuple[int, int, int], ...], ...] = (
     ((1, 32, 24),), ((4, 64, 24),), ((16, 64, 24),), ((1, 900, 24),), ((4, 700, 24),),
     ((8, 300, 24),), ((2, 2000, 24), (6, 100, 24)), ((4, 1500, 32), (4, 400, 32)),
-    ((2, 4000, 16), (4, 50, 16)),
+    ((2, 4000, 16), (4, 50, 16)), ((8, 2500, 24),), ((6, 3000, 16), (6, 300, 16)),
 )
+# then a stream of requests (`_stream`): how many, per second, and its seed
+STREAM, STREAM_RATE, STREAM_SEED = 32, 6.0, 7
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class StepSample:
 
 # what a step's extra seconds are fitted to, in `EngineStepCosts`' order
 FEATURES = ("step", "row", "KV byte read (padded)", "KV byte written", "pair x KV byte",
-            "decode group")
+            "decode group", "KV byte read past the cache share")
 
 
 def measure(plan: Plan, *, save: bool = True) -> EngineStepCosts:
@@ -78,9 +83,18 @@ def time_steps(plan: Plan) -> list[StepSample]:
     st = plan.replicas[0].stages[0]
     kvb = stage_tables_for(st, forward, decode, get_device(st.device_type),
                            None).tables.kv_bytes_per_token(st.start, st.end)
+    share = cache_share_bytes()
     eng = Engine(plan, mode="real", pace=False)
     eng.start()
     samples: list[StepSample] = []
+    def take(steps: list[tuple[int, Any, float]]) -> None:
+        for ri, step, wall in steps:
+            _, _, pre, pairs = step.shape()
+            groups, padded = step.decode_padding()
+            samples.append(StepSample(
+                (1.0, len(step.rows), padded * kvb, pre * kvb, pairs * kvb, groups,
+                 max(0.0, padded * kvb - share)), wall, modeled(ri, step) or 0.0))
+
     try:
         for load in LOADS:
             eng.step_times = []
@@ -91,12 +105,10 @@ def time_steps(plan: Plan) -> list[StepSample]:
             deadline = time.monotonic() + 120.0
             while eng.busy and time.monotonic() < deadline:
                 eng.step(0.5)
-            for ri, step, wall in eng.step_times:
-                _, _, pre, pairs = step.shape()
-                groups, padded = step.decode_padding()
-                samples.append(StepSample(
-                    (1.0, len(step.rows), padded * kvb, pre * kvb, pairs * kvb, groups), wall,
-                    modeled(ri, step) or 0.0))
+            take(eng.step_times)
+        eng.step_times = []
+        _stream(eng, min(eng.max_len, 4096))
+        take(eng.step_times)
     finally:
         eng.stop()
     if len(samples) < 20:
@@ -105,7 +117,31 @@ def time_steps(plan: Plan) -> list[StepSample]:
     return samples
 
 
-def fit(samples: list[StepSample], load_avg: float = 0.0) -> EngineStepCosts:
+def _stream(eng: Any, context: int) -> None:
+    """A served engine's states: `STREAM` requests arriving at random (Poisson, seeded) with
+    prompts of 32 tokens to most of `context` (log-uniform) and 16 to 128 output tokens, so
+    that long conversations decode beside short ones and prompt chunks land among decodes."""
+    from kcloud.runtime.scheduler import SamplingParams
+
+    rng = random.Random(STREAM_SEED)
+    at, reqs = 0.0, []
+    for _ in range(STREAM):
+        at += rng.expovariate(STREAM_RATE)
+        prompt = int(math.exp(rng.uniform(math.log(32), math.log(0.75 * context))))
+        reqs.append((at, prompt, rng.randint(16, 128)))
+    t0 = time.monotonic()
+    deadline = t0 + 180.0
+    while (reqs or eng.busy) and time.monotonic() < deadline:
+        now = time.monotonic() - t0
+        while reqs and reqs[0][0] <= now:
+            _, prompt, out = reqs.pop(0)
+            eng.submit([5 + (j * 7) % 200 for j in range(prompt)],
+                       SamplingParams(max_tokens=out, min_tokens=out, ignore_eos=True))
+        eng.step(0.0 if not reqs else max(0.0, min(0.05, reqs[0][0] - now)))
+
+
+def fit(samples: list[StepSample], load_avg: float = 0.0,
+        cache_bytes: float | None = None) -> EngineStepCosts:
     """Non-negative constants for `FEATURES` that best explain each step's wall time beyond
     its kernels. The fit is robust (soft-L1 loss): a step that another process on the host
     delayed is an outlier, not a cost of the engine."""
@@ -126,6 +162,9 @@ def fit(samples: list[StepSample], load_avg: float = 0.0) -> EngineStepCosts:
     return EngineStepCosts(step_s=float(coef[0]), row_s=float(coef[1]),
                            kv_byte_s=float(coef[2]), prefill_byte_s=float(coef[3]),
                            pair_byte_s=float(coef[4]), group_s=float(coef[5]),
+                           spill_byte_s=float(coef[6]),
+                           cache_bytes=cache_share_bytes() if cache_bytes is None
+                           else cache_bytes,
                            date=_dt.date.today().isoformat(), steps=len(samples),
                            load_avg=round(load_avg, 2),
                            fit_error_pct=round(100 * float(np.median(

@@ -97,14 +97,13 @@ class AsyncEngine:
                 events = eng.step(0.05)
                 if self.on_step is not None:
                     self.on_step(eng, events, time.perf_counter() - t0)
-                for ev in events:
-                    self._deliver(ev)
+                self._deliver(events)
         finally:
             self.ready.clear()
             self._drain(eng)
-            for rid in list(self._streams):
-                self._deliver(Event(rid, finished=True, reason="error",
-                                    error="the server is shutting down"))
+            self._deliver([Event(rid, finished=True, reason="error",
+                                 error="the server is shutting down")
+                           for rid in list(self._streams)])
             eng.stop()
 
     def _drain(self, eng: Engine) -> None:
@@ -131,15 +130,26 @@ class AsyncEngine:
                 eng.abort(arg)
                 self._streams.pop(arg, None)
 
-    def _deliver(self, ev: Event) -> None:
-        got = self._streams.get(ev.id)
-        if got is None:
-            return
-        if ev.finished:
-            self._streams.pop(ev.id, None)
-        loop, events = got
-        with contextlib.suppress(RuntimeError):  # its loop closed
-            loop.call_soon_threadsafe(events.put_nowait, ev)
+    def _deliver(self, events: list[Event]) -> None:
+        """Hand a step's events to their streams: one wake-up of each event loop a step, not
+        one an event (each wake-up is a write to the loop's pipe and a turn of the loop)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = {}
+        for ev in events:
+            got = self._streams.get(ev.id)
+            if got is None:
+                continue
+            if ev.finished:
+                self._streams.pop(ev.id, None)
+            loop, queue_ = got
+            by_loop.setdefault(loop, []).append((queue_, ev))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # its loop closed
+                loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Event], Event]]) -> None:
+    for q, ev in items:
+        q.put_nowait(ev)
 
 
 class NotReady(KCloudError):

@@ -377,6 +377,12 @@ def build_app(aengine: AsyncEngine, cfg: ServeConfig, tokenizer: Any = None) -> 
                         yield chunk(delta if delta else ("" if not chat else None), reason,
                                     ids=pending)
                     pending = []
+                elif ev.tokens and not out.stops:
+                    # new tokens whose text is not whole yet (a character's bytes split over
+                    # tokens): streamed as they come, with no text, as vLLM streams them;
+                    # with stop strings their text may yet be cut, so they wait
+                    yield chunk("", None, ids=pending)
+                    pending = []
                 if reason is not None:
                     if out.stopped and not ev.finished:
                         aengine.abort(stream.id)

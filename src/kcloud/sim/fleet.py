@@ -112,6 +112,18 @@ class _Lane:
         assert self.batcher is not None
         return len(self.batcher.waiting) + (len(self.cur) if self.busy and self.cur else 0)
 
+    def load(self, t: float) -> int:
+        """Outstanding work at `t` as the engine's router weighs it (`Scheduler.load`: tokens;
+        samples for a non-LLM model). In a run of decode steps (`macro`), the steps done by
+        `t` count as done, as they are when stepping one by one."""
+        if self.sched is not None:
+            if self.macro is None:
+                return self.sched.load
+            t0, _, b, k0, coeffs = self.macro
+            return self.sched.load - b * _steps_by(coeffs[0], coeffs[1], b, k0, t - t0)
+        assert self.batcher is not None
+        return self.batcher.load + (len(self.cur) if self.busy and self.cur else 0)
+
 
 class _Replica:
     __slots__ = ("draining", "idle_since", "index", "lanes", "model", "on_since", "rate",
@@ -135,6 +147,9 @@ class _Replica:
     @property
     def outstanding(self) -> int:
         return sum(lane.outstanding for lane in self.lanes)
+
+    def load(self, t: float) -> int:
+        return sum(lane.load(t) for lane in self.lanes)
 
     @property
     def routable(self) -> bool:
@@ -384,7 +399,7 @@ class Simulator:
         _, prompt, out = req
         seq = CountedSeq(self._rid, si, t, prompt, out)
         self._rid += 1
-        r = self._route(si, seq)
+        r = self._route(si, seq, t)
         if r is None:
             st.dropped += 1
             return
@@ -410,7 +425,7 @@ class Simulator:
             if not lane.busy:
                 self._kick(lane, t)
 
-    def _route(self, si: int, seq: CountedSeq) -> _Replica | None:
+    def _route(self, si: int, seq: CountedSeq, t: float) -> _Replica | None:
         svc = self.services[si]
         reps = [r for r in self.replicas[si] if r.routable]
         if not reps:
@@ -420,8 +435,8 @@ class Simulator:
             i = self._rr[si] % len(reps)
             self._rr[si] = i + 1
             return reps[i]
-        if svc.router == "least-outstanding":
-            return min(reps, key=lambda r: r.outstanding)
+        if svc.router == "least-outstanding":  # as the engine routes (`Engine._route`)
+            return min(reps, key=lambda r: r.load(t))
         return min(reps, key=lambda r: (r.outstanding + 1) / r.rate)
 
     # -- lanes ----------------------------------------------------------------------------------

@@ -98,43 +98,38 @@ class ReplicaModel:
         """An iteration with decode steps and prompt chunks: its time, and per stage (time,
         dynamic energy) per device. A step is linear in its KV tokens and prompt pairs at a
         given (batch, prompt tokens) (`StageTables.step`): those coefficients are cached. On
-        the engine's CPU workers (`engine_costs`) a step also costs its decode rows' `padded`
-        KV tokens (`kv_tokens` when not given) and attention `groups`
+        the engine's CPU workers (`engine_costs`) a step also costs what their measured step
+        costs say of it (`EngineStepCosts.extra_s`: not linear, for KV past the cache), its
+        decode rows' KV tokens `padded` (`kv_tokens` when not given) in attention `groups`
         (`StepPlan.decode_padding`)."""
         key = (batch, prefill_tokens)
         co = self._mix.get(key)
         if co is None:
             co = self._mix[key] = self._mixed_coefficients(batch, prefill_tokens)
         hop, per = co
-        pk = kv_tokens if padded is None else padded
-        out = [(t0 + s * kv_tokens + p * pairs + xk * pk + xg * groups,
-                d0 + ds * kv_tokens + dp * pairs)
-               for t0, s, p, xk, xg, d0, ds, dp in per]
+        out = [(t0 + s * kv_tokens + p * pairs, d0 + ds * kv_tokens + dp * pairs)
+               for t0, s, p, d0, ds, dp in per]
+        if self.engine_costs:
+            rows = batch + (1 if prefill_tokens else 0)  # a step's prompt work: mostly one chunk
+            pk = kv_tokens if padded is None else padded
+            out = [(t + (0.0 if eng is None else eng[0].extra_s(
+                rows, pk, prefill_tokens, pairs, eng[1], groups)), e)
+                for (t, e), eng in zip(out, self.engine, strict=True)]
         if len(out) == 1:
             return out[0][0] + hop, out
         return sum(o[0] for o in out) + hop, out
 
     def _mixed_coefficients(self, batch: int, prefill_tokens: int) -> tuple[
-            float, tuple[tuple[float, float, float, float, float, float, float, float], ...]]:
+            float, tuple[tuple[float, float, float, float, float, float], ...]]:
         per = []
-        rows = batch + (1 if prefill_tokens else 0)  # a step's prompt work: mostly one chunk
-        for st, idle, eng in zip(self.stages, self.idle_w, self.engine, strict=True):
+        for st, idle in zip(self.stages, self.idle_w, strict=True):
             base = st.step(batch, 0.0, prefill_tokens, 0.0)
             kv = st.step(batch, 1.0, prefill_tokens, 0.0) if batch else base
             pr = st.step(batch, 0.0, prefill_tokens, 1.0) if prefill_tokens else base
             t0, e0 = base.time_s, base.energy_j
             s, es = kv.time_s - t0, kv.energy_j - e0
             p, ep = pr.time_s - t0, pr.energy_j - e0
-            d0, ds, dp = e0 - idle * t0, es - idle * s, ep - idle * p
-            xk = xg = 0.0
-            if eng is not None:
-                c, kvb = eng
-                x0 = c.extra_s(rows, 0.0, prefill_tokens, 0.0, kvb)
-                xk = c.extra_s(rows, 1.0, prefill_tokens, 0.0, kvb) - x0
-                p += c.extra_s(rows, 0.0, prefill_tokens, 1.0, kvb) - x0
-                xg = c.extra_s(rows, 0.0, prefill_tokens, 0.0, kvb, groups=1) - x0
-                t0 += x0
-            per.append((t0, s, p, xk, xg, d0, ds, dp))
+            per.append((t0, s, p, e0 - idle * t0, es - idle * s, ep - idle * p))
         hop = self.hop_s(batch + prefill_tokens) if self.hops else 0.0
         return hop, tuple(per)
 
