@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -56,12 +57,9 @@ class Path:
     links: tuple[int, ...]
 
     def usage(self, space: StageSpace) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for o, _, _ in self.stages:
-            for ty, n in enumerate(space.opt_use[o]):
-                if n:
-                    out[ty] = out.get(ty, 0) + int(n)
-        return out
+        """Devices of each type the pipeline takes (by type index; PIM groups included)."""
+        use = space.opt_use[[o for o, _, _ in self.stages]].sum(axis=0).tolist()
+        return {ty: n for ty, n in enumerate(use) if n}
 
 
 @dataclass(frozen=True)
@@ -210,12 +208,16 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     n_t = len(types)
     caps = np.array([space.types[t].node_cap for t in types])
     U = int(caps.max())
-    # Options on a (type, slot) grid; empty slots point at a dummy row that is never allowed.
-    per_type = [np.flatnonzero(o_type == t) for t in types]
-    M = max(len(x) for x in per_type)
+    # Options on a (type, slot) grid, the slots of one tensor-parallel degree together (in
+    # each type's own order of options); empty slots point at a dummy row never allowed.
+    degrees = sorted({int(k) for k in o_tp})
+    width = [max(int(((o_type == t) & (o_tp == k)).sum()) for t in types) for k in degrees]
+    M = sum(width)
     grid = np.full((n_t, M), n_opt)
-    for n, x in enumerate(per_type):
-        grid[n, :len(x)] = x
+    for n, t in enumerate(types):
+        for k, s0 in zip(degrees, np.cumsum([0, *width[:-1]]).tolist(), strict=True):
+            x = np.flatnonzero((o_type == t) & (o_tp == k))
+            grid[n, s0:s0 + len(x)] = x
     g_tp = np.append(o_tp, 1)[grid]  # (T, M)
     u_vals = np.arange(1, U + 1)
     state_ok = u_vals[None, :] <= caps[:, None]  # (T, U): states that exist
@@ -248,10 +250,11 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     tr = space.trans[types][None]
     tcost = np.where(tr <= cap[:, None, None, None], lat[:, None, None, None] * tr, np.inf)
 
-    # Reach: the furthest end any option may take from each start (memory and the largest cap).
+    # Reach per option: the furthest end it may take from each start (memory, the largest cap).
     allowed = np.isfinite(base[:-1]) & (time[:-1] <= cap.max())
-    has = allowed.any(axis=0)
-    reach = np.where(has.any(axis=1), L - np.argmax(has[:, ::-1], axis=1), -1)
+    reach = np.where(allowed.any(axis=2), L - np.argmax(allowed[:, :, ::-1], axis=2), -1)
+    blocks = _blocks(degrees, width, np.append(reach, np.full((1, L + 1), -1), axis=0)[grid],
+                     K * n_t * R, U, L)
 
     # Continuing a node: state (t, u) with an option of tp k moves to u + k (if it fits).
     tgt = u_vals[None, :, None] + g_tp[:, None, :]  # (T, U, M)
@@ -272,35 +275,46 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     arg_fresh = np.zeros((K, L, n_t, R), dtype=np.int32)  # [.., previous type, ..]
     arg_cont = np.full((K, L, n_t, U, R), -1, dtype=np.int32)
     start = np.full((K, R), inf)
-    rows = np.arange(K * n_t * M * U * R)  # the flat rows of each step's (.., J) sums
     k_idx, r_idx = np.arange(K)[:, None, None], np.arange(R)[None, None, :]
+    last = np.max([b.reach for b in blocks], axis=0)
+
+    # G[k, t, m, u', r]: the least cost of a stage of slot (t, m) from layer i on that leaves
+    # its node holding u' (inf below the slot's degree: never written)
+    G = np.full((K, n_t, M, U, R), inf)
+    rows = [np.arange(K * n_t * (b.s1 - b.s0) * (U - b.tp + 1) * R) for b in blocks]
 
     for i in range(L - 1, -1, -1):
-        jhi = int(reach[i])
-        if jhi <= i:
+        if int(last[i]) <= i:
             continue
-        sl = slice(i + 1, jhi + 1)
-        tau = g_time[:, :, i, sl]  # (T, M, J)
-        C = g_base[None, :, :, i, sl] + lat[:, None, None, None] * tau[None] + g_per[..., None]
-        C = np.where(tau[None] <= cap[:, None, None, None], C, inf)  # (K, T, M, J)
-        if i == 0:  # a request's first pass on an idle device; an LLM pipeline's tokens
-            # back to its first stage (ends j < L)
-            C += (lat[:, None] * space.arrival[types][None, :])[:, :, None, None]
-            back = lat[:, None] * space.feedback[types, INTRA][None, :]  # (K, T)
-            C[..., : L - 1] += back[:, :, None, None]
-        # The stage's end j runs along the last (contiguous) axis: the argmin over it is one
-        # pass over memory in order.
-        Fs = F[..., sl]  # (K, T, U, R+1, J)
-        if dims:
-            sh = Fs[:, ti[..., None], np.arange(U)[None, None, :, None],
-                    g_shift[:, :, None, :]]  # (K, T, M, U, R, J)
-            tot = C[:, :, :, None, None, :] + sh
-        else:
-            tot = C[:, :, :, None, None, :] + Fs[:, :, None, :, :1]  # (K, T, M, U, 1, J)
-        a = np.argmin(tot, axis=-1)  # (K, T, M, U, R)
-        v = tot.reshape(-1, tot.shape[-1])[rows, a.ravel()].reshape(a.shape)
-        G = np.where(g_ok[None, :, :, :, None], v, inf)  # (K, T, M, U, R)
-        arg_j[:, i] = a + i + 1
+        for blk, flat in zip(blocks, rows, strict=True):
+            jhi = int(blk.reach[i])
+            if jhi <= i:
+                G[:, :, blk.s0:blk.s1] = inf
+                continue
+            # The stages of the block's options from layer i, ending at j (the last axis).
+            ms, u0, sl = slice(blk.s0, blk.s1), blk.tp - 1, slice(i + 1, jhi + 1)
+            tau = g_time[:, ms, i, sl]  # (T, S, J)
+            C = g_base[None, :, ms, i, sl] + lat[:, None, None, None] * tau[None] \
+                + g_per[:, :, ms, None]
+            C = np.where(tau[None] <= cap[:, None, None, None], C, inf)  # (K, T, S, J)
+            if i == 0:  # a request's first pass on an idle device; an LLM pipeline's
+                # tokens back to its first stage (ends j < L)
+                C += (lat[:, None] * space.arrival[types][None, :])[:, :, None, None]
+                back = lat[:, None] * space.feedback[types, INTRA][None, :]  # (K, T)
+                C[..., : L - 1] += back[:, :, None, None]
+            # The stage's end j runs along the last (contiguous) axis: the argmin over it is
+            # one pass over memory in order. A stage of tp k leaves its node holding u >= k.
+            Fs = F[:, :, u0:, :, sl]  # (K, T, U', R+1, J)
+            if dims:
+                sh = Fs[:, ti[..., None], np.arange(U - u0)[None, None, :, None],
+                        g_shift[:, ms, None, :]]  # (K, T, S, U', R, J)
+                tot = C[:, :, :, None, None, :] + sh
+            else:
+                tot = C[:, :, :, None, None, :] + Fs[:, :, None, :, :1]  # (K, T, S, U', 1, J)
+            a = np.argmin(tot, axis=-1)  # (K, T, S, U', R)
+            v = tot.reshape(-1, tot.shape[-1])[flat, a.ravel()].reshape(a.shape)
+            G[:, :, ms, u0:] = np.where(g_ok[None, :, ms, u0:, None], v, inf)
+            arg_j[:, i, :, ms, u0:] = a + i + 1
         # A stage on a fresh node, leaving u' = k: any option after no stage or another
         # type; after a stage of type t only where t has another node.
         fresh = G[:, np.arange(n_t)[:, None], np.arange(M)[None, :], g_tp - 1]  # (K,T,M,R)
@@ -326,33 +340,94 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
                                      np.where(use, cv, net[:, :, None, :]), inf)
         arg_cont[:, i] = np.where(use, cm, -1)
 
-    out: list[Path | None] = []
-    for k in range(K):
-        if not np.isfinite(start[k, 0]):
-            out.append(None)
-            continue
-        stages: list[tuple[int, int, int]] = []
-        links: list[int] = []
-        i, r = 0, 0
-        t, m = divmod(int(arg_fresh[k, 0, 0, r]), M)
-        u = int(g_tp[t, m])
-        while True:
-            j = int(arg_j[k, i, t, m, u - 1, r])
-            n = int(grid[t, m])
-            stages.append((opts[n], i, j))
-            r = int(g_shift[t, m, r]) if dims else 0
-            if j == L:
-                break
-            i = j
-            c = int(arg_cont[k, i, t, u - 1, r])
-            if c >= 0:
-                m, u = c, u + int(g_tp[t, c])
-                links.append(INTRA)
-            else:
-                t, m = divmod(int(arg_fresh[k, i, t, r]), M)
-                u = int(g_tp[t, m])
-                links.append(NET)
-        out.append(Path(tuple(stages), tuple(links)))
+    return _paths(start[:, 0], arg_j, arg_fresh, arg_cont, grid, g_tp, g_shift if dims else None,
+                  opts, L, M)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Grid slots [s0, s1) of tensor-parallel degrees >= tp, and how far their stages reach
+    from each first layer."""
+
+    tp: int
+    s0: int
+    s1: int
+    reach: np.ndarray  # (L+1,)
+
+
+STEP_COST = 20000  # one block's numpy calls at one layer, in element sums (measured, roughly)
+
+
+def _blocks(degrees: list[int], width: list[int], reach: np.ndarray, per_state: int, U: int,
+            L: int) -> list[_Block]:
+    """The grid's slots, by degree, cut into blocks of consecutive degrees, each summed over its
+    own reach: a stage of a small degree reaches fewer layers (memory) and leaves its node
+    holding at least its degree, so blocks save work on large batches, while each block costs
+    its own numpy calls per layer, so small batches take one block. `reach[t, m, i]`: each
+    slot's furthest end; `per_state`: the problems x types x tracked states. The cut with the
+    least modeled work wins (at most 4 degrees: 8 cuts)."""
+    offs = np.cumsum([0, *width]).tolist()
+    starts = np.arange(L + 1)
+    n = len(degrees)
+    best: tuple[float, list[_Block]] | None = None
+    for mask in range(1 << (n - 1)):
+        cuts = [0, *[c + 1 for c in range(n - 1) if mask >> c & 1], n]
+        out, cost = [], 0.0
+        for lo, hi in pairwise(cuts):
+            r = reach[:, offs[lo]:offs[hi]].max(axis=(0, 1))
+            span = np.maximum(r - starts, 0)
+            cost += float(span.sum()) * (offs[hi] - offs[lo]) * per_state * (U - degrees[lo] + 1)
+            cost += STEP_COST * int((span > 0).sum())
+            out.append(_Block(degrees[lo], offs[lo], offs[hi], r))
+        if best is None or cost < best[0]:
+            best = (cost, out)
+    assert best is not None
+    return best[1]
+
+
+def _paths(start: np.ndarray, arg_j: np.ndarray, arg_fresh: np.ndarray, arg_cont: np.ndarray,
+           grid: np.ndarray, g_tp: np.ndarray, g_shift: np.ndarray | None, opts: list[int],
+           L: int, M: int) -> list[Path | None]:
+    """Every problem's chain, read back from the DP's choices, one stage of all at a time."""
+    K = len(start)
+    live = np.flatnonzero(np.isfinite(start))
+    n_live = len(live)
+    i = np.zeros(n_live, dtype=np.int64)
+    r = np.zeros(n_live, dtype=np.int64)
+    t, m = np.divmod(arg_fresh[live, 0, 0, 0].astype(np.int64), M)
+    u = g_tp[t, m]
+    opt_of = np.asarray(opts, dtype=np.int64)[grid.clip(max=len(opts) - 1)]  # (T, M)
+    # stage s of every chain: option, first and end layer, and the link into stage s + 1
+    o_rows, i_rows, j_rows, k_rows = [], [], [], []
+    act = np.arange(n_live)  # positions in `live` still reading stages
+    while len(act):
+        j = arg_j[live[act], i, t, m, u - 1, r].astype(np.int64)
+        row = np.full((4, n_live), -1, dtype=np.int64)
+        row[0, act], row[1, act], row[2, act] = opt_of[t, m], i, j
+        if g_shift is not None:
+            r = g_shift[t, m, r]
+        go = j < L
+        act, k2 = act[go], live[act[go]]
+        i, t, m, u, r = j[go], t[go], m[go], u[go], r[go]
+        c = arg_cont[k2, i, t, u - 1, r].astype(np.int64)
+        cont = c >= 0
+        ft, fm = np.divmod(arg_fresh[k2, i, t, r].astype(np.int64), M)
+        m = np.where(cont, c, fm)
+        t = np.where(cont, t, ft)
+        u = np.where(cont, u + g_tp[t, np.where(cont, c, 0)], g_tp[t, m])
+        row[3, act] = np.where(cont, INTRA, NET)
+        o_rows.append(row[0])
+        i_rows.append(row[1])
+        j_rows.append(row[2])
+        k_rows.append(row[3])
+    out: list[Path | None] = [None] * K
+    if not n_live:
+        return out
+    n_stages = (np.array(o_rows) >= 0).sum(axis=0).tolist()
+    cols = zip(np.array(o_rows).T.tolist(), np.array(i_rows).T.tolist(),
+               np.array(j_rows).T.tolist(), np.array(k_rows).T.tolist(), strict=True)
+    for k, n, (o, i0, j0, kind) in zip(live.tolist(), n_stages, cols, strict=True):
+        out[k] = Path(tuple(zip(o[:n], i0[:n], j0[:n], strict=True)), tuple(kind[:n - 1]))
     return out
 
 
