@@ -388,46 +388,40 @@ def _blocks(degrees: list[int], width: list[int], reach: np.ndarray, per_state: 
 def _paths(start: np.ndarray, arg_j: np.ndarray, arg_fresh: np.ndarray, arg_cont: np.ndarray,
            grid: np.ndarray, g_tp: np.ndarray, g_shift: np.ndarray | None, opts: list[int],
            L: int, M: int) -> list[Path | None]:
-    """Every problem's chain, read back from the DP's choices, one stage of all at a time."""
-    K = len(start)
-    live = np.flatnonzero(np.isfinite(start))
-    n_live = len(live)
-    i = np.zeros(n_live, dtype=np.int64)
-    r = np.zeros(n_live, dtype=np.int64)
-    t, m = np.divmod(arg_fresh[live, 0, 0, 0].astype(np.int64), M)
-    u = g_tp[t, m]
-    opt_of = np.asarray(opts, dtype=np.int64)[grid.clip(max=len(opts) - 1)]  # (T, M)
-    # stage s of every chain: option, first and end layer, and the link into stage s + 1
-    o_rows, i_rows, j_rows, k_rows = [], [], [], []
-    act = np.arange(n_live)  # positions in `live` still reading stages
-    while len(act):
-        j = arg_j[live[act], i, t, m, u - 1, r].astype(np.int64)
-        row = np.full((4, n_live), -1, dtype=np.int64)
-        row[0, act], row[1, act], row[2, act] = opt_of[t, m], i, j
-        if g_shift is not None:
-            r = g_shift[t, m, r]
-        go = j < L
-        act, k2 = act[go], live[act[go]]
-        i, t, m, u, r = j[go], t[go], m[go], u[go], r[go]
-        c = arg_cont[k2, i, t, u - 1, r].astype(np.int64)
-        cont = c >= 0
-        ft, fm = np.divmod(arg_fresh[k2, i, t, r].astype(np.int64), M)
-        m = np.where(cont, c, fm)
-        t = np.where(cont, t, ft)
-        u = np.where(cont, u + g_tp[t, np.where(cont, c, 0)], g_tp[t, m])
-        row[3, act] = np.where(cont, INTRA, NET)
-        o_rows.append(row[0])
-        i_rows.append(row[1])
-        j_rows.append(row[2])
-        k_rows.append(row[3])
-    out: list[Path | None] = [None] * K
-    if not n_live:
-        return out
-    n_stages = (np.array(o_rows) >= 0).sum(axis=0).tolist()
-    cols = zip(np.array(o_rows).T.tolist(), np.array(i_rows).T.tolist(),
-               np.array(j_rows).T.tolist(), np.array(k_rows).T.tolist(), strict=True)
-    for k, n, (o, i0, j0, kind) in zip(live.tolist(), n_stages, cols, strict=True):
-        out[k] = Path(tuple(zip(o[:n], i0[:n], j0[:n], strict=True)), tuple(kind[:n - 1]))
+    """Every problem's chain, read back from the DP's choices (flat indices: one `item` per
+    choice instead of an index tuple)."""
+    _, _, T, _, U, R = arg_j.shape
+    aj, af, ac = arg_j.item, arg_fresh.item, arg_cont.item
+    opt_of = [[opts[n] if n < len(opts) else -1 for n in row] for row in grid.tolist()]
+    tps = g_tp.tolist()
+    shift = g_shift.tolist() if g_shift is not None else None
+    out: list[Path | None] = []
+    for k, ok in enumerate(np.isfinite(start).tolist()):
+        if not ok:
+            out.append(None)
+            continue
+        stages: list[tuple[int, int, int]] = []
+        links: list[int] = []
+        i, r = 0, 0
+        t, m = divmod(af(k * L * T * R), M)
+        u = tps[t][m]
+        while True:
+            j = aj(((((k * L + i) * T + t) * M + m) * U + u - 1) * R + r)
+            stages.append((opt_of[t][m], i, j))
+            if shift is not None:
+                r = shift[t][m][r]
+            if j == L:
+                break
+            i = j
+            c = ac((((k * L + i) * T + t) * U + u - 1) * R + r)
+            if c >= 0:
+                m, u = c, u + tps[t][c]
+                links.append(INTRA)
+            else:
+                t, m = divmod(af(((k * L + i) * T + t) * R + r), M)
+                u = tps[t][m]
+                links.append(NET)
+        out.append(Path(tuple(stages), tuple(links)))
     return out
 
 
