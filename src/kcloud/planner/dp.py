@@ -221,8 +221,6 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     g_tp = np.append(o_tp, 1)[grid]  # (T, M)
     u_vals = np.arange(1, U + 1)
     state_ok = u_vals[None, :] <= caps[:, None]  # (T, U): states that exist
-    # a stage of tp k leaves its node holding u' with k <= u' <= cap
-    g_ok = (u_vals[None, None, :] >= g_tp[:, :, None]) & state_ok[:, None, :]  # (T, M, U)
 
     time = np.concatenate([space.time[opts], np.full((1, L + 1, L + 1), np.inf)])
     base = np.concatenate([batch.base, np.full((1, L + 1, L + 1), np.inf)])
@@ -256,10 +254,11 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     blocks = _blocks(degrees, width, np.append(reach, np.full((1, L + 1), -1), axis=0)[grid],
                      K * n_t * R, U, L)
 
-    # Continuing a node: state (t, u) with an option of tp k moves to u + k (if it fits).
+    # Continuing a node: state (t, u) with an option of tp k moves to u + k (if it fits);
+    # what cannot continue points at G's last slot, never written (inf).
     tgt = u_vals[None, :, None] + g_tp[:, None, :]  # (T, U, M)
     cont_ok = (tgt <= caps[:, None, None]) & state_ok[:, :, None] & (grid[:, None, :] < n_opt)
-    tgt_idx = np.where(cont_ok, tgt - 1, 0)
+    tgt_idx = np.where(cont_ok, tgt - 1, U)
     ti = np.arange(n_t)[:, None, None]
     mi = np.arange(M)[None, None, :]
     # A fresh node of the previous stage's own type needs a second node of that type.
@@ -280,13 +279,17 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
 
     # G[k, t, m, u', r]: the least cost of a stage of slot (t, m) from layer i on that leaves
     # its node holding u' (inf below the slot's degree: never written)
-    G = np.full((K, n_t, M, U, R), inf)
+    G = np.full((K, n_t, M, U + 1, R), inf)
     rows = [np.arange(K * n_t * (b.s1 - b.s0) * (U - b.tp + 1) * R) for b in blocks]
+    lat4, cap4 = lat[:, None, None, None], cap[:, None, None, None]
+    per_blk = [g_per[:, :, b.s0:b.s1, None] for b in blocks]
+    ar_t, ar_m, tp_1 = np.arange(n_t)[:, None], np.arange(M)[None, :], g_tp - 1
+    t_net, t_intra = tcost[:, :, NET, :, None], tcost[:, :, INTRA, :, None, None, None]
 
     for i in range(L - 1, -1, -1):
         if int(last[i]) <= i:
             continue
-        for blk, flat in zip(blocks, rows, strict=True):
+        for blk, flat, per in zip(blocks, rows, per_blk, strict=True):
             jhi = int(blk.reach[i])
             if jhi <= i:
                 G[:, :, blk.s0:blk.s1] = inf
@@ -294,9 +297,7 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
             # The stages of the block's options from layer i, ending at j (the last axis).
             ms, u0, sl = slice(blk.s0, blk.s1), blk.tp - 1, slice(i + 1, jhi + 1)
             tau = g_time[:, ms, i, sl]  # (T, S, J)
-            C = g_base[None, :, ms, i, sl] + lat[:, None, None, None] * tau[None] \
-                + g_per[:, :, ms, None]
-            C = np.where(tau[None] <= cap[:, None, None, None], C, inf)  # (K, T, S, J)
+            C = np.where(tau <= cap4, g_base[:, ms, i, sl] + lat4 * tau + per, inf)  # (K,T,S,J)
             if i == 0:  # a request's first pass on an idle device; an LLM pipeline's
                 # tokens back to its first stage (ends j < L)
                 C += (lat[:, None] * space.arrival[types][None, :])[:, :, None, None]
@@ -313,11 +314,11 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
                 tot = C[:, :, :, None, None, :] + Fs[:, :, None, :, :1]  # (K, T, S, U', 1, J)
             a = np.argmin(tot, axis=-1)  # (K, T, S, U', R)
             v = tot.reshape(-1, tot.shape[-1])[flat, a.ravel()].reshape(a.shape)
-            G[:, :, ms, u0:] = np.where(g_ok[None, :, ms, u0:, None], v, inf)
+            G[:, :, ms, u0:U] = v  # inf where the slot or the state does not exist (F is)
             arg_j[:, i, :, ms, u0:] = a + i + 1
         # A stage on a fresh node, leaving u' = k: any option after no stage or another
         # type; after a stage of type t only where t has another node.
-        fresh = G[:, np.arange(n_t)[:, None], np.arange(M)[None, :], g_tp - 1]  # (K,T,M,R)
+        fresh = G[:, ar_t, ar_m, tp_1]  # (K, T, M, R)
         fm = np.argmin(fresh, axis=2)  # (K, T, R): best option per type
         fv = fresh.min(axis=2)  # (K, T, R)
         if i == 0:
@@ -329,10 +330,8 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
         pt = np.argmin(pv, axis=2)  # (K, Tp, R)
         fbest = pv.min(axis=2)  # (K, Tp, R)
         arg_fresh[:, i] = pt * M + fm[k_idx, pt, r_idx]
-        net = fbest + tcost[:, :, NET, i][:, :, None]  # (K, T, R)
-        cand = G[:, ti, mi, tgt_idx]  # (K, T, U, M, R)
-        cand = np.where(cont_ok[None, ..., None], cand, inf) \
-            + tcost[:, :, INTRA, i][:, :, None, None, None]
+        net = fbest + t_net[:, :, i]  # (K, T, R)
+        cand = G[:, ti, mi, tgt_idx] + t_intra[:, :, i]  # (K, T, U, M, R)
         cm = np.argmin(cand, axis=3)  # (K, T, U, R)
         cv = cand.min(axis=3)
         use = cv < net[:, :, None, :]
