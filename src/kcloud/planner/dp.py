@@ -271,16 +271,18 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     F = np.full((K, n_t, U, R + 1, L + 1), inf)
     F[:, :, :, :R, L] = np.where(state_ok, 0.0, inf)[None, :, :, None]
     arg_j = np.zeros((K, L, n_t, M, U, R), dtype=np.int32)
-    arg_fresh = np.zeros((K, L, n_t, R), dtype=np.int32)  # [.., previous type, ..]
+    # a fresh node at layer i after a stage of type t: the next type (at i = 0: the first
+    # type, in [.., 0, ..]), and per type its best slot
+    arg_pt = np.zeros((K, L, n_t, R), dtype=np.int32)
+    arg_fm = np.zeros((K, L, n_t, R), dtype=np.int32)
     arg_cont = np.full((K, L, n_t, U, R), -1, dtype=np.int32)
     start = np.full((K, R), inf)
-    k_idx, r_idx = np.arange(K)[:, None, None], np.arange(R)[None, None, :]
+    rows = [np.arange(K * n_t * (b.s1 - b.s0) * (U - b.tp + 1) * R) for b in blocks]
     last = np.max([b.reach for b in blocks], axis=0)
 
     # G[k, t, m, u', r]: the least cost of a stage of slot (t, m) from layer i on that leaves
     # its node holding u' (inf below the slot's degree: never written)
     G = np.full((K, n_t, M, U + 1, R), inf)
-    rows = [np.arange(K * n_t * (b.s1 - b.s0) * (U - b.tp + 1) * R) for b in blocks]
     lat4, cap4 = lat[:, None, None, None], cap[:, None, None, None]
     per_blk = [g_per[:, :, b.s0:b.s1, None] for b in blocks]
     ar_t, ar_m, tp_1 = np.arange(n_t)[:, None], np.arange(M)[None, :], g_tp - 1
@@ -315,7 +317,7 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
             a = np.argmin(tot, axis=-1)  # (K, T, S, U', R)
             v = tot.reshape(-1, tot.shape[-1])[flat, a.ravel()].reshape(a.shape)
             G[:, :, ms, u0:U] = v  # inf where the slot or the state does not exist (F is)
-            arg_j[:, i, :, ms, u0:] = a + i + 1
+            np.add(a, i + 1, out=arg_j[:, i, :, ms, u0:], casting="unsafe")
         # A stage on a fresh node, leaving u' = k: any option after no stage or another
         # type; after a stage of type t only where t has another node.
         fresh = G[:, ar_t, ar_m, tp_1]  # (K, T, M, R)
@@ -324,23 +326,25 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
         if i == 0:
             ft = np.argmin(fv, axis=1)  # (K, R)
             start = np.take_along_axis(fv, ft[:, None, :], axis=1)[:, 0]
-            arg_fresh[:, i, 0] = ft * M + np.take_along_axis(fm, ft[:, None, :], axis=1)[:, 0]
+            arg_pt[:, i, 0] = ft
+            arg_fm[:, i] = fm
             break
         pv = np.where(may_follow[None, :, :, None], fv[:, None, :, :], inf)  # (K,Tp,T,R)
         pt = np.argmin(pv, axis=2)  # (K, Tp, R)
         fbest = pv.min(axis=2)  # (K, Tp, R)
-        arg_fresh[:, i] = pt * M + fm[k_idx, pt, r_idx]
+        arg_pt[:, i] = pt
+        arg_fm[:, i] = fm
         net = fbest + t_net[:, :, i]  # (K, T, R)
         cand = G[:, ti, mi, tgt_idx] + t_intra[:, :, i]  # (K, T, U, M, R)
         cm = np.argmin(cand, axis=3)  # (K, T, U, R)
         cv = cand.min(axis=3)
         use = cv < net[:, :, None, :]
-        F[:, :, :, :R, i] = np.where(state_ok[None, :, :, None],
-                                     np.where(use, cv, net[:, :, None, :]), inf)
+        # (at states that do not exist F holds numbers no chain reads: see G)
+        np.minimum(cv, net[:, :, None, :], out=F[:, :, :, :R, i])
         arg_cont[:, i] = np.where(use, cm, -1)
 
-    return _paths(start[:, 0], arg_j, arg_fresh, arg_cont, grid, g_tp, g_shift if dims else None,
-                  opts, L, M)
+    return _paths(start[:, 0], arg_j, arg_pt, arg_fm, arg_cont, grid, g_tp,
+                  g_shift if dims else None, opts, L)
 
 
 @dataclass(frozen=True)
@@ -384,13 +388,13 @@ def _blocks(degrees: list[int], width: list[int], reach: np.ndarray, per_state: 
     return best[1]
 
 
-def _paths(start: np.ndarray, arg_j: np.ndarray, arg_fresh: np.ndarray, arg_cont: np.ndarray,
-           grid: np.ndarray, g_tp: np.ndarray, g_shift: np.ndarray | None, opts: list[int],
-           L: int, M: int) -> list[Path | None]:
+def _paths(start: np.ndarray, arg_j: np.ndarray, arg_pt: np.ndarray, arg_fm: np.ndarray,
+           arg_cont: np.ndarray, grid: np.ndarray, g_tp: np.ndarray,
+           g_shift: np.ndarray | None, opts: list[int], L: int) -> list[Path | None]:
     """Every problem's chain, read back from the DP's choices (flat indices: one `item` per
     choice instead of an index tuple)."""
-    _, _, T, _, U, R = arg_j.shape
-    aj, af, ac = arg_j.item, arg_fresh.item, arg_cont.item
+    _, _, T, M, U, R = arg_j.shape
+    aj, pt, fm, ac = arg_j.item, arg_pt.item, arg_fm.item, arg_cont.item
     opt_of = [[opts[n] if n < len(opts) else -1 for n in row] for row in grid.tolist()]
     tps = g_tp.tolist()
     shift = g_shift.tolist() if g_shift is not None else None
@@ -402,7 +406,8 @@ def _paths(start: np.ndarray, arg_j: np.ndarray, arg_fresh: np.ndarray, arg_cont
         stages: list[tuple[int, int, int]] = []
         links: list[int] = []
         i, r = 0, 0
-        t, m = divmod(af(k * L * T * R), M)
+        t = pt(k * L * T * R)
+        m = fm((k * L * T + t) * R)
         u = tps[t][m]
         while True:
             j = aj(((((k * L + i) * T + t) * M + m) * U + u - 1) * R + r)
@@ -417,7 +422,8 @@ def _paths(start: np.ndarray, arg_j: np.ndarray, arg_fresh: np.ndarray, arg_cont
                 m, u = c, u + tps[t][c]
                 links.append(INTRA)
             else:
-                t, m = divmod(af(((k * L + i) * T + t) * R + r), M)
+                t = pt(((k * L + i) * T + t) * R + r)
+                m = fm(((k * L + i) * T + t) * R + r)
                 u = tps[t][m]
                 links.append(NET)
         out.append(Path(tuple(stages), tuple(links)))
