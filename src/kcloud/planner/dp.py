@@ -285,13 +285,19 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     G = np.full((K, n_t, M, U + 1, R), inf)
     lat4, cap4 = lat[:, None, None, None], cap[:, None, None, None]
     per_blk = [g_per[:, :, b.s0:b.s1, None] for b in blocks]
+    # Tracked counters: the rows of F (flattened over type, node state, counters) each block's
+    # stage reads, [t, s, u', r] -> (t, u0 + u', shift of r by the slot's devices)
+    F_rows = F.reshape(K, n_t * U * (R + 1), L + 1)
+    shifted = [(((np.arange(n_t)[:, None, None, None] * U + np.arange(b.tp - 1, U)[None, None, :,
+                                                                                 None])
+                 * (R + 1)) + g_shift[:, b.s0:b.s1, None, :]).ravel() for b in blocks]
     ar_t, ar_m, tp_1 = np.arange(n_t)[:, None], np.arange(M)[None, :], g_tp - 1
     t_net, t_intra = tcost[:, :, NET, :, None], tcost[:, :, INTRA, :, None, None, None]
 
     for i in range(L - 1, -1, -1):
         if int(last[i]) <= i:
             continue
-        for blk, flat, per in zip(blocks, rows, per_blk, strict=True):
+        for blk, flat, per, shift_rows in zip(blocks, rows, per_blk, shifted, strict=True):
             jhi = int(blk.reach[i])
             if jhi <= i:
                 G[:, :, blk.s0:blk.s1] = inf
@@ -309,8 +315,8 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
             # one pass over memory in order. A stage of tp k leaves its node holding u >= k.
             Fs = F[:, :, u0:, :, sl]  # (K, T, U', R+1, J)
             if dims:
-                sh = Fs[:, ti[..., None], np.arange(U - u0)[None, None, :, None],
-                        g_shift[:, ms, None, :]]  # (K, T, S, U', R, J)
+                sh = np.take(F_rows[:, :, sl], shift_rows, axis=1).reshape(
+                    K, n_t, blk.s1 - blk.s0, U - u0, R, jhi - i)  # (K, T, S, U', R, J)
                 tot = C[:, :, :, None, None, :] + sh
             else:
                 tot = C[:, :, :, None, None, :] + Fs[:, :, None, :, :1]  # (K, T, S, U', 1, J)
