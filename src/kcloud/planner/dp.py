@@ -21,7 +21,8 @@ chain of more than one stage also pays lat[k] * feedback[t, INTRA] for its first
 the network where the pipeline does, which the DP leaves out). Every chain pays
 lat[k] * arrival[t] for its first stage's type t (a request's first pass on an idle device).
 The recursion runs backward over i, vectorized with numpy over the batch, the stage's end j,
-the run state and the tracked resources.
+the run state and the tracked resources; the options are summed in blocks of tensor-parallel
+degrees, each over its own reach (`_blocks`), since stages of few devices reach few layers.
 
 Device availability (per type) and a device budget are resources, enforced lazily and exactly:
 the DP first runs without tracking them; problems whose best chain uses more of some resource
@@ -288,9 +289,9 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     # Tracked counters: the rows of F (flattened over type, node state, counters) each block's
     # stage reads, [t, s, u', r] -> (t, u0 + u', shift of r by the slot's devices)
     F_rows = F.reshape(K, n_t * U * (R + 1), L + 1)
-    shifted = [(((np.arange(n_t)[:, None, None, None] * U + np.arange(b.tp - 1, U)[None, None, :,
-                                                                                 None])
-                 * (R + 1)) + g_shift[:, b.s0:b.s1, None, :]).ravel() for b in blocks]
+    t_rows = np.arange(n_t)[:, None, None, None] * U
+    shifted = [((t_rows + np.arange(b.tp - 1, U)[None, None, :, None]) * (R + 1)
+                + g_shift[:, b.s0:b.s1, None, :]).ravel() for b in blocks]
     ar_t, ar_m, tp_1 = np.arange(n_t)[:, None], np.arange(M)[None, :], g_tp - 1
     t_net, t_intra = tcost[:, :, NET, :, None], tcost[:, :, INTRA, :, None, None, None]
 
