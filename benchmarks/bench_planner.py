@@ -47,10 +47,11 @@ NODE = {"nvidia-h100-sxm": 8, "nvidia-a100-sxm-80gb": 8, "furiosa-rngd": 8,
         "rebellions-atom": 8}
 
 # The figures before the planner's speed work (issue 15; measured on this shared 2-core
-# machine, loaded): whole-command wall times and the search time each reported.
-BEFORE = {"first": "28 s wall, capture twice; search 3-8 s",
-          "second": "7.8-18 s wall loaded; 7.5 s median of 3 at load 2.5 (search 5-6 s)",
-          "1024": "search 22 s loaded"}
+# machine, before the DP and evaluation speed-ups: one run of this benchmark at load 1.2-1.6,
+# and the second command's median of 5 at load 2.3-4).
+BEFORE = {"first": "14.6 s wall, capture twice; search 4.0 s",
+          "second": "4.4 s wall (median of 5: 4.1 s), search 3.4 s",
+          "1024": "search 13.1 s"}
 
 GPT3 = TransformerConfig(
     n_layers=96, hidden=12288, heads=96, ffn=49152, vocab=50257, max_seq_len=2048,

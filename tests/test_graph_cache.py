@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -120,3 +121,28 @@ def test_the_cache_can_be_turned_off(graph_dir: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("KCLOUD_GRAPH_CACHE", "0")
     load_model_spec("resnet50", batch=1)
     assert not graph_dir.exists()
+
+
+def test_a_second_plan_command_does_not_import_torch(graph_dir: Path) -> None:
+    """`kcloud plan` as a whole command: once the model's graphs are cached it plans without
+    importing torch (its import alone is seconds of a busy host's wall time)."""
+    code = textwrap.dedent("""
+        import sys
+        from kcloud.cli import main
+        sys.argv = ["kcloud", "plan", "--model", "tiny-gpt", "--cluster", "k-cloud-rack",
+                    "--json"]
+        try:
+            main()
+        finally:
+            print("torch" in sys.modules, file=sys.stderr)
+    """)
+    env = {**os.environ, "KCLOUD_CACHE_DIR": str(graph_dir.parent)}
+    run = [sys.executable, "-c", code]
+    cold = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+    warm = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+    assert cold.stderr.split()[-1] == "True"
+    assert warm.stderr.split()[-1] == "False"
+    plans = [json.loads(r.stdout) for r in (cold, warm)]
+    for doc in plans:
+        doc.pop("search_time_s")
+    assert plans[0] == plans[1]  # the cached graphs plan as the captured ones did

@@ -348,7 +348,7 @@ def load_device_file(path: str | os.PathLike[str]) -> Device:
     except KCloudError as exc:
         raise CatalogError(exc.problem, exc.hint) from None
     try:
-        data = yaml.safe_load(text)
+        data = inputs.yaml_data(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -281,7 +281,7 @@ def load_cluster(name_or_path: str) -> Cluster:
         text = inputs.read_text(p, "cluster file",
                                 f"give a YAML file or one of: {', '.join(builtin_names())}")
         try:
-            data = yaml.safe_load(text)
+            data = inputs.yaml_data(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

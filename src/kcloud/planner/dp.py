@@ -21,7 +21,8 @@ chain of more than one stage also pays lat[k] * feedback[t, INTRA] for its first
 the network where the pipeline does, which the DP leaves out). Every chain pays
 lat[k] * arrival[t] for its first stage's type t (a request's first pass on an idle device).
 The recursion runs backward over i, vectorized with numpy over the batch, the stage's end j,
-the run state and the tracked resources.
+the run state and the tracked resources; the options are summed in blocks of tensor-parallel
+degrees, each over its own reach (`_blocks`), since stages of few devices reach few layers.
 
 Device availability (per type) and a device budget are resources, enforced lazily and exactly:
 the DP first runs without tracking them; problems whose best chain uses more of some resource
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -56,12 +58,9 @@ class Path:
     links: tuple[int, ...]
 
     def usage(self, space: StageSpace) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for o, _, _ in self.stages:
-            for ty, n in enumerate(space.opt_use[o]):
-                if n:
-                    out[ty] = out.get(ty, 0) + int(n)
-        return out
+        """Devices of each type the pipeline takes (by type index; PIM groups included)."""
+        use = space.opt_use[[o for o, _, _ in self.stages]].sum(axis=0).tolist()
+        return {ty: n for ty, n in enumerate(use) if n}
 
 
 @dataclass(frozen=True)
@@ -210,17 +209,19 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     n_t = len(types)
     caps = np.array([space.types[t].node_cap for t in types])
     U = int(caps.max())
-    # Options on a (type, slot) grid; empty slots point at a dummy row that is never allowed.
-    per_type = [np.flatnonzero(o_type == t) for t in types]
-    M = max(len(x) for x in per_type)
+    # Options on a (type, slot) grid, the slots of one tensor-parallel degree together (in
+    # each type's own order of options); empty slots point at a dummy row never allowed.
+    degrees = sorted({int(k) for k in o_tp})
+    width = [max(int(((o_type == t) & (o_tp == k)).sum()) for t in types) for k in degrees]
+    M = sum(width)
     grid = np.full((n_t, M), n_opt)
-    for n, x in enumerate(per_type):
-        grid[n, :len(x)] = x
+    for n, t in enumerate(types):
+        for k, s0 in zip(degrees, np.cumsum([0, *width[:-1]]).tolist(), strict=True):
+            x = np.flatnonzero((o_type == t) & (o_tp == k))
+            grid[n, s0:s0 + len(x)] = x
     g_tp = np.append(o_tp, 1)[grid]  # (T, M)
     u_vals = np.arange(1, U + 1)
     state_ok = u_vals[None, :] <= caps[:, None]  # (T, U): states that exist
-    # a stage of tp k leaves its node holding u' with k <= u' <= cap
-    g_ok = (u_vals[None, None, :] >= g_tp[:, :, None]) & state_ok[:, None, :]  # (T, M, U)
 
     time = np.concatenate([space.time[opts], np.full((1, L + 1, L + 1), np.inf)])
     base = np.concatenate([batch.base, np.full((1, L + 1, L + 1), np.inf)])
@@ -248,15 +249,17 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     tr = space.trans[types][None]
     tcost = np.where(tr <= cap[:, None, None, None], lat[:, None, None, None] * tr, np.inf)
 
-    # Reach: the furthest end any option may take from each start (memory and the largest cap).
+    # Reach per option: the furthest end it may take from each start (memory, the largest cap).
     allowed = np.isfinite(base[:-1]) & (time[:-1] <= cap.max())
-    has = allowed.any(axis=0)
-    reach = np.where(has.any(axis=1), L - np.argmax(has[:, ::-1], axis=1), -1)
+    reach = np.where(allowed.any(axis=2), L - np.argmax(allowed[:, :, ::-1], axis=2), -1)
+    blocks = _blocks(degrees, width, np.append(reach, np.full((1, L + 1), -1), axis=0)[grid],
+                     K * n_t * R, U, L)
 
-    # Continuing a node: state (t, u) with an option of tp k moves to u + k (if it fits).
+    # Continuing a node: state (t, u) with an option of tp k moves to u + k (if it fits);
+    # what cannot continue points at G's last slot, never written (inf).
     tgt = u_vals[None, :, None] + g_tp[:, None, :]  # (T, U, M)
     cont_ok = (tgt <= caps[:, None, None]) & state_ok[:, :, None] & (grid[:, None, :] < n_opt)
-    tgt_idx = np.where(cont_ok, tgt - 1, 0)
+    tgt_idx = np.where(cont_ok, tgt - 1, U)
     ti = np.arange(n_t)[:, None, None]
     mi = np.arange(M)[None, None, :]
     # A fresh node of the previous stage's own type needs a second node of that type.
@@ -269,88 +272,166 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     F = np.full((K, n_t, U, R + 1, L + 1), inf)
     F[:, :, :, :R, L] = np.where(state_ok, 0.0, inf)[None, :, :, None]
     arg_j = np.zeros((K, L, n_t, M, U, R), dtype=np.int32)
-    arg_fresh = np.zeros((K, L, n_t, R), dtype=np.int32)  # [.., previous type, ..]
+    # a fresh node at layer i after a stage of type t: the next type (at i = 0: the first
+    # type, in [.., 0, ..]), and per type its best slot
+    arg_pt = np.zeros((K, L, n_t, R), dtype=np.int32)
+    arg_fm = np.zeros((K, L, n_t, R), dtype=np.int32)
     arg_cont = np.full((K, L, n_t, U, R), -1, dtype=np.int32)
     start = np.full((K, R), inf)
-    rows = np.arange(K * n_t * M * U * R)  # the flat rows of each step's (.., J) sums
-    k_idx, r_idx = np.arange(K)[:, None, None], np.arange(R)[None, None, :]
+    rows = [np.arange(K * n_t * (b.s1 - b.s0) * (U - b.tp + 1) * R) for b in blocks]
+    last = np.max([b.reach for b in blocks], axis=0)
+
+    # G[k, t, m, u', r]: the least cost of a stage of slot (t, m) from layer i on that leaves
+    # its node holding u' (inf below the slot's degree: never written)
+    G = np.full((K, n_t, M, U + 1, R), inf)
+    lat4, cap4 = lat[:, None, None, None], cap[:, None, None, None]
+    per_blk = [g_per[:, :, b.s0:b.s1, None] for b in blocks]
+    # Tracked counters: the rows of F (flattened over type, node state, counters) each block's
+    # stage reads, [t, s, u', r] -> (t, u0 + u', shift of r by the slot's devices)
+    F_rows = F.reshape(K, n_t * U * (R + 1), L + 1)
+    t_rows = np.arange(n_t)[:, None, None, None] * U
+    shifted = [((t_rows + np.arange(b.tp - 1, U)[None, None, :, None]) * (R + 1)
+                + g_shift[:, b.s0:b.s1, None, :]).ravel() for b in blocks]
+    ar_t, ar_m, tp_1 = np.arange(n_t)[:, None], np.arange(M)[None, :], g_tp - 1
+    t_net, t_intra = tcost[:, :, NET, :, None], tcost[:, :, INTRA, :, None, None, None]
 
     for i in range(L - 1, -1, -1):
-        jhi = int(reach[i])
-        if jhi <= i:
+        if int(last[i]) <= i:
             continue
-        sl = slice(i + 1, jhi + 1)
-        tau = g_time[:, :, i, sl]  # (T, M, J)
-        C = g_base[None, :, :, i, sl] + lat[:, None, None, None] * tau[None] + g_per[..., None]
-        C = np.where(tau[None] <= cap[:, None, None, None], C, inf)  # (K, T, M, J)
-        if i == 0:  # a request's first pass on an idle device; an LLM pipeline's tokens
-            # back to its first stage (ends j < L)
-            C += (lat[:, None] * space.arrival[types][None, :])[:, :, None, None]
-            back = lat[:, None] * space.feedback[types, INTRA][None, :]  # (K, T)
-            C[..., : L - 1] += back[:, :, None, None]
-        # The stage's end j runs along the last (contiguous) axis: the argmin over it is one
-        # pass over memory in order.
-        Fs = F[..., sl]  # (K, T, U, R+1, J)
-        if dims:
-            sh = Fs[:, ti[..., None], np.arange(U)[None, None, :, None],
-                    g_shift[:, :, None, :]]  # (K, T, M, U, R, J)
-            tot = C[:, :, :, None, None, :] + sh
-        else:
-            tot = C[:, :, :, None, None, :] + Fs[:, :, None, :, :1]  # (K, T, M, U, 1, J)
-        a = np.argmin(tot, axis=-1)  # (K, T, M, U, R)
-        v = tot.reshape(-1, tot.shape[-1])[rows, a.ravel()].reshape(a.shape)
-        G = np.where(g_ok[None, :, :, :, None], v, inf)  # (K, T, M, U, R)
-        arg_j[:, i] = a + i + 1
+        for blk, flat, per, shift_rows in zip(blocks, rows, per_blk, shifted, strict=True):
+            jhi = int(blk.reach[i])
+            if jhi <= i:
+                G[:, :, blk.s0:blk.s1] = inf
+                continue
+            # The stages of the block's options from layer i, ending at j (the last axis).
+            ms, u0, sl = slice(blk.s0, blk.s1), blk.tp - 1, slice(i + 1, jhi + 1)
+            tau = g_time[:, ms, i, sl]  # (T, S, J)
+            C = np.where(tau <= cap4, g_base[:, ms, i, sl] + lat4 * tau + per, inf)  # (K,T,S,J)
+            if i == 0:  # a request's first pass on an idle device; an LLM pipeline's
+                # tokens back to its first stage (ends j < L)
+                C += (lat[:, None] * space.arrival[types][None, :])[:, :, None, None]
+                back = lat[:, None] * space.feedback[types, INTRA][None, :]  # (K, T)
+                C[..., : L - 1] += back[:, :, None, None]
+            # The stage's end j runs along the last (contiguous) axis: the argmin over it is
+            # one pass over memory in order. A stage of tp k leaves its node holding u >= k.
+            Fs = F[:, :, u0:, :, sl]  # (K, T, U', R+1, J)
+            if dims:
+                sh = np.take(F_rows[:, :, sl], shift_rows, axis=1).reshape(
+                    K, n_t, blk.s1 - blk.s0, U - u0, R, jhi - i)  # (K, T, S, U', R, J)
+                tot = C[:, :, :, None, None, :] + sh
+            else:
+                tot = C[:, :, :, None, None, :] + Fs[:, :, None, :, :1]  # (K, T, S, U', 1, J)
+            a = np.argmin(tot, axis=-1)  # (K, T, S, U', R)
+            v = tot.reshape(-1, tot.shape[-1])[flat, a.ravel()].reshape(a.shape)
+            G[:, :, ms, u0:U] = v  # inf where the slot or the state does not exist (F is)
+            np.add(a, i + 1, out=arg_j[:, i, :, ms, u0:], casting="unsafe")
         # A stage on a fresh node, leaving u' = k: any option after no stage or another
         # type; after a stage of type t only where t has another node.
-        fresh = G[:, np.arange(n_t)[:, None], np.arange(M)[None, :], g_tp - 1]  # (K,T,M,R)
+        fresh = G[:, ar_t, ar_m, tp_1]  # (K, T, M, R)
         fm = np.argmin(fresh, axis=2)  # (K, T, R): best option per type
         fv = fresh.min(axis=2)  # (K, T, R)
         if i == 0:
             ft = np.argmin(fv, axis=1)  # (K, R)
             start = np.take_along_axis(fv, ft[:, None, :], axis=1)[:, 0]
-            arg_fresh[:, i, 0] = ft * M + np.take_along_axis(fm, ft[:, None, :], axis=1)[:, 0]
+            arg_pt[:, i, 0] = ft
+            arg_fm[:, i] = fm
             break
         pv = np.where(may_follow[None, :, :, None], fv[:, None, :, :], inf)  # (K,Tp,T,R)
         pt = np.argmin(pv, axis=2)  # (K, Tp, R)
         fbest = pv.min(axis=2)  # (K, Tp, R)
-        arg_fresh[:, i] = pt * M + fm[k_idx, pt, r_idx]
-        net = fbest + tcost[:, :, NET, i][:, :, None]  # (K, T, R)
-        cand = G[:, ti, mi, tgt_idx]  # (K, T, U, M, R)
-        cand = np.where(cont_ok[None, ..., None], cand, inf) \
-            + tcost[:, :, INTRA, i][:, :, None, None, None]
+        arg_pt[:, i] = pt
+        arg_fm[:, i] = fm
+        net = fbest + t_net[:, :, i]  # (K, T, R)
+        cand = G[:, ti, mi, tgt_idx] + t_intra[:, :, i]  # (K, T, U, M, R)
         cm = np.argmin(cand, axis=3)  # (K, T, U, R)
         cv = cand.min(axis=3)
         use = cv < net[:, :, None, :]
-        F[:, :, :, :R, i] = np.where(state_ok[None, :, :, None],
-                                     np.where(use, cv, net[:, :, None, :]), inf)
+        # (at states that do not exist F holds numbers no chain reads: see G)
+        np.minimum(cv, net[:, :, None, :], out=F[:, :, :, :R, i])
         arg_cont[:, i] = np.where(use, cm, -1)
 
+    return _paths(start[:, 0], arg_j, arg_pt, arg_fm, arg_cont, grid, g_tp,
+                  g_shift if dims else None, opts, L)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Grid slots [s0, s1) of tensor-parallel degrees >= tp, and how far their stages reach
+    from each first layer."""
+
+    tp: int
+    s0: int
+    s1: int
+    reach: np.ndarray  # (L+1,)
+
+
+STEP_COST = 20000  # one block's numpy calls at one layer, in element sums (measured, roughly)
+
+
+def _blocks(degrees: list[int], width: list[int], reach: np.ndarray, per_state: int, U: int,
+            L: int) -> list[_Block]:
+    """The grid's slots, by degree, cut into blocks of consecutive degrees, each summed over its
+    own reach: a stage of a small degree reaches fewer layers (memory) and leaves its node
+    holding at least its degree, so blocks save work on large batches, while each block costs
+    its own numpy calls per layer, so small batches take one block. `reach[t, m, i]`: each
+    slot's furthest end; `per_state`: the problems x types x tracked states. The cut with the
+    least modeled work wins (at most 4 degrees: 8 cuts)."""
+    offs = np.cumsum([0, *width]).tolist()
+    starts = np.arange(L + 1)
+    n = len(degrees)
+    best: tuple[float, list[_Block]] | None = None
+    for mask in range(1 << (n - 1)):
+        cuts = [0, *[c + 1 for c in range(n - 1) if mask >> c & 1], n]
+        out, cost = [], 0.0
+        for lo, hi in pairwise(cuts):
+            r = reach[:, offs[lo]:offs[hi]].max(axis=(0, 1))
+            span = np.maximum(r - starts, 0)
+            cost += float(span.sum()) * (offs[hi] - offs[lo]) * per_state * (U - degrees[lo] + 1)
+            cost += STEP_COST * int((span > 0).sum())
+            out.append(_Block(degrees[lo], offs[lo], offs[hi], r))
+        if best is None or cost < best[0]:
+            best = (cost, out)
+    assert best is not None
+    return best[1]
+
+
+def _paths(start: np.ndarray, arg_j: np.ndarray, arg_pt: np.ndarray, arg_fm: np.ndarray,
+           arg_cont: np.ndarray, grid: np.ndarray, g_tp: np.ndarray,
+           g_shift: np.ndarray | None, opts: list[int], L: int) -> list[Path | None]:
+    """Every problem's chain, read back from the DP's choices (flat indices: one `item` per
+    choice instead of an index tuple)."""
+    _, _, T, M, U, R = arg_j.shape
+    aj, pt, fm, ac = arg_j.item, arg_pt.item, arg_fm.item, arg_cont.item
+    opt_of = [[opts[n] if n < len(opts) else -1 for n in row] for row in grid.tolist()]
+    tps = g_tp.tolist()
+    shift = g_shift.tolist() if g_shift is not None else None
     out: list[Path | None] = []
-    for k in range(K):
-        if not np.isfinite(start[k, 0]):
+    for k, ok in enumerate(np.isfinite(start).tolist()):
+        if not ok:
             out.append(None)
             continue
         stages: list[tuple[int, int, int]] = []
         links: list[int] = []
         i, r = 0, 0
-        t, m = divmod(int(arg_fresh[k, 0, 0, r]), M)
-        u = int(g_tp[t, m])
+        t = pt(k * L * T * R)
+        m = fm((k * L * T + t) * R)
+        u = tps[t][m]
         while True:
-            j = int(arg_j[k, i, t, m, u - 1, r])
-            n = int(grid[t, m])
-            stages.append((opts[n], i, j))
-            r = int(g_shift[t, m, r]) if dims else 0
+            j = aj(((((k * L + i) * T + t) * M + m) * U + u - 1) * R + r)
+            stages.append((opt_of[t][m], i, j))
+            if shift is not None:
+                r = shift[t][m][r]
             if j == L:
                 break
             i = j
-            c = int(arg_cont[k, i, t, u - 1, r])
+            c = ac((((k * L + i) * T + t) * U + u - 1) * R + r)
             if c >= 0:
-                m, u = c, u + int(g_tp[t, c])
+                m, u = c, u + tps[t][c]
                 links.append(INTRA)
             else:
-                t, m = divmod(int(arg_fresh[k, i, t, r]), M)
-                u = int(g_tp[t, m])
+                t = pt(((k * L + i) * T + t) * R + r)
+                m = fm(((k * L + i) * T + t) * R + r)
+                u = tps[t][m]
                 links.append(NET)
         out.append(Path(tuple(stages), tuple(links)))
     return out

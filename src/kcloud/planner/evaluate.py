@@ -116,39 +116,34 @@ def queue_periods(batch: int, b: int) -> int:
 
 
 def evaluate(space: StageSpace, path: Path, batch: int) -> Template:
-    times, comms, mems, powers, transfers = [], [], [], [], []
+    o, i, j = (np.array(x) for x in zip(*path.stages, strict=True))
+    alone = space.time[o, i, j].tolist()
+    times = shared_cache_times(space, list(path.stages), path.links, alone)
+    comms = space.comm[o, i, j].tolist()
+    mems = space.mem[o, i, j].tolist()
+    tps = space.opt_tp[o].tolist()
+    idle = space.opt_idle_w[o].tolist()
+    prices = space.opt_price_s[o].tolist()
+    powers = []
     energy = 0.0  # busy energy of all devices per micro-batch
-    idle_w = 0.0
     price: float | None = 0.0
-    usage: dict[int, int] = {}
-    alone = [float(space.time[o, i, j]) for o, i, j in path.stages]
-    shared = shared_cache_times(space, list(path.stages), path.links, alone)
-    for (o, i, j), tau0, tau in zip(path.stages, alone, shared, strict=True):
-        opt = space.options[o]
-        t = space.types[opt.type]
-        times.append(tau)
-        comms.append(float(space.comm[o, i, j]))
-        mems.append(float(space.mem[o, i, j]))
-        busy = float(space.busy_j[o, i, j]) * (tau / tau0 if tau0 > 0 else 1.0)
-        powers.append(busy / tau if tau > 0 else t.device.idle_power_w.value)
-        energy += opt.tp * busy
-        idle_w += float(space.opt_idle_w[o])
-        p = float(space.opt_price_s[o])
-        price = None if price is None or np.isnan(p) else price + p
-        for ty, n in enumerate(space.opt_use[o]):  # an offload's PIM group included
-            if n:
-                usage[ty] = usage.get(ty, 0) + int(n)
-    for (o, _, j), kind in zip(path.stages, path.links, strict=False):
-        transfers.append(float(space.trans[space.options[o].type, kind, j]))
+    for busy0, tau0, tau, tp, p, ty in zip(space.busy_j[o, i, j].tolist(), alone, times, tps,
+                                            prices, space.opt_type[o].tolist(), strict=True):
+        busy = busy0 * (tau / tau0 if tau0 > 0 else 1.0)
+        powers.append(busy / tau if tau > 0 else space.types[ty].device.idle_power_w.value)
+        energy += tp * busy
+        price = None if price is None or math.isnan(p) else price + p
+    use = space.opt_use[o].sum(axis=0).tolist()  # an offload's PIM group included
+    transfers = space.trans[space.opt_type[o[:-1]], np.array(path.links, dtype=np.int64),
+                            j[:-1]].tolist()
     first = space.options[path.stages[0][0]].type
     if transfers and space.model.is_llm:  # the tokens' way back, over the slowest link kind
         transfers.append(float(space.feedback[first, max(path.links)]))
     latency = float(space.arrival[first]) + sum(times) + sum(transfers)
     period = max([*times, *transfers])
     # energy per period: busy energy + idle power for the rest of the period
-    e_period = energy + sum(
-        period_energy(0.0, float(space.opt_idle_w[o]), tau, period)
-        for (o, _, _), tau in zip(path.stages, times, strict=True))
+    e_period = energy + sum(period_energy(0.0, w, tau, period)
+                            for w, tau in zip(idle, times, strict=True))
     items = space.items
     return Template(
         space=space, path=path, stage_time=tuple(times), stage_comm=tuple(comms),
@@ -157,7 +152,7 @@ def evaluate(space: StageSpace, path: Path, batch: int) -> Template:
         request_latency_s=latency + queue_periods(batch, space.b) * period,
         throughput=items / period, power_w=e_period / period,
         energy_per_item_j=e_period / items, price_per_s=price,
-        devices=tuple(sorted(usage.items())),
+        devices=tuple((ty, n) for ty, n in enumerate(use) if n),
     )
 
 

@@ -79,6 +79,15 @@ class ModelGraphs:
         return out / g.batch
 
     @cached_property
+    def cut_elems(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per cut (after each layer but the last): elements crossing it in the forward/prefill
+        graph and (LLM) the decode graph, for their own batches."""
+        def cuts(g: LayerGraph) -> np.ndarray:
+            return np.array([layer.cut_elems for layer in g.layers[:-1]], dtype=float)
+
+        return cuts(self.forward), None if self.decode is None else cuts(self.decode)
+
+    @cached_property
     def kv_elems_per_token(self) -> np.ndarray:
         """LLM: per layer, the KV-cache elements one token of context keeps."""
         if self.decode is None:

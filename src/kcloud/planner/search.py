@@ -107,6 +107,8 @@ class Context:
     in_flight: int = 2  # LLM: micro-batches in flight per pipeline (see `StageSpace`)
     # option costs by (b, type, tp), shared by the spaces of every in-flight round
     costs: dict[tuple[int, int, int], OptionCosts] = field(default_factory=dict)
+    # replica counts found for a group of templates (`choose` asks again for the same group)
+    counts: dict[tuple[object, ...], list[int] | None] = field(default_factory=dict)
 
     def space(self, b: int) -> StageSpace:
         sp = self.spaces.get(b)
@@ -590,9 +592,13 @@ def choose(ctx: Context, templates: list[Template]) -> Mix | None:
         best: Mix | None = None
         for b in sorted({t.b for t in ok}):
             group = [t for t in ok if t.b == b]
-            counts = best_counts(group, {t.index: t.count for t in ctx.types},
-                                 power_cap_w=g.power_cap_w, max_devices=g.max_devices,
-                                 min_domestic_share=g.min_domestic_share)
+            key = (g.power_cap_w, g.max_devices, g.min_domestic_share,
+                   *((id(t.space), t.key) for t in group))
+            if key not in ctx.counts:
+                ctx.counts[key] = best_counts(
+                    group, {t.index: t.count for t in ctx.types}, power_cap_w=g.power_cap_w,
+                    max_devices=g.max_devices, min_domestic_share=g.min_domestic_share)
+            counts = ctx.counts[key]
             if counts is None:
                 continue
             mix = Mix(tuple((t, n) for t, n in zip(group, counts, strict=True) if n > 0))
@@ -734,7 +740,7 @@ def search(model: ModelGraphs, cluster: Cluster, goal: Goal, *,
         if not model.is_llm or deepest <= ctx.in_flight:
             break
         # Its pipelines keep more micro-batches in flight than their stages' memory counted.
-        ctx = replace(ctx, in_flight=deepest, spaces={})
+        ctx = replace(ctx, in_flight=deepest, spaces={}, counts={})
     else:
         raise InfeasibleGoal(f"{model.spec}: no plan whose pipelines hold the KV cache of every "
                              "micro-batch in flight was found", "use fewer --output-tokens "

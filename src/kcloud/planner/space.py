@@ -461,13 +461,11 @@ class StageSpace:
         m, b = self.model, self.b
         act = Precisions.of(t.precision).act_bytes
         out = np.full(self.L + 1, np.inf)
-        g = m.forward
-        cut = np.array([layer.cut_elems for layer in g.layers[:-1]], dtype=float)
-        sent = link.latency + cut * b / g.batch * act / link.bandwidth
+        cut, dcut = m.cut_elems
+        sent = link.latency + cut * b / m.forward.batch * act / link.bandwidth
         if m.decode is not None:
-            d = m.decode
-            dcut = np.array([layer.cut_elems for layer in d.layers[:-1]], dtype=float)
-            sent = sent + m.decode_steps * (link.latency + dcut * b / d.batch * act
+            assert dcut is not None
+            sent = sent + m.decode_steps * (link.latency + dcut * b / m.decode.batch * act
                                              / link.bandwidth)
         out[1:self.L] = sent
         return out
