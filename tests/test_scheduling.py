@@ -16,6 +16,7 @@ from kcloud.planner.scheduling import (
     Item,
     Scheduler,
     SchedulerConfig,
+    StepPlan,
 )
 from kcloud.runtime.scheduler import SamplingParams, Sequence
 
@@ -86,6 +87,10 @@ def test_a_long_prompt_is_chunked_and_the_decodes_keep_running():
     assert plan.shape() == (1, 5.0, 15, 15.0 * 15)
 
 
+def _state(s: Scheduler) -> list[tuple[int, int, int, int, int]]:
+    return [(q.rid, q.computed, q.length, q.gen, q.blocks) for q in s.running]
+
+
 def test_steady_decode_run_equals_its_steps():
     """The simulator's run of k decode steps leaves the state that k single steps leave."""
     def fresh():
@@ -96,25 +101,154 @@ def test_steady_decode_run_equals_its_steps():
         return s
 
     a, b = fresh(), fresh()
-    k = a.steady_decode_steps()
-    assert 2 <= k <= 11  # the second one ends after 11 more tokens
-    done_a = a.advance_decode(k)
+    run = a.steady_run()
+    assert run is not None and run.chunk == 0
+    assert run.steps == 11  # the second one ends after 11 more tokens
+    done_a = a.advance_run(run, 1.0, 2.0)
     done_b = []
-    for _ in range(k):
-        done_b += b.update(b.schedule())
-    assert [s.rid for s in done_a] == [s.rid for s in done_b]
-    assert [(s.computed, s.length, s.blocks) for s in a.running] == \
-        [(s.computed, s.length, s.blocks) for s in b.running]
+    for j in range(run.steps):
+        plan = b.schedule()
+        assert plan.shape() == run.shape(j)
+        done_b += b.update(plan)
+    assert [s.rid for s in done_a] == [s.rid for s in done_b] == [1]
+    assert _state(a) == _state(b)
     assert a.blocks.n_free == b.blocks.n_free
 
 
-def test_no_steady_run_while_an_admissible_request_waits():
+def test_a_long_prompt_runs_its_chunks_beside_the_decodes():
+    """A prompt of 100 tokens beside 2 decodes, budget 16: one run of its 7 chunks of 14, its
+    last 2 tokens (which sample its first token), and its 4 decode steps to its end, whose
+    step shapes are the steps'."""
+    def fresh():
+        s = Scheduler(BlockCounter(200, 4), max_batch=8, token_budget=16, max_len=4096)
+        for i, (p, o) in enumerate([(5, 30), (9, 40)]):
+            s.add(CountedSeq(i, 0, 0.0, p, o))
+        s.update(s.schedule())
+        s.add(CountedSeq(2, 0, 0.0, 100, 5))
+        return s
+
+    a, b = fresh(), fresh()
+    late = a.waiting[0]
+    run = a.steady_run()
+    assert run is not None and run.admitted
+    assert (run.steps, run.batch, run.chunk, run.full, run.tail, run.after) == \
+        (12, 2, 14, 7, 2, 4)
+    assert [q.rid for q in a.running] == [0, 1, 2] and not a.waiting
+    assert [q.rid for q in a.advance_run(run, 1.0, 2.0)] == [2]
+    done = []
+    for j in range(run.steps):
+        plan = b.schedule()
+        assert plan.shape() == run.shape(j)
+        done += b.update(plan)
+    assert [q.rid for q in done] == [2]
+    assert _state(a) == _state(b)
+    assert late.first_token == 2.0 and late.gen == 5
+    assert a.running[0].first_token == -1.0  # it sampled before the run
+
+
+def test_no_last_chunk_in_a_run_when_a_waiting_request_could_take_its_budget():
+    s = Scheduler(BlockCounter(200, 4), max_batch=8, token_budget=16, max_len=4096)
+    s.add(CountedSeq(0, 0, 0.0, 5, 30))
+    s.update(s.schedule())
+    s.add(CountedSeq(1, 0, 0.0, 40, 5))  # 15 a step: 2 full chunks, then 10 leave 5
+    s.add(CountedSeq(2, 0, 0.0, 3, 5))
+    run = s.steady_run()
+    assert run is not None and (run.full, run.tail, run.steps) == (2, 0, 2)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_runs_equal_stepping_one_by_one(seed):
+    """Random requests arriving mid-run, tight or loose KV blocks, small budgets: advancing
+    by runs (cut when an arrival could join, as the simulator cuts them) gives, step for
+    step, the shapes of single steps, and the same state after each run (tokens, blocks,
+    queue), the same steps where each request ends and samples its first token."""
+    rng = random.Random(seed)
+    budget = rng.choice([6, 16, 40])
+    n_blocks = rng.choice([12, 30, 500])
+    max_batch = rng.choice([3, 8])
+
+    def fresh() -> Scheduler:
+        return Scheduler(BlockCounter(n_blocks, 4), max_batch=max_batch, token_budget=budget,
+                         max_len=4096)
+
+    a, b = fresh(), fresh()
+    reqs = [(rng.randint(1, 90), rng.randint(1, 30)) for _ in range(30)]
+    reqs = [r for r in reqs if a.fits(*r) is None]
+    arrive = sorted(rng.randrange(0, 300) for _ in reqs)  # the step each is added before
+    seqs = {k: [CountedSeq(i, 0, 0.0, *r) for i, r in enumerate(reqs)] for k in "ab"}
+    nxt = {"a": 0, "b": 0}
+
+    def add_due(s: Scheduler, key: str, step: int) -> None:
+        while nxt[key] < len(reqs) and arrive[nxt[key]] <= step:
+            s.add(seqs[key][nxt[key]])
+            nxt[key] += 1
+
+    def one_step(s: Scheduler, step: int, done: dict[int, int]) -> StepPlan:
+        plan = s.schedule()
+        for r in plan.rows:
+            if r.sample and r.seq.first_token < 0:
+                r.seq.first_token = float(step)
+        for q in s.update(plan):
+            done[q.rid] = step
+        return plan
+
+    step = runs = 0
+    done_a: dict[int, int] = {}
+    done_b: dict[int, int] = {}
+    while len(done_b) < len(reqs):
+        add_due(a, "a", step)
+        run = a.steady_run()
+        if run is None:
+            add_due(b, "b", step)
+            pa, pb = one_step(a, step, done_a), one_step(b, step, done_b)
+            assert pa.shape() == pb.shape() and _signature(pa) == _signature(pb)
+            step += 1
+            continue
+        runs += 1
+        # one arriving while step `d` of the run is computed is added before step d + 1
+        while nxt["a"] < len(reqs) and arrive[nxt["a"]] < step + run.steps:
+            d = arrive[nxt["a"]] - step - 1
+            add_due(a, "a", arrive[nxt["a"]])
+            run = a.cut_run(run, d) or run
+        for q in a.advance_run(run, float(step), float(step + run.full)):
+            done_a[q.rid] = step + run.steps - 1
+        for j in range(run.steps):
+            add_due(b, "b", step)
+            pb = one_step(b, step, done_b)
+            assert pb.shape() == run.shape(j) and not pb.preempted
+            step += 1
+        assert _state(a) == _state(b)
+        add_due(a, "a", step)  # both with what arrived before the next step
+        add_due(b, "b", step)
+        assert [q.rid for q in a.waiting] == [q.rid for q in b.waiting]
+        assert a.blocks.n_free == b.blocks.n_free
+        assert step < 20000
+    assert done_a == done_b
+    assert [q.first_token for q in seqs["a"]] == [q.first_token for q in seqs["b"]]
+    assert runs > 0
+
+
+def test_no_steady_run_while_a_step_would_admit_more_than_one():
     s = Scheduler(BlockCounter(64, 4), max_batch=8, token_budget=64, max_len=4096)
     s.add(CountedSeq(0, 0, 0.0, 5, 30))
     s.update(s.schedule())
-    assert s.steady_decode_steps() > 1
+    run = s.steady_run()
+    assert run is not None and run.steps == 29 and run.chunk == 0
     s.add(CountedSeq(1, 0, 0.0, 5, 30))
-    assert s.steady_decode_steps() == 0
+    s.add(CountedSeq(2, 0, 0.0, 5, 30))  # the budget 1's prompt leaves admits it too
+    assert s.steady_run() is None
+    assert len(s.waiting) == 2  # nothing admitted
+
+
+def test_a_short_prompt_admitted_then_decoding_is_one_run():
+    s = Scheduler(BlockCounter(64, 4), max_batch=8, token_budget=64, max_len=4096)
+    s.add(CountedSeq(0, 0, 0.0, 5, 30))
+    s.update(s.schedule())
+    s.add(CountedSeq(1, 0, 0.0, 5, 10))
+    run = s.steady_run()
+    assert run is not None and run.admitted
+    assert (run.full, run.tail, run.after, run.steps) == (0, 5, 9, 10)  # to its end
+    assert run.shape(0) == (1, 6.0, 5, 25.0) and run.shape(1) == (2, 7.0 + 6.0, 0, 0.0)
 
 
 def test_fits_and_bad_limits():

@@ -18,12 +18,13 @@ A sequence is anything with the fields the policy reads (`computed`, `length`, `
 sampled token and says whether the sequence ended: the engine's `Sequence` (token ids, block
 ids for its KV slots, sampling parameters, in `kcloud.runtime.scheduler`) and the simulator's
 `CountedSeq` (token counts alone, `BlockCounter`'s block counts). The simulator also advances a
-run of decode-only steps in one go (`steady_decode_steps`, `advance_decode`): the same steps,
-fewer events.
+run of steps with the same rows in one go (`steady_run`, `cut_run`, `advance_run`: decode
+steps, and a prompt's full chunks beside them): the same steps, fewer events.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -344,42 +345,149 @@ class Scheduler:
                 done.append(seq)
         return done
 
-    # -- a run of decode-only steps (the simulator's fast path) --------------------------------
-    def steady_decode_steps(self) -> int:
-        """How many decode-only steps can run with no scheduling decision changing: 0 when
-        prompt work is pending (a partial prefill, or a waiting sequence that would be
-        admitted); else until the first sequence ends or a sequence might need a block that
-        the free ones do not cover."""
+    # -- a run of steps with the same rows (the simulator's fast path) ---------------------------
+    def steady_run(self) -> Run | None:
+        """The steps that can run with no scheduling decision changing (at least 2; None when
+        there are fewer): every running sequence decodes, and, when the newest one has prompt
+        tokens left (or the waiting queue's head would be admitted and its prompt computed
+        while the others decode), it takes the rest of the budget each step: full chunks, then
+        its last chunk, which samples its first token, when no waiting sequence could be
+        admitted with the budget that chunk leaves; then it decodes beside the others, while no
+        waiting sequence could be admitted. A run ends at the step where a sequence ends, or
+        before a step whose blocks the free ones would not cover (no preemption within a
+        run). A run that begins with an admission has made it: the head is running (its
+        blocks, as every run's, are taken by `advance_run`)."""
         running = self.running
+        budget = self.token_budget
+        waiting = self.waiting
+        max_len = self.max_len
         n = len(running)
-        if not n or n > self.token_budget:
-            return 0
-        if running[-1].length - running[-1].computed != 1 or \
-                self.admissible(self.token_budget - n):
-            return 0  # prompt work is pending (a partial prefill is the newest one running)
-        bs = self.blocks.block_size
-        least = slack = 1 << 62
-        longest = 0
-        for s in running:
+        pre = None
+        admitted = False
+        if n and running[-1].length - running[-1].computed != 1:
+            pre = running[-1]
+            b = n - 1
+        else:
+            b = n
+            if waiting and self.admissible(budget - b):
+                pre = waiting[0]
+                admitted = True
+            elif not n:
+                return None
+        c = budget - b
+        if c < (2 if pre is not None else 0):
+            return None  # a chunk of one token would be a decode-shaped row
+        least = max_len
+        kv0 = longest = 0
+        for s in running if b == n else running[:b]:
             length = s.length
             if length - s.computed != 1:
-                return 0
+                return None
+            kv0 += length
             if s.stop_at - length < least:  # steps until it has all its tokens
                 least = s.stop_at - length
             if length > longest:
                 longest = length
-            if s.cap - s.computed < slack:
-                slack = s.cap - s.computed
-        least = min(least, self.max_len - longest)
-        return max(0, min(least, slack + (self.blocks.n_free // n) * bs))
+        if max_len - longest < least:
+            least = max_len - longest
+        if pre is None:
+            full = steps = least
+            tail = 0
+        else:
+            rem = pre.length - pre.computed
+            full = (rem - 1) // c  # chunks that leave prompt tokens
+            tail = rem - full * c
+            if tail < 2:
+                tail = 0  # the last token alone would be a decode-shaped row: a step of its own
+            after = 0  # decode steps after the last chunk
+            if admitted:
+                running.append(waiting.popleft())  # so that the checks below see it running
+            if tail and tail < c and self.admissible(c - tail):
+                tail = 0  # a waiting one would take the budget its last chunk leaves
+            elif tail and not (b + 1 > budget or self.admissible(budget - b - 1)):
+                length = pre.length + 1  # once its last chunk sampled a token
+                after = max(0, min(pre.stop_at - length, max_len - length))
+            if admitted:
+                waiting.appendleft(running.pop())
+            if full >= least:
+                full, tail, after = least, 0, 0  # a decode ends first
+            elif tail:
+                after = min(after, least - full - 1)
+            steps = full + (1 if tail else 0) + after
+        if steps < 2:
+            return None
+        if pre is None:
+            run = Run(steps, b, kv0, 0, 0, steps)
+        else:
+            run = Run(steps, b, kv0, c, pre.computed, full, tail, admitted)
+        steps = self._blocks_bound(run, pre)
+        if steps < 2:
+            return None
+        if admitted:
+            running.append(waiting.popleft())
+        return run if steps == run.steps else run.first(steps)
 
-    def advance_decode(self, k: int) -> list[Any]:
-        """Apply `k` decode-only steps to every running sequence of counted tokens (blocks as
-        they grow); those that ended, removed."""
+    def _blocks_bound(self, run: Run, pre: Any) -> int:
+        """The most of `run`'s steps whose new blocks the free ones cover (`pre`: its chunked
+        sequence, None in a decode-only run)."""
+        bs = self.blocks.block_size
+        free = self.blocks.n_free
+        b = run.batch
+        if run.tokens(run.steps) // bs + b + 1 <= free:  # at most a block more a sequence
+            return run.steps
+
+        def need(k: int) -> int:
+            total = 0
+            for i in range(b):
+                s = self.running[i]
+                over = s.computed + k - s.cap
+                if over > 0:
+                    total += -(-over // bs)
+            if pre is not None:
+                over = pre.computed + run.chunked(k) - pre.cap
+                if over > 0:
+                    total += -(-over // bs)
+            return total
+
+        if need(run.steps) <= free:
+            return run.steps
+        return bisect_right(range(run.steps + 1), free, key=need) - 1  # need grows with k
+
+    def cut_run(self, run: Run, done: int) -> Run | None:
+        """The first steps of `run` to keep when a sequence arrives while step `done` (from 0)
+        of it is computed: the run ends before its first later step whose budget would admit
+        the waiting queue's head. None: it runs whole."""
+        if run.chunk == 0:
+            at = done + 1
+            spare = self.token_budget - run.batch
+        else:
+            if not run.tail:
+                return None  # its chunks leave no budget
+            if run.full > done and run.tail < run.chunk and \
+                    self.admissible(run.chunk - run.tail):
+                return run.first(run.full)  # before its last chunk
+            at = max(done + 1, run.full + 1)  # a step that it decodes in
+            spare = self.token_budget - run.batch - 1
+        if at >= run.steps or not self.admissible(spare):
+            return None
+        return run.first(at)
+
+    def advance_run(self, run: Run, first_s: float, tail_s: float) -> list[Any]:
+        """Apply `run`'s steps to its sequences of counted tokens (blocks as they grow); those
+        that ended, removed. A sequence that samples its first token in the run records when
+        (`CountedSeq.first_token`): `first_s`, where the run's first step ends (a decode row
+        that a prompt's last chunk left one token), or `tail_s`, where its last chunk's
+        does."""
         blocks = self.blocks
         bs = blocks.block_size
+        max_len = self.max_len
+        k = run.steps
         done: list[Any] = []
-        for s in self.running:
+        running = self.running
+        b = run.batch
+        for s in running if b == len(running) else running[:b]:
+            if not s.gen:
+                s.first_token = first_s
             s.computed += k
             s.gen += k
             s.length += k
@@ -388,11 +496,99 @@ class Scheduler:
                 blocks.n_free_blocks -= held - s.blocks  # type: ignore[attr-defined]
                 s.blocks = held
                 s.cap = held * bs
-            if s.gen >= s.out or s.length >= self.max_len:
+            if s.gen >= s.out or s.length >= max_len:
                 done.append(s)
+        if run.chunk:
+            s = running[b]
+            s.computed += run.full * run.chunk + run.tail
+            if run.tail:
+                if not s.gen:
+                    s.first_token = tail_s
+                ended = s.accept(None, max_len)
+                after = k - run.full - 1
+                if after:
+                    s.computed += after
+                    s.gen += after
+                    s.length += after
+                    ended = s.gen >= s.out or s.length >= max_len
+                if ended:
+                    done.append(s)
+            if s.computed > s.cap:
+                held = -(-s.computed // bs)
+                blocks.n_free_blocks -= held - s.blocks  # type: ignore[attr-defined]
+                s.blocks = held
+                s.cap = held * bs
         for s in done:
             self.remove(s)
         return done
+
+
+class Run(NamedTuple):
+    """`steps` scheduler steps that no scheduling decision changes (`Scheduler.steady_run`):
+    `batch` decode rows (the first running sequences), over `kv0` KV tokens in all at the
+    first step (their new ones included), `batch` more each step. When `chunk` > 0, the next
+    running sequence's prompt beside them, from token `start`: `chunk` tokens a step for the
+    first `full` steps, then its last `tail` tokens (0: none), which sample its next token,
+    then it decodes beside the others for the `after` steps left. `admitted`: its first step
+    admitted that sequence. A decode-only run's steps are all `full`."""
+
+    steps: int
+    batch: int
+    kv0: int
+    chunk: int
+    start: int
+    full: int
+    tail: int = 0
+    admitted: bool = False
+
+    @property
+    def after(self) -> int:
+        """Its steps after the last chunk."""
+        return self.steps - self.full - 1 if self.tail else 0
+
+    def first(self, k: int) -> Run:
+        """Its first `k` steps."""
+        full = self.full
+        return Run(k, self.batch, self.kv0, self.chunk, self.start, min(k, full),
+                   self.tail if k > full else 0, self.admitted)
+
+    def chunked(self, k: int) -> int:
+        """Tokens its chunked sequence computes in its first `k` steps (0 in a decode-only
+        run): chunks, its last chunk, then a token a step."""
+        if k <= self.full:
+            return k * self.chunk
+        return self.full * self.chunk + (self.tail + k - self.full - 1 if self.tail else 0)
+
+    def tokens(self, k: int) -> int:
+        """Tokens its first `k` steps compute."""
+        return self.batch * k + self.chunked(k)
+
+    def totals(self) -> tuple[float, float]:
+        """KV tokens and prompt pairs of its `full` steps, summed."""
+        k = self.full
+        tri = k * (k - 1) / 2
+        c = self.chunk
+        return (k * self.kv0 + self.batch * tri,
+                float(c) * (k * (self.start + c) + c * tri))
+
+    def after_kv(self) -> tuple[int, int]:
+        """The KV tokens of its first step after the last chunk (`batch` + 1 decode rows), and
+        their growth a step."""
+        b = self.batch
+        known = self.start + self.full * self.chunk + self.tail  # its prompt (and tokens)
+        return self.kv0 + (self.full + 1) * b + known + 1, b + 1
+
+    def shape(self, j: int) -> tuple[int, float, int, float]:
+        """Step `j`'s shape (as `StepPlan.shape`)."""
+        b = self.batch
+        if not self.chunk:
+            return b, float(self.kv0 + j * b), 0, 0.0
+        if j > self.full:  # it decodes beside the others
+            kv, grow = self.after_kv()
+            return b + 1, float(kv + (j - self.full - 1) * grow), 0, 0.0
+        n = self.tail if j == self.full else self.chunk
+        at = self.start + j * self.chunk
+        return b, float(self.kv0 + j * b), n, float(n) * (at + n)
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,14 @@ Events in one heap: request arrivals (each service's stream, merged lazily), the
 iteration, autoscaling ticks, replicas becoming ready, idle power-down checks. Each replica's
 lanes schedule as the engine does, with the engine's own policy (`kcloud.planner.scheduling`:
 iteration-level batching, chunked prefill, KV blocks, preemption; for a non-LLM model, dynamic
-batching up to `max_batch` samples or `max_wait_s`). A run of decode-only iterations whose
-batch cannot change is advanced in one event: its step times are linear in the KV tokens
-(`kcloud.hardware.steps`), so k steps take k a + s (k K + B k (k - 1) / 2) seconds in closed
-form; an arrival that could join the batch cuts the run at the end of the step in progress.
-The result is the same as stepping every iteration, at a fraction of the events.
+batching up to `max_batch` samples or `max_wait_s`). A run of iterations that no scheduling
+decision changes (`Scheduler.steady_run`: decode steps, and beside them a prompt's full
+chunks, its last chunk, then its decode steps) is advanced in one event: a step's time is
+linear in its KV tokens and prompt pairs (`kcloud.hardware.steps`), which grow linearly from
+step to step within each of those three parts, so step j of a part takes alpha + beta j
+seconds and k steps k alpha + beta k (k - 1) / 2 in closed form; an arrival that could join a
+later step cuts the run before it (`Scheduler.cut_run`). The result is the same as stepping
+every iteration, at a fraction of the events.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 from kcloud.planner.scheduling import (
     Batcher,
     CountedSeq,
+    Run,
     Scheduler,
     SchedulerConfig,
     StepPlan,
@@ -91,7 +95,7 @@ class Service:
 class _Lane:
     """One engine inside a replica (a pipeline of p stages runs p of them)."""
 
-    __slots__ = ("batcher", "busy", "cur", "due", "end", "macro", "replica", "sched", "version")
+    __slots__ = ("batcher", "busy", "cur", "due", "end", "replica", "run", "sched", "version")
 
     def __init__(self, replica: _Replica, sched: Scheduler | None,
                  batcher: Batcher | None) -> None:
@@ -103,7 +107,7 @@ class _Lane:
         self.version = 0
         self.end = 0.0
         self.cur: Any = None  # the iteration (or batch) in progress
-        self.macro: tuple[float, int, int, int, Any] | None = None  # (t0, k, B, K0, coeffs)
+        self.run: _RunTimes | None = None  # a run of steps in progress
 
     @property
     def outstanding(self) -> int:
@@ -114,23 +118,65 @@ class _Lane:
 
     def load(self, t: float) -> int:
         """Outstanding work at `t` as the engine's router weighs it (`Scheduler.load`: tokens;
-        samples for a non-LLM model). In a run of decode steps (`macro`), the steps done by
+        samples for a non-LLM model). In a run of steps (`run`), the steps done by
         `t` count as done, as they are when stepping one by one."""
         if self.sched is not None:
-            if self.macro is None:
+            rt = self.run
+            if rt is None:
                 return self.sched.load
-            t0, _, b, k0, coeffs = self.macro
-            return self.sched.load - b * _steps_by(coeffs[0], coeffs[1], b, k0, t - t0)
+            return self.sched.load - rt.run.tokens(rt.done_by(t - rt.t0))
         assert self.batcher is not None
         return self.batcher.load + (len(self.cur) if self.busy and self.cur else 0)
 
 
+class _RunTimes:
+    """A lane's run of steps (`kcloud.planner.scheduling.Run`), begun at `t0`, and its steps'
+    times: step j of its full chunks (all of a decode-only run's) takes a1 + b1 j seconds
+    (`ReplicaModel.linear`), its last chunk's (seconds, per stage) is `tail`, and its step i
+    after that a3 + b3 i."""
+
+    __slots__ = ("a1", "a3", "b1", "b3", "run", "t0", "tail")
+
+    def __init__(self, t0: float, run: Run, m: ReplicaModel) -> None:
+        self.t0 = t0
+        self.run = run
+        b, c = run.batch, run.chunk
+        a, sk, sp = m.linear(b, c)
+        # step j: kv0 + j b KV tokens, c (start + c) + j c^2 prompt pairs
+        self.a1 = a + sk * run.kv0 + sp * c * (run.start + c)
+        self.b1 = sk * b + sp * c * c
+        self.tail = m.mixed(*run.shape(run.full)) if run.tail else None
+        self.a3 = self.b3 = 0.0
+        if run.after:
+            a, sk, _ = m.linear(b + 1, 0)
+            kv, grow = run.after_kv()
+            self.a3, self.b3 = a + sk * kv, sk * grow
+
+    def seconds(self, run: Run) -> float:
+        """How long `run` (this run, or its first steps) takes."""
+        t = _run_time(self.a1, self.b1, run.full)
+        if self.tail is not None and run.tail:
+            t += self.tail[0] + _run_time(self.a3, self.b3, run.after)
+        return t
+
+    def done_by(self, dt: float) -> int:
+        """Its steps wholly done `dt` seconds after it began."""
+        run = self.run
+        t1 = _run_time(self.a1, self.b1, run.full)
+        if dt < t1 or self.tail is None or not run.tail:
+            return _steps_by(self.a1, self.b1, run.full, dt)
+        dt -= t1 + self.tail[0]
+        if dt < 0:
+            return run.full
+        return run.full + 1 + _steps_by(self.a3, self.b3, run.after, dt)
+
+
 class _Replica:
-    __slots__ = ("draining", "idle_since", "index", "lanes", "model", "on_since", "rate",
-                 "service", "state", "types")
+    __slots__ = ("draining", "groups", "idle_since", "index", "lanes", "model", "on_since",
+                 "rate", "service", "state", "types")
 
     def __init__(self, service: int, index: int, model: ReplicaModel, svc: Service,
-                 types: list[int], rate: float) -> None:
+                 types: list[int], groups: list[int], rate: float) -> None:
         self.service, self.index, self.model = service, index, model
         cfg = svc.sched
         per = max(1, cfg.num_blocks // model.pp) if cfg is not None else 0
@@ -142,6 +188,7 @@ class _Replica:
         self.on_since = -1.0
         self.idle_since = 0.0
         self.types = types  # ledger index per stage
+        self.groups = groups  # ledger index per device type of its model (`ReplicaModel.groups`)
         self.rate = rate
 
     @property
@@ -251,8 +298,8 @@ class SimResult:
 class Simulator:
     def __init__(self, services: list[Service], *, bin_s: float = 10.0,
                  fast: bool = True) -> None:
-        """`fast`: advance runs of decode-only iterations in one event (the same result as
-        stepping each, which `fast=False` does)."""
+        """`fast`: advance runs of iterations in one event (`Scheduler.steady_run`; the same
+        result as stepping each, which `fast=False` does)."""
         if not services:
             raise ValueError("no services to simulate")
         self.services = services
@@ -274,6 +321,7 @@ class Simulator:
                 b = svc.sched.max_batch if svc.sched else svc.max_batch
                 reps.append(_Replica(si, ri, m, svc,
                                      [self.ledger.index[t] for t in m.device_types],
+                                     [self.ledger.index[t] for t in m.groups],
                                      m.nominal_rate(min(b, 32), svc.mean_context)))
             self.replicas.append(reps)
         self.fast = fast
@@ -284,6 +332,7 @@ class Simulator:
         self.events = 0
         self._rid = 0
         self._last = 0.0
+        self._pending: list[tuple[float, int, int] | None] = [None] * len(services)
 
     # -- events ---------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj: Any, version: int = 0) -> None:
@@ -379,11 +428,7 @@ class Simulator:
         return True
 
     # -- arrivals and routing -------------------------------------------------------------------
-    _pending: list[tuple[float, int, int] | None]
-
     def _next_arrival(self, si: int) -> None:
-        if not hasattr(self, "_pending"):
-            self._pending = [None] * len(self.services)
         nxt = next(self.services[si].stream, None)
         self._pending[si] = nxt
         if nxt is not None:
@@ -403,7 +448,14 @@ class Simulator:
         if r is None:
             st.dropped += 1
             return
-        lane = min(r.lanes, key=lambda ln: ln.outstanding) if len(r.lanes) > 1 else r.lanes[0]
+        lanes = r.lanes
+        lane = lanes[0]
+        if len(lanes) > 1:
+            least = lane.outstanding
+            for ln in lanes:
+                o = ln.outstanding
+                if o < least:
+                    lane, least = ln, o
         sch = lane.sched
         if sch is not None and sch.fits(prompt, seq.out) is not None:
             st.dropped += 1  # longer than the replica's context or KV cache can ever hold
@@ -414,9 +466,8 @@ class Simulator:
             was_empty = not sch.waiting
             sch.add(seq)
             if lane.busy:
-                if lane.macro is not None and was_empty and \
-                        sch.admissible(sch.token_budget - len(sch.running)):
-                    self._cut_macro(lane, t)
+                if lane.run is not None and was_empty:
+                    self._cut_run(lane, t)
             else:
                 self._kick(lane, t)
         else:
@@ -427,7 +478,7 @@ class Simulator:
 
     def _route(self, si: int, seq: CountedSeq, t: float) -> _Replica | None:
         svc = self.services[si]
-        reps = [r for r in self.replicas[si] if r.routable]
+        reps = [r for r in self.replicas[si] if r.state != "off" and not r.draining]
         if not reps:
             starting = [r for r in self.replicas[si] if r.state == "starting"]
             return starting[0] if starting else None
@@ -443,7 +494,7 @@ class Simulator:
     def _kick(self, lane: _Lane, t: float) -> None:
         """Start the lane's next iteration if it has work and its replica is on."""
         r = lane.replica
-        if lane.busy or r.state not in ("on",):
+        if lane.busy or r.state != "on":
             return
         m = r.model
         sch = lane.sched
@@ -463,21 +514,20 @@ class Simulator:
             dt, per = m.forward(len(batch))
             self._account(r, t, t + dt, per)
             lane.cur = batch
-            lane.macro = None
+            lane.run = None
             self._start(lane, t + dt)
             return
-        # a run of decode steps is priced as one batch's KV growing linearly: not the engine's
-        # CPU workers, whose steps read KV padded in groups that change as contexts grow
-        k = sch.steady_decode_steps() if self.fast and not m.engine_costs else 0
-        if k >= 2:
-            b = len(sch.running)
-            k0 = 0
-            for s in sch.running:
-                k0 += s.computed + 1
-            coeffs = m.decode(b)
-            lane.macro = (t, k, b, k0, coeffs)
+        # a run of steps is priced as KV tokens and prompt pairs growing linearly: not on the
+        # engine's CPU workers, whose steps read KV padded in groups that change as contexts grow
+        run = sch.steady_run() if self.fast and not m.engine_costs else None
+        if run is not None:
+            if run.admitted:
+                s = sch.running[run.batch]
+                if s.started < 0:
+                    s.started = t
+            rt = lane.run = _RunTimes(t, run, m)
             lane.cur = None
-            self._start(lane, t + _run_time(coeffs[0], coeffs[1], k, b, k0))
+            self._start(lane, t + rt.seconds(run))
             return
         n0 = len(sch.running)
         plan = sch.schedule()
@@ -497,19 +547,20 @@ class Simulator:
             dt, per = m.mixed(*plan.shape())
         self._account(r, t, t + dt, per)
         lane.cur = plan
-        lane.macro = None
+        lane.run = None
         self._start(lane, t + dt)
 
     def _start(self, lane: _Lane, end: float) -> None:
         lane.busy = True
         lane.end = end
         lane.version += 1
-        self._push(end, _LANE, lane, lane.version)
+        self._n += 1
+        heapq.heappush(self._heap, (end, self._n, _LANE, lane, lane.version))
 
     def _lane_idle(self, lane: _Lane, t: float) -> None:
         lane.busy = False
         lane.cur = None
-        lane.macro = None
+        lane.run = None
         r = lane.replica
         if r.outstanding == 0:
             r.idle_since = t
@@ -521,29 +572,43 @@ class Simulator:
             elif svc.power_down_idle_s is not None:
                 self._push(t + svc.power_down_idle_s, _IDLE, r, int(t * 1e6))
 
-    def _cut_macro(self, lane: _Lane, t: float) -> None:
-        """End a run of decode steps at the end of the step in progress at `t`."""
-        assert lane.macro is not None
-        t0, k, b, k0, coeffs = lane.macro
-        a, s = coeffs[0], coeffs[1]
-        done = _steps_by(a, s, b, k0, t - t0)
-        if done + 1 >= k:
+    def _cut_run(self, lane: _Lane, t: float) -> None:
+        """A sequence arrived at `t`: end the lane's run before the first later step that
+        could admit it (`Scheduler.cut_run`)."""
+        rt = lane.run
+        assert rt is not None and lane.sched is not None
+        cut = lane.sched.cut_run(rt.run, rt.done_by(t - rt.t0))
+        if cut is None:
             return
-        lane.macro = (t0, done + 1, b, k0, coeffs)
-        self._start(lane, t0 + _run_time(a, s, done + 1, b, k0))
+        rt.run = cut
+        self._start(lane, rt.t0 + rt.seconds(cut))
 
     def _lane_done(self, lane: _Lane, t: float) -> None:
         r = lane.replica
         sch = lane.sched
         if sch is None:
             self._finish(r, lane.cur, t)
-        elif lane.macro is not None:
-            t0, k, b, k0, coeffs = lane.macro
-            per = coeffs[2]
-            kv_sum = k * k0 + b * k * (k - 1) / 2
-            self._account(r, t0, t, [(k * pa + ps * kv_sum, k * ea + es * kv_sum)
-                                     for pa, ps, ea, es in per])
-            self._finish(r, sch.advance_decode(k), t)
+        elif lane.run is not None:
+            rt = lane.run
+            run, t0, m = rt.run, rt.t0, r.model
+            first = tail_at = t0 + rt.a1  # where its first step ends, and its last chunk's
+            kv, pairs = run.totals()
+            per = m.mixed(run.batch, kv, run.chunk, pairs, steps=run.full)[1]
+            if run.tail and rt.tail is not None:
+                tail_at = t0 + _run_time(rt.a1, rt.b1, run.full) + rt.tail[0]
+                if not run.full:
+                    first = tail_at
+                per = [(b0 + b1, d0 + d1)
+                       for (b0, d0), (b1, d1) in zip(per, rt.tail[1], strict=True)]
+                k = run.after
+                if k:
+                    kv, grow = run.after_kv()
+                    kv_sum = k * kv + grow * (k * (k - 1) / 2)
+                    per = [(b0 + b1, d0 + d1) for (b0, d0), (b1, d1) in
+                           zip(per, m.mixed(run.batch + 1, kv_sum, 0, 0.0, steps=k)[1],
+                               strict=True)]
+            self._account(r, t0, t, per)
+            self._finish(r, sch.advance_run(run, first, tail_at), t)
         else:
             plan: StepPlan = lane.cur
             for seq, _, _, sample in plan.rows:
@@ -553,14 +618,10 @@ class Simulator:
         lane.busy = False
         self._kick(lane, t)
 
-    def _account(self, r: _Replica, t0: float, t1: float,
-                 per: Any) -> None:
-        work = self.ledger.work
-        e = 0.0
-        for ti, tp, (busy, dyn) in zip(r.types, r.model.tps, per, strict=True):
-            work(ti, t0, t1, tp * busy, tp * dyn)
-            e += tp * dyn
-        self.stats[r.service].energy_j += e
+    def _account(self, r: _Replica, t0: float, t1: float, per: Any) -> None:
+        """Work from t0 to t1: per device type of the replica, busy device-seconds and dynamic
+        joules (`ReplicaModel.mixed`, `ReplicaModel.forward`)."""
+        self.stats[r.service].energy_j += self.ledger.work_types(r.groups, t0, t1, per)
 
     def _finish(self, r: _Replica, done: list[CountedSeq], t: float) -> None:
         if not done:
@@ -625,23 +686,24 @@ class Simulator:
             r.state = "asleep"
 
 
-def _run_time(a: float, s: float, k: int, b: int, k0: int) -> float:
-    """Seconds of k decode steps of b sequences starting at k0 KV tokens in all."""
-    return k * a + s * (k * k0 + b * k * (k - 1) / 2)
+def _run_time(alpha: float, beta: float, k: int) -> float:
+    """Seconds of k steps that take alpha + beta j seconds each (j from 0)."""
+    return k * alpha + beta * (k * (k - 1) / 2)
 
 
-def _steps_by(a: float, s: float, b: int, k0: int, dt: float) -> int:
-    """Decode steps wholly done within `dt` of a run's start."""
+def _steps_by(alpha: float, beta: float, most: int, dt: float) -> int:
+    """Steps (of at most `most`) of alpha + beta j seconds wholly done within `dt`."""
     if dt <= 0:
         return 0
-    qa = s * b / 2
-    qb = a + s * k0 - qa
+    qa = beta / 2
+    qb = alpha - qa
     if qa <= 0:
         k = int(dt / qb) if qb > 0 else 0
     else:
         k = int((-qb + math.sqrt(qb * qb + 4 * qa * dt)) / (2 * qa))
-    while k > 0 and _run_time(a, s, k, b, k0) > dt:
+    k = min(k, most)
+    while k > 0 and _run_time(alpha, beta, k) > dt:
         k -= 1
-    while _run_time(a, s, k + 1, b, k0) <= dt:
+    while k < most and _run_time(alpha, beta, k + 1) <= dt:
         k += 1
     return k

@@ -16,7 +16,8 @@ workers attend them, in groups of similar contexts padded to each group's longes
 
 Energy is split in two: the idle power of every device while its replica is powered on (the
 fleet's ledger counts it over time), and the dynamic energy of each step (busy power minus idle
-power, times the stage's time, per device), which this module gives per stage.
+power, times the stage's time, per device), which this module gives per device type of the
+replica (`groups`: the busy device-seconds and dynamic joules of its stages on that type).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class ReplicaModel:
         self.device_types = [s.device.id for s in self.stages]
         self.tps = [s.tp for s in self.stages]
         self.idle_w = [s.idle_w for s in self.stages]  # per device
+        self.groups: list[str] = list(dict.fromkeys(self.device_types))  # its device types
+        self._group = [self.groups.index(t) for t in self.device_types]  # per stage
 
     @property
     def pp(self) -> int:
@@ -93,31 +96,56 @@ class ReplicaModel:
         return any(e is not None for e in self.engine)
 
     def mixed(self, batch: int, kv_tokens: float, prefill_tokens: int, pairs: float,
-              padded: float | None = None,
-              groups: int = 0) -> tuple[float, list[tuple[float, float]]]:
-        """An iteration with decode steps and prompt chunks: its time, and per stage (time,
-        dynamic energy) per device. A step is linear in its KV tokens and prompt pairs at a
-        given (batch, prompt tokens) (`StageTables.step`): those coefficients are cached. On
-        the engine's CPU workers (`engine_costs`) a step also costs what their measured step
-        costs say of it (`EngineStepCosts.extra_s`: not linear, for KV past the cache), its
-        decode rows' KV tokens `padded` (`kv_tokens` when not given) in attention `groups`
-        (`StepPlan.decode_padding`)."""
-        key = (batch, prefill_tokens)
-        co = self._mix.get(key)
-        if co is None:
-            co = self._mix[key] = self._mixed_coefficients(batch, prefill_tokens)
-        hop, per = co
-        out = [(t0 + s * kv_tokens + p * pairs, d0 + ds * kv_tokens + dp * pairs)
-               for t0, s, p, d0, ds, dp in per]
+              padded: float | None = None, groups: int = 0, *,
+              steps: int = 1) -> tuple[float, list[tuple[float, float]]]:
+        """An iteration with decode steps and prompt chunks: its time, and per device type
+        (`groups`) its busy device-seconds and dynamic joules. A step is linear in its KV
+        tokens and prompt pairs at a given (batch, prompt tokens) (`StageTables.step`): those
+        coefficients are cached. With `steps`: that many iterations of the batch and prompt
+        tokens whose KV tokens and pairs sum to `kv_tokens` and `pairs` (a run's steps of one
+        shape, `kcloud.planner.scheduling.Run.totals`). On the engine's CPU workers
+        (`engine_costs`) a step also costs what their measured step costs say of it
+        (`EngineStepCosts.extra_s`: not linear, for KV past the cache, so never a run's
+        steps), its decode rows' KV tokens `padded` (`kv_tokens` when not given) in attention
+        `groups` (`StepPlan.decode_padding`)."""
+        co = self._mix.get((batch, prefill_tokens)) or self._coefficients(batch, prefill_tokens)
+        a, s, p = co[2]
+        time = steps * a + s * kv_tokens + p * pairs
+        out = [(steps * t0 + s * kv_tokens + p * pairs, steps * d0 + ds * kv_tokens + dp * pairs)
+               for t0, s, p, d0, ds, dp in co[1]]
         if self.engine_costs:
             rows = batch + (1 if prefill_tokens else 0)  # a step's prompt work: mostly one chunk
             pk = kv_tokens if padded is None else padded
-            out = [(t + (0.0 if eng is None else eng[0].extra_s(
-                rows, pk, prefill_tokens, pairs, eng[1], groups)), e)
-                for (t, e), eng in zip(out, self.engine, strict=True)]
-        if len(out) == 1:
-            return out[0][0] + hop, out
-        return sum(o[0] for o in out) + hop, out
+            for g, tp, eng in zip(self._group, self.tps, self.engine, strict=True):
+                if eng is not None:
+                    x = eng[0].extra_s(rows, pk, prefill_tokens, pairs, eng[1], groups)
+                    time += x
+                    out[g] = (out[g][0] + tp * x, out[g][1])
+        return time, out
+
+    def linear(self, batch: int, prefill_tokens: int) -> tuple[float, float, float]:
+        """An iteration's time as a + s x KV tokens + p x prompt pairs at (batch, prompt
+        tokens): (a, s, p)."""
+        co = self._mix.get((batch, prefill_tokens)) or self._coefficients(batch, prefill_tokens)
+        return co[2]
+
+    def _coefficients(self, batch: int, prefill_tokens: int) -> tuple[
+            float, tuple[tuple[float, float, float, float, float, float], ...],
+            tuple[float, float, float]]:
+        """(hop seconds, per device type the busy device-seconds and dynamic joules as
+        (t0, per KV token, per prompt pair, d0, per KV token, per pair), the step's time as
+        (a, per KV token, per pair))."""
+        key = (batch, prefill_tokens)
+        co = self._mix.get(key)
+        if co is None:
+            hop, per = self._mixed_coefficients(batch, prefill_tokens)
+            groups = [[0.0] * 6 for _ in self.groups]
+            for g, tp, c in zip(self._group, self.tps, per, strict=True):
+                groups[g] = [x + tp * y for x, y in zip(groups[g], c, strict=True)]
+            co = self._mix[key] = (hop, tuple(tuple(g) for g in groups),
+                                   (sum(c[0] for c in per) + hop, sum(c[1] for c in per),
+                                    sum(c[2] for c in per)))
+        return co
 
     def _mixed_coefficients(self, batch: int, prefill_tokens: int) -> tuple[
             float, tuple[tuple[float, float, float, float, float, float], ...]]:
@@ -135,13 +163,19 @@ class ReplicaModel:
 
     # -- non-LLM ------------------------------------------------------------------------------
     def forward(self, batch: int) -> tuple[float, tuple[tuple[float, float], ...]]:
+        """A forward pass of `batch` samples: its time, and per device type (`groups`) its busy
+        device-seconds and dynamic joules."""
         hit = self._fwd.get(batch)
         if hit is None:
-            per = []
-            for st, idle in zip(self.stages, self.idle_w, strict=True):
+            t = self.hop_s(batch)
+            groups = [(0.0, 0.0)] * len(self.groups)
+            for g, st, tp, idle in zip(self._group, self.stages, self.tps, self.idle_w,
+                                       strict=True):
                 c = st.forward(batch)
-                per.append((c.time_s, c.energy_j - idle * c.time_s))
-            hit = self._fwd[batch] = (sum(p[0] for p in per) + self.hop_s(batch), tuple(per))
+                t += c.time_s
+                b, d = groups[g]
+                groups[g] = (b + tp * c.time_s, d + tp * (c.energy_j - idle * c.time_s))
+            hit = self._fwd[batch] = (t, tuple(groups))
         return hit
 
     # -- capacity -----------------------------------------------------------------------------
@@ -161,28 +195,41 @@ class ReplicaModel:
 
 def replica_models(plan: Any, cluster: Any, forward: Any, decode: Any,
                    calibration: Any = None) -> list[ReplicaModel]:
-    """A ReplicaModel per replica of `plan` (a `kcloud.planner.Plan`) on `cluster`."""
+    """A ReplicaModel per replica of `plan` (a `kcloud.planner.Plan`) on `cluster`; replicas
+    alike (the same stages on the same device types and links) share one, and so its cached
+    step costs."""
     cache: dict[tuple[Any, ...], StepTables] = {}
     graph = decode if decode is not None else forward
     costs = engine_step_costs() if decode is not None and any(
         s.device_type.startswith(HOST_ID) for r in plan.replicas for s in r.stages) else None
     out = []
+    alike: dict[tuple[Any, ...], ReplicaModel] = {}
     for r in plan.replicas:
+        links = [cluster.link_between(a.devices[0], b.devices[0])
+                 for a, b in zip(r.stages, r.stages[1:], strict=False)]
+        offloads = [offload_of(s, cluster) for s in r.stages]
+        key = (tuple((s.device_type, s.precision, s.start, s.end, len(s.devices),
+                      None if o is None else (o[0].id, o[1], o[2]))
+                     for s, o in zip(r.stages, offloads, strict=True)),
+               tuple((ln.latency, ln.bandwidth) for ln in links))
+        if key in alike:
+            out.append(alike[key])
+            continue
         stages = []
-        for s in r.stages:
+        for s, off in zip(r.stages, offloads, strict=True):
             dev = cluster.device_types[s.device_type]
             link = cluster.intra_link(s.device_type)
             stages.append(stage_tables_for(s, forward, decode, dev,
                                            (link.bandwidth, link.collective_s), calibration,
-                                           cache, offload=offload_of(s, cluster)))
+                                           cache, offload=off))
         hops = []
-        for a, b in zip(r.stages, r.stages[1:], strict=False):
-            link = cluster.link_between(a.devices[0], b.devices[0])
+        for a, link in zip(r.stages, links, strict=False):
             cut = graph.layers[a.end - 1].cut_elems / graph.batch / (graph.seq_len or 1)
             act = Precisions.of(stages[0].tables.precision).act_bytes
             hops.append((link.latency, cut * act, link.bandwidth))
         engine = [(costs, st.tables.kv_bytes_per_token(st.start, st.end))
                   if costs is not None and st.device.id.startswith(HOST_ID) else None
                   for st in stages]
-        out.append(ReplicaModel(stages, hops, decode is not None, engine=engine))
+        out.append(alike.setdefault(key, ReplicaModel(stages, hops, decode is not None,
+                                                      engine=engine)))
     return out

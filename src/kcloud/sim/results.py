@@ -153,6 +153,25 @@ class Ledger:
         self._spread(self.busy, i, t0, t1, busy_s)
         self._spread(self.dyn, i, t0, t1, dyn_j)
 
+    def work_types(self, types: list[int], t0: float, t1: float, per: Any) -> float:
+        """`work` from t0 to t1 on each of `types`, its (busy device-seconds, dynamic joules)
+        in `per`; the dynamic joules in all."""
+        w = self.bin_s
+        b0 = int(t0 / w)
+        one = b0 == int(t1 / w)
+        e = 0.0
+        for i, (busy_s, dyn_j) in zip(types, per, strict=True):
+            e += dyn_j
+            busy = self.busy[i]
+            if one and b0 < len(busy):  # within one bin: the common case
+                self.busy_total[i] += busy_s
+                self.dyn_total[i] += dyn_j
+                busy[b0] += busy_s
+                self.dyn[i][b0] += dyn_j
+            else:
+                self.work(i, t0, t1, busy_s, dyn_j)
+        return e
+
     def powered(self, i: int, t0: float, t1: float, devices: int, idle_w: float) -> None:
         if t1 <= t0:
             return
