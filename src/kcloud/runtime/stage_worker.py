@@ -323,7 +323,8 @@ def _layout(rows: tuple[Row, ...], block_size: int,
     positions: list[torch.Tensor] = []
     slots: list[torch.Tensor] = []
     dec_rows: list[int] = []
-    dec_rows_of: list[Row] = []
+    dec_tables: list[torch.Tensor] = []  # each decode row's block table
+    lengths: list[int] = []  # and its context
     chunks: list[tuple[int, int, torch.Tensor, int]] = []
     sample_at: list[int] = []
     first = 0
@@ -335,7 +336,8 @@ def _layout(rows: tuple[Row, ...], block_size: int,
         length = r.start + r.n
         if r.n == 1 and r.start > 0:  # a decode row (`kcloud.planner.scheduling.Scheduled`)
             dec_rows.append(first)
-            dec_rows_of.append(r)
+            dec_tables.append(table)
+            lengths.append(length)
         else:
             used = -(-length // block_size)
             chunks.append((first, r.n, table[:used].to(dev), length))
@@ -343,15 +345,14 @@ def _layout(rows: tuple[Row, ...], block_size: int,
             sample_at.append(first + r.n - 1)
         first += r.n
     decode = []
-    lengths = [r.start + 1 for r in dec_rows_of]
     for group in decode_groups(lengths):
         longest = lengths[group[0]]
         used = -(-longest // block_size)
         tables = torch.zeros(len(group), used, dtype=torch.long)  # padding: block 0, masked
         mask = torch.zeros(len(group), 1, 1, longest, dtype=torch.bool)
         for i, j in enumerate(group):
-            blocks = dec_rows_of[j].blocks[:-(-lengths[j] // block_size)]
-            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+            blocks = -(-lengths[j] // block_size)
+            tables[i, :blocks] = dec_tables[j][:blocks]
             mask[i, 0, 0, :lengths[j]] = True
         padded = lengths[group[-1]] < longest
         decode.append((torch.tensor([dec_rows[j] for j in group], dtype=torch.long, device=dev),

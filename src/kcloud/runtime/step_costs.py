@@ -7,10 +7,11 @@ loads: decode batches of 1 to 16 sequences at short and long contexts, long conv
 short ones (their decode rows attend in several groups), and prompts prefilled in chunks. Every
 step's time is taken as the engine sees it (the command sent to the result back,
 `Engine.step_times`), beside the cost model's time of that step (`kcloud.hardware.steps`, as
-the engine's pacer costs it). The difference is fitted by non-negative least squares (scipy)
-to a constant per step, one per row, one per attention group of decode rows and three per byte
-of KV cache (read by decode rows, padded in their groups; written by prompt chunks; per (query,
-key) pair of a chunk), and saved in the host's cache.
+the engine's pacer costs it). The difference is fitted, robustly and non-negative (scipy's
+`least_squares`, Cauchy loss), to a constant per step, one per row, one per attention group
+of decode rows and four per byte of KV cache (read by decode rows, padded in their groups; read
+past a core's share of the last-level cache; written by prompt chunks; per (query, key) pair of
+a chunk), and saved in the host's cache.
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ def time_steps(plan: Plan) -> list[StepSample]:
     from kcloud.hardware.steps import stage_tables_for
     from kcloud.runtime.engine import Engine, _pacer
     from kcloud.runtime.model import layer_graph
-    from kcloud.runtime.scheduler import SamplingParams
 
     if any(not s.device_type.startswith("host-cpu") for r in plan.replicas for s in r.stages):
         raise KCloudError("the engine's step costs are measured on this host's CPU cores",
@@ -104,8 +104,7 @@ def time_steps(plan: Plan) -> list[StepSample]:
             eng.step_times = []
             for n, prompt, out in load:
                 for i in range(n):
-                    eng.submit([5 + (i * 7 + j) % 200 for j in range(prompt)],
-                               SamplingParams(max_tokens=out, min_tokens=out, ignore_eos=True))
+                    _submit(eng, prompt, out, i)
             deadline = time.monotonic() + 120.0
             while eng.busy and time.monotonic() < deadline:
                 eng.step(0.5)
@@ -123,12 +122,18 @@ def time_steps(plan: Plan) -> list[StepSample]:
     return samples
 
 
+def _submit(eng: Any, prompt: int, out: int, i: int) -> None:
+    """A request of `prompt` tokens (their ids vary with `i`) that generates exactly `out`."""
+    from kcloud.runtime.scheduler import SamplingParams
+
+    eng.submit([5 + (i * 7 + j) % 200 for j in range(prompt)],
+               SamplingParams(max_tokens=out, min_tokens=out, ignore_eos=True))
+
+
 def _stream(eng: Any, context: int, seed: int) -> None:
     """A served engine's states: `STREAM` requests arriving at random (Poisson, seeded) with
     prompts of 32 tokens to most of `context` (log-uniform) and 16 to 128 output tokens, so
     that long conversations decode beside short ones and prompt chunks land among decodes."""
-    from kcloud.runtime.scheduler import SamplingParams
-
     rng = random.Random(seed)
     at, reqs = 0.0, []
     for _ in range(STREAM):
@@ -141,16 +146,16 @@ def _stream(eng: Any, context: int, seed: int) -> None:
         now = time.monotonic() - t0
         while reqs and reqs[0][0] <= now:
             _, prompt, out = reqs.pop(0)
-            eng.submit([5 + (j * 7) % 200 for j in range(prompt)],
-                       SamplingParams(max_tokens=out, min_tokens=out, ignore_eos=True))
-        eng.step(0.0 if not reqs else max(0.0, min(0.05, reqs[0][0] - now)))
+            _submit(eng, prompt, out, 0)
+        # wait for results (not a spin: the driver would take a worker's core) or the next one
+        eng.step(0.5 if not reqs else max(0.0, min(0.05, reqs[0][0] - now)))
 
 
 def fit(samples: list[StepSample], load_avg: float = 0.0,
         cache_bytes: float | None = None) -> EngineStepCosts:
     """Non-negative constants for `FEATURES` that best explain each step's wall time beyond
-    its kernels. The fit is robust (soft-L1 loss): a step that another process on the host
-    delayed is an outlier, not a cost of the engine."""
+    its kernels. The fit is robust (Cauchy loss on residuals relative to the step): a step
+    that another process on the host delayed is an outlier, not a cost of the engine."""
     rows = np.array([s.features for s in samples])
     resid = np.array([s.wall_s - s.kernels_s for s in samples])
     walls = np.array([s.wall_s for s in samples])

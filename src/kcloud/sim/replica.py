@@ -52,6 +52,8 @@ class ReplicaModel:
         self.tps = [s.tp for s in self.stages]
         self.idle_w = [s.idle_w for s in self.stages]  # per device
         self.groups: list[str] = list(dict.fromkeys(self.device_types))  # its device types
+        # whether a stage runs the engine's CPU workers here (their step costs apply)
+        self.engine_costs = any(e is not None for e in self.engine)
         self._group = [self.groups.index(t) for t in self.device_types]  # per stage
 
     @property
@@ -89,11 +91,6 @@ class ReplicaModel:
             s = sum(p[1] for p in per)
             hit = self._dec[batch] = (a, s, tuple(per))
         return hit
-
-    @property
-    def engine_costs(self) -> bool:
-        """Whether a stage runs the engine's CPU workers here (their step costs apply)."""
-        return any(e is not None for e in self.engine)
 
     def mixed(self, batch: int, kv_tokens: float, prefill_tokens: int, pairs: float,
               padded: float | None = None, groups: int = 0, *,
