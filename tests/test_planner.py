@@ -24,7 +24,6 @@ from kcloud.hardware.cost import (
     default_calibration,
     layer_table,
 )
-from kcloud.planner import dp
 from kcloud.planner.api import make_plan
 from kcloud.planner.baselines import compare
 from kcloud.planner.dp import Limits, make_batch, solve
@@ -409,12 +408,8 @@ def _chains_over(sp: StageSpace, limits: dict[int, int]):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("atom_nodes", [1, 2])
-@pytest.mark.parametrize("blocks", ["modeled", "one per degree"])
-def test_dp_matches_enumeration_on_random_costs(seed, atom_nodes, blocks, monkeypatch):
-    """The DP alone, on random stage and transfer costs: node fill, links and limits; with the
-    options summed in the blocks its work model picks, and in one block per degree."""
-    if blocks == "one per degree":
-        monkeypatch.setattr(dp, "STEP_COST", 0)
+def test_dp_matches_enumeration_on_random_costs(seed, atom_nodes):
+    """The DP alone, on random stage and transfer costs: node fill, links and limits."""
     rng = np.random.default_rng(seed)
     model, cl = big_mlp(5), small_cluster(atom_nodes=atom_nodes, per_node=4 // atom_nodes)
     types, _ = build_types(cl, model, Goal())

@@ -20,9 +20,9 @@ chain of more than one stage also pays lat[k] * feedback[t, INTRA] for its first
 (an LLM's tokens going back to the first stage; zero otherwise, and in `evaluate` it goes over
 the network where the pipeline does, which the DP leaves out). Every chain pays
 lat[k] * arrival[t] for its first stage's type t (a request's first pass on an idle device).
-The recursion runs backward over i, vectorized with numpy over the batch, the stage's end j,
-the run state and the tracked resources; the options are summed in blocks of tensor-parallel
-degrees, each over its own reach (`_blocks`), since stages of few devices reach few layers.
+The recursion runs backward over i in a compiled kernel (numba; the problems of a batch in
+parallel, one per thread), each option over its own reach: stages of few devices reach few
+layers (memory).
 
 Device availability (per type) and a device budget are resources, enforced lazily and exactly:
 the DP first runs without tracking them; problems whose best chain uses more of some resource
@@ -39,11 +39,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 
 import numpy as np
+from numba import njit, prange
 
-from kcloud.planner.space import INTRA, NET, StageSpace
+from kcloud.planner.space import INTRA, StageSpace
 
 MAX_TRACKED_STATES = 40
 PRICE_STEPS = 12
@@ -200,39 +200,28 @@ def _dp(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
 
 def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
               limits: Limits) -> list[Path | None]:
-    L, K = space.L, batch.K
+    L = space.L
     opts = batch.options
     n_opt = len(opts)
     o_type = space.opt_type[opts]
     o_tp = space.opt_tp[opts]
     types = sorted({int(t) for t in o_type})
     n_t = len(types)
-    caps = np.array([space.types[t].node_cap for t in types])
-    U = int(caps.max())
-    # Options on a (type, slot) grid, the slots of one tensor-parallel degree together (in
-    # each type's own order of options); empty slots point at a dummy row never allowed.
-    degrees = sorted({int(k) for k in o_tp})
-    width = [max(int(((o_type == t) & (o_tp == k)).sum()) for t in types) for k in degrees]
-    M = sum(width)
-    grid = np.full((n_t, M), n_opt)
+    caps = np.array([space.types[t].node_cap for t in types], dtype=np.int64)
+    # Options on a (type, slot) grid, by tensor-parallel degree, then in each type's own order
+    # (the order ties go in); empty slots hold n_opt (never allowed).
+    width = max(int((o_type == t).sum()) for t in types)
+    grid = np.full((n_t, width), n_opt, dtype=np.int64)
     for n, t in enumerate(types):
-        for k, s0 in zip(degrees, np.cumsum([0, *width[:-1]]).tolist(), strict=True):
-            x = np.flatnonzero((o_type == t) & (o_tp == k))
-            grid[n, s0:s0 + len(x)] = x
-    g_tp = np.append(o_tp, 1)[grid]  # (T, M)
-    u_vals = np.arange(1, U + 1)
-    state_ok = u_vals[None, :] <= caps[:, None]  # (T, U): states that exist
+        x = np.flatnonzero(o_type == t)
+        grid[n, :len(x)] = x[np.argsort(o_tp[x], kind="stable")]
+    tp = o_tp.astype(np.int64)
 
-    time = np.concatenate([space.time[opts], np.full((1, L + 1, L + 1), np.inf)])
-    base = np.concatenate([batch.base, np.full((1, L + 1, L + 1), np.inf)])
-    per_opt = np.concatenate([batch.per_option, np.full((K, 1), np.inf)], axis=1)
-    lat, cap = batch.lat, batch.cap
-    g_time, g_base, g_per = time[grid], base[grid], per_opt[:, grid]  # (T,M,..), (K,T,M)
-
-    # Tracked resources: flattened counters plus one slot (index R) for "over the limit".
+    # Tracked resources: flattened counters plus one slot (index R) for "over the limit";
+    # shift[n, r]: the counters after a stage of option n.
     dims = [limits.cap(r) + 1 for r in tracked]
     R = int(np.prod(dims)) if dims else 1
-    shift = np.tile(np.arange(R), (n_opt + 1, 1))
+    shift = np.tile(np.arange(R, dtype=np.int64), (n_opt, 1))
     if dims:
         strides = np.cumprod([1, *dims[:-1]]).astype(np.int64)
         coords = (np.arange(R)[:, None] // strides[None, :]) % np.array(dims)[None, :]
@@ -243,198 +232,189 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
             new = coords + use[None, :]
             ok = (new < np.array(dims)[None, :]).all(axis=1)
             shift[n] = np.where(ok, new @ strides, R)
-    g_shift = shift[grid]  # (T, M, R)
 
+    time = np.ascontiguousarray(space.time[opts])
+    base = np.ascontiguousarray(batch.base)
+    lat, cap = batch.lat.astype(float), batch.cap.astype(float)
     # Transfer costs per problem into a stage after type t: (K, T, 2, L+1).
     tr = space.trans[types][None]
-    tcost = np.where(tr <= cap[:, None, None, None], lat[:, None, None, None] * tr, np.inf)
-
-    # Reach per option: the furthest end it may take from each start (memory, the largest cap).
-    allowed = np.isfinite(base[:-1]) & (time[:-1] <= cap.max())
-    reach = np.where(allowed.any(axis=2), L - np.argmax(allowed[:, :, ::-1], axis=2), -1)
-    blocks = _blocks(degrees, width, np.append(reach, np.full((1, L + 1), -1), axis=0)[grid],
-                     K * n_t * R, U, L)
-
-    # Continuing a node: state (t, u) with an option of tp k moves to u + k (if it fits);
-    # what cannot continue points at G's last slot, never written (inf).
-    tgt = u_vals[None, :, None] + g_tp[:, None, :]  # (T, U, M)
-    cont_ok = (tgt <= caps[:, None, None]) & state_ok[:, :, None] & (grid[:, None, :] < n_opt)
-    tgt_idx = np.where(cont_ok, tgt - 1, U)
-    ti = np.arange(n_t)[:, None, None]
-    mi = np.arange(M)[None, None, :]
+    tcost = np.ascontiguousarray(
+        np.where(tr <= cap[:, None, None, None], lat[:, None, None, None] * tr, np.inf))
+    # Reach per option: the furthest end it may take from each start (memory, the largest
+    # cap); beyond it every stage costs inf for every problem.
+    allowed = np.isfinite(base) & (time <= cap.max())
+    reach = np.where(allowed.any(axis=2), L - np.argmax(allowed[:, :, ::-1], axis=2),
+                     -1).astype(np.int64)
     # A fresh node of the previous stage's own type needs a second node of that type.
     multi = np.array([len(space.types[t].nodes) > 1 for t in types])
     may_follow = ~np.eye(n_t, dtype=bool) | np.diag(multi)  # [previous type, next type]
 
-    inf = np.inf
-    # F[k, t, u, r, i]: the least cost from layer i on, after a stage of type t that left its
-    # node holding u devices (tracked counters r); the layer runs along the last axis.
-    F = np.full((K, n_t, U, R + 1, L + 1), inf)
-    F[:, :, :, :R, L] = np.where(state_ok, 0.0, inf)[None, :, :, None]
-    arg_j = np.zeros((K, L, n_t, M, U, R), dtype=np.int32)
-    # a fresh node at layer i after a stage of type t: the next type (at i = 0: the first
-    # type, in [.., 0, ..]), and per type its best slot
-    arg_pt = np.zeros((K, L, n_t, R), dtype=np.int32)
-    arg_fm = np.zeros((K, L, n_t, R), dtype=np.int32)
-    arg_cont = np.full((K, L, n_t, U, R), -1, dtype=np.int32)
-    start = np.full((K, R), inf)
-    rows = [np.arange(K * n_t * (b.s1 - b.s0) * (U - b.tp + 1) * R) for b in blocks]
-    last = np.max([b.reach for b in blocks], axis=0)
-
-    # G[k, t, m, u', r]: the least cost of a stage of slot (t, m) from layer i on that leaves
-    # its node holding u' (inf below the slot's degree: never written)
-    G = np.full((K, n_t, M, U + 1, R), inf)
-    lat4, cap4 = lat[:, None, None, None], cap[:, None, None, None]
-    per_blk = [g_per[:, :, b.s0:b.s1, None] for b in blocks]
-    # Tracked counters: the rows of F (flattened over type, node state, counters) each block's
-    # stage reads, [t, s, u', r] -> (t, u0 + u', shift of r by the slot's devices)
-    F_rows = F.reshape(K, n_t * U * (R + 1), L + 1)
-    t_rows = np.arange(n_t)[:, None, None, None] * U
-    shifted = [((t_rows + np.arange(b.tp - 1, U)[None, None, :, None]) * (R + 1)
-                + g_shift[:, b.s0:b.s1, None, :]).ravel() for b in blocks]
-    ar_t, ar_m, tp_1 = np.arange(n_t)[:, None], np.arange(M)[None, :], g_tp - 1
-    t_net, t_intra = tcost[:, :, NET, :, None], tcost[:, :, INTRA, :, None, None, None]
-
-    for i in range(L - 1, -1, -1):
-        if int(last[i]) <= i:
-            continue
-        for blk, flat, per, shift_rows in zip(blocks, rows, per_blk, shifted, strict=True):
-            jhi = int(blk.reach[i])
-            if jhi <= i:
-                G[:, :, blk.s0:blk.s1] = inf
-                continue
-            # The stages of the block's options from layer i, ending at j (the last axis).
-            ms, u0, sl = slice(blk.s0, blk.s1), blk.tp - 1, slice(i + 1, jhi + 1)
-            tau = g_time[:, ms, i, sl]  # (T, S, J)
-            C = np.where(tau <= cap4, g_base[:, ms, i, sl] + lat4 * tau + per, inf)  # (K,T,S,J)
-            if i == 0:  # a request's first pass on an idle device; an LLM pipeline's
-                # tokens back to its first stage (ends j < L)
-                C += (lat[:, None] * space.arrival[types][None, :])[:, :, None, None]
-                back = lat[:, None] * space.feedback[types, INTRA][None, :]  # (K, T)
-                C[..., : L - 1] += back[:, :, None, None]
-            # The stage's end j runs along the last (contiguous) axis: the argmin over it is
-            # one pass over memory in order. A stage of tp k leaves its node holding u >= k.
-            Fs = F[:, :, u0:, :, sl]  # (K, T, U', R+1, J)
-            if dims:
-                sh = np.take(F_rows[:, :, sl], shift_rows, axis=1).reshape(
-                    K, n_t, blk.s1 - blk.s0, U - u0, R, jhi - i)  # (K, T, S, U', R, J)
-                tot = C[:, :, :, None, None, :] + sh
-            else:
-                tot = C[:, :, :, None, None, :] + Fs[:, :, None, :, :1]  # (K, T, S, U', 1, J)
-            a = np.argmin(tot, axis=-1)  # (K, T, S, U', R)
-            v = tot.reshape(-1, tot.shape[-1])[flat, a.ravel()].reshape(a.shape)
-            G[:, :, ms, u0:U] = v  # inf where the slot or the state does not exist (F is)
-            np.add(a, i + 1, out=arg_j[:, i, :, ms, u0:], casting="unsafe")
-        # A stage on a fresh node, leaving u' = k: any option after no stage or another
-        # type; after a stage of type t only where t has another node.
-        fresh = G[:, ar_t, ar_m, tp_1]  # (K, T, M, R)
-        fm = np.argmin(fresh, axis=2)  # (K, T, R): best option per type
-        fv = fresh.min(axis=2)  # (K, T, R)
-        if i == 0:
-            ft = np.argmin(fv, axis=1)  # (K, R)
-            start = np.take_along_axis(fv, ft[:, None, :], axis=1)[:, 0]
-            arg_pt[:, i, 0] = ft
-            arg_fm[:, i] = fm
-            break
-        pv = np.where(may_follow[None, :, :, None], fv[:, None, :, :], inf)  # (K,Tp,T,R)
-        pt = np.argmin(pv, axis=2)  # (K, Tp, R)
-        fbest = pv.min(axis=2)  # (K, Tp, R)
-        arg_pt[:, i] = pt
-        arg_fm[:, i] = fm
-        net = fbest + t_net[:, :, i]  # (K, T, R)
-        cand = G[:, ti, mi, tgt_idx] + t_intra[:, :, i]  # (K, T, U, M, R)
-        cm = np.argmin(cand, axis=3)  # (K, T, U, R)
-        cv = cand.min(axis=3)
-        use = cv < net[:, :, None, :]
-        # (at states that do not exist F holds numbers no chain reads: see G)
-        np.minimum(cv, net[:, :, None, :], out=F[:, :, :, :R, i])
-        arg_cont[:, i] = np.where(use, cm, -1)
-
-    return _paths(start[:, 0], arg_j, arg_pt, arg_fm, arg_cont, grid, g_tp,
-                  g_shift if dims else None, opts, L)
-
-
-@dataclass(frozen=True)
-class _Block:
-    """Grid slots [s0, s1) of tensor-parallel degrees >= tp, and how far their stages reach
-    from each first layer."""
-
-    tp: int
-    s0: int
-    s1: int
-    reach: np.ndarray  # (L+1,)
-
-
-STEP_COST = 20000  # one block's numpy calls at one layer, in element sums (measured, roughly)
-
-
-def _blocks(degrees: list[int], width: list[int], reach: np.ndarray, per_state: int, U: int,
-            L: int) -> list[_Block]:
-    """The grid's slots, by degree, cut into blocks of consecutive degrees, each summed over its
-    own reach: a stage of a small degree reaches fewer layers (memory) and leaves its node
-    holding at least its degree, so blocks save work on large batches, while each block costs
-    its own numpy calls per layer, so small batches take one block. `reach[t, m, i]`: each
-    slot's furthest end; `per_state`: the problems x types x tracked states. The cut with the
-    least modeled work wins (at most 4 degrees: 8 cuts)."""
-    offs = np.cumsum([0, *width]).tolist()
-    starts = np.arange(L + 1)
-    n = len(degrees)
-    best: tuple[float, list[_Block]] | None = None
-    for mask in range(1 << (n - 1)):
-        cuts = [0, *[c + 1 for c in range(n - 1) if mask >> c & 1], n]
-        out, cost = [], 0.0
-        for lo, hi in pairwise(cuts):
-            r = reach[:, offs[lo]:offs[hi]].max(axis=(0, 1))
-            span = np.maximum(r - starts, 0)
-            cost += float(span.sum()) * (offs[hi] - offs[lo]) * per_state * (U - degrees[lo] + 1)
-            cost += STEP_COST * int((span > 0).sum())
-            out.append(_Block(degrees[lo], offs[lo], offs[hi], r))
-        if best is None or cost < best[0]:
-            best = (cost, out)
-    assert best is not None
-    return best[1]
-
-
-def _paths(start: np.ndarray, arg_j: np.ndarray, arg_pt: np.ndarray, arg_fm: np.ndarray,
-           arg_cont: np.ndarray, grid: np.ndarray, g_tp: np.ndarray,
-           g_shift: np.ndarray | None, opts: list[int], L: int) -> list[Path | None]:
-    """Every problem's chain, read back from the DP's choices (flat indices: one `item` per
-    choice instead of an index tuple)."""
-    _, _, T, M, U, R = arg_j.shape
-    aj, pt, fm, ac = arg_j.item, arg_pt.item, arg_fm.item, arg_cont.item
-    opt_of = [[opts[n] if n < len(opts) else -1 for n in row] for row in grid.tolist()]
-    tps = g_tp.tolist()
-    shift = g_shift.tolist() if g_shift is not None else None
+    stages, links, depth = _kernel(
+        L, time, base, np.ascontiguousarray(batch.per_option, dtype=float), lat, cap, grid,
+        tp, caps, shift, R, tcost, space.arrival[types].astype(float),
+        space.feedback[types, INTRA].astype(float), may_follow, reach)
+    # every problem's stages, flat, read out at once
+    held = np.arange(L)[None, :] < depth[:, None]
+    flat = stages[held]
+    flat[:, 0] = np.asarray(opts, dtype=np.int64)[flat[:, 0]]
+    st_all = list(map(tuple, flat.tolist()))
+    ln_all = links[held].tolist()
     out: list[Path | None] = []
-    for k, ok in enumerate(np.isfinite(start).tolist()):
-        if not ok:
-            out.append(None)
+    at = 0
+    for d in depth.tolist():
+        out.append(Path(tuple(st_all[at:at + d]), tuple(ln_all[at:at + d - 1])) if d else None)
+        at += d
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _kernel(L, time, base, per, lat, cap, grid, tp, caps, shift, R, tcost, arrival, feedback,
+            may_follow, reach):  # pragma: no cover - compiled
+    """The backward recursion for each problem, and its chain read back from the choices.
+
+    F[t, u, r, i]: the least cost from layer i on, after a stage of type t that left its node
+    holding u + 1 devices (tracked counters r; r == R: over a limit, never finite). G[t, m, u,
+    r]: the least cost of a stage of slot (t, m) from the current layer on that leaves its
+    node holding u + 1 devices. Ties go to the first end, slot and type, in order."""
+    K = lat.shape[0]
+    n_t, M = grid.shape
+    n_opt = time.shape[0]
+    U = 0
+    for t in range(n_t):
+        U = max(U, caps[t])
+    inf = np.inf
+    stages = np.zeros((K, L, 3), dtype=np.int64)
+    links = np.zeros((K, L), dtype=np.int64)
+    depth = np.zeros(K, dtype=np.int64)
+    for k in prange(K):
+        F = np.full((n_t, U, R + 1, L + 1), inf)
+        for t in range(n_t):
+            for u in range(caps[t]):
+                for r in range(R):
+                    F[t, u, r, L] = 0.0
+        G = np.full((n_t, M, U + 1, R), inf)
+        arg_j = np.zeros((L, n_t, M, U, R), dtype=np.int32)
+        arg_pt = np.zeros((L, n_t, R), dtype=np.int32)
+        arg_fm = np.zeros((L, n_t, R), dtype=np.int32)
+        arg_cont = np.full((L, n_t, U, R), -1, dtype=np.int32)
+        C = np.empty(L + 1)
+        fv = np.empty((n_t, R))
+        start = inf
+        for i in range(L - 1, -1, -1):
+            for t in range(n_t):
+                for m in range(M):
+                    n = grid[t, m]
+                    for u in range(U + 1):
+                        for r in range(R):
+                            G[t, m, u, r] = inf
+                    if n == n_opt:
+                        continue
+                    jhi = reach[n, i]
+                    if jhi <= i:
+                        continue
+                    # the stage's cost over [i, j) (the request's first pass, and an LLM's
+                    # tokens back to its first stage, at i = 0)
+                    for j in range(i + 1, jhi + 1):
+                        tau = time[n, i, j]
+                        c = base[n, i, j] + lat[k] * tau + per[k, n] if tau <= cap[k] else inf
+                        if i == 0:
+                            c += lat[k] * arrival[t]
+                            if j < L:
+                                c += lat[k] * feedback[t]
+                        C[j] = c
+                    for u in range(tp[n] - 1, caps[t]):
+                        for r in range(R):
+                            r2 = shift[n, r]
+                            best = inf
+                            bj = i + 1
+                            for j in range(i + 1, jhi + 1):
+                                v = C[j] + F[t, u, r2, j]
+                                if v < best:
+                                    best = v
+                                    bj = j
+                            G[t, m, u, r] = best
+                            arg_j[i, t, m, u, r] = bj
+            # a stage on a fresh node, leaving it holding tp devices: the best slot per type
+            for t in range(n_t):
+                for r in range(R):
+                    best = inf
+                    bm = 0
+                    for m in range(M):
+                        n = grid[t, m]
+                        if n == n_opt:
+                            continue
+                        v = G[t, m, tp[n] - 1, r]
+                        if v < best:
+                            best = v
+                            bm = m
+                    fv[t, r] = best
+                    arg_fm[i, t, r] = bm
+            if i == 0:
+                best = inf
+                bt = 0
+                for t in range(n_t):
+                    if fv[t, 0] < best:
+                        best = fv[t, 0]
+                        bt = t
+                start = best
+                arg_pt[0, 0, 0] = bt
+                break
+            for p in range(n_t):  # the previous stage's type
+                for r in range(R):
+                    fbest = inf
+                    bt = 0
+                    for t in range(n_t):
+                        if may_follow[p, t] and fv[t, r] < fbest:
+                            fbest = fv[t, r]
+                            bt = t
+                    arg_pt[i, p, r] = bt
+                    net = fbest + tcost[k, p, 1, i]
+                    for u in range(caps[p]):
+                        cv = inf
+                        cm = 0
+                        for m in range(M):
+                            n = grid[p, m]
+                            if n == n_opt or u + 1 + tp[n] > caps[p]:
+                                continue
+                            v = G[p, m, u + tp[n], r] + tcost[k, p, 0, i]
+                            if v < cv:
+                                cv = v
+                                cm = m
+                        F[p, u, r, i] = cv if cv < net else net
+                        arg_cont[i, p, u, r] = cm if cv < net else -1
+        if not start < inf:
             continue
-        stages: list[tuple[int, int, int]] = []
-        links: list[int] = []
-        i, r = 0, 0
-        t = pt(k * L * T * R)
-        m = fm((k * L * T + t) * R)
-        u = tps[t][m]
+        # the chain, read back from the choices
+        i = 0
+        r = 0
+        t = arg_pt[0, 0, 0]
+        m = arg_fm[0, t, 0]
+        u = tp[grid[t, m]]
+        d = 0
         while True:
-            j = aj(((((k * L + i) * T + t) * M + m) * U + u - 1) * R + r)
-            stages.append((opt_of[t][m], i, j))
-            if shift is not None:
-                r = shift[t][m][r]
+            j = arg_j[i, t, m, u - 1, r]
+            n = grid[t, m]
+            stages[k, d, 0] = n
+            stages[k, d, 1] = i
+            stages[k, d, 2] = j
+            d += 1
+            r = shift[n, r]
             if j == L:
                 break
             i = j
-            c = ac((((k * L + i) * T + t) * U + u - 1) * R + r)
+            c = arg_cont[i, t, u - 1, r]
             if c >= 0:
-                m, u = c, u + tps[t][c]
-                links.append(INTRA)
+                m = c
+                u = u + tp[grid[t, c]]
+                links[k, d - 1] = 0
             else:
-                t = pt(((k * L + i) * T + t) * R + r)
-                m = fm(((k * L + i) * T + t) * R + r)
-                u = tps[t][m]
-                links.append(NET)
-        out.append(Path(tuple(stages), tuple(links)))
-    return out
+                t2 = arg_pt[i, t, r]
+                m = arg_fm[i, t2, r]
+                t = t2
+                u = tp[grid[t, m]]
+                links[k, d - 1] = 1
+        depth[k] = d
+    return stages, links, depth
 
 
 def make_batch(space: StageSpace, options: Sequence[int], base: np.ndarray,

@@ -126,7 +126,12 @@ class Context:
                 and np.isfinite(sp.time[o.index]).any()]
 
     def evaluate(self, b: int, path: Path) -> Template:
-        return evaluate(self.space(b), path, self.goal.batch)
+        sp = self.space(b)
+        key = (path, self.goal.batch)
+        t = sp.evaluated.get(key)
+        if t is None:
+            t = sp.evaluated[key] = evaluate(sp, path, self.goal.batch)
+        return t
 
     def meets_slo(self, t: Template) -> bool:
         return self.goal.slo_s is None or t.request_latency_s <= self.goal.slo_s * (1 + 1e-12)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property, reduce
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -49,6 +50,10 @@ from kcloud.planner.goal import Goal
 from kcloud.planner.model import ModelGraphs
 from kcloud.precision import Precision
 from kcloud.predict import PREFILL_CHUNK_TOKENS, default_precision
+
+if TYPE_CHECKING:
+    from kcloud.planner.dp import Path
+    from kcloud.planner.evaluate import Template
 
 TP_DEGREES = (1, 2, 4, 8)
 INTRA, NET = 0, 1  # link kinds between consecutive stages
@@ -288,6 +293,10 @@ class StageSpace:
     # `in_flight` share (their costs are the same; only the memory that fits differs)
     costs: dict[tuple[int, int, int], OptionCosts] | None = None
     offload: str = "auto"  # attention offload to PIM: auto | on | off (`Goal`)
+    # (path, batch) -> its Template: the search meets the same chain many times (a sweep of
+    # weights or caps often returns one chain); `kcloud.planner.search.Context.evaluate`
+    evaluated: dict[tuple[Path, int], Template] = field(default_factory=dict, init=False,
+                                                        repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.options: list[Option] = []
