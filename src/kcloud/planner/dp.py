@@ -233,30 +233,25 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
             ok = (new < np.array(dims)[None, :]).all(axis=1)
             shift[n] = np.where(ok, new @ strides, R)
 
-    time = np.ascontiguousarray(space.time[opts])
     base = np.ascontiguousarray(batch.base)
     lat, cap = batch.lat.astype(float), batch.cap.astype(float)
     # Transfer costs per problem into a stage after type t: (K, T, 2, L+1).
     tr = space.trans[types][None]
     tcost = np.ascontiguousarray(
         np.where(tr <= cap[:, None, None, None], lat[:, None, None, None] * tr, np.inf))
-    # Reach per option: the furthest end it may take from each start (memory, the largest
-    # cap); beyond it every stage costs inf for every problem.
-    allowed = np.isfinite(base) & (time <= cap.max())
-    reach = np.where(allowed.any(axis=2), L - np.argmax(allowed[:, :, ::-1], axis=2),
-                     -1).astype(np.int64)
     # A fresh node of the previous stage's own type needs a second node of that type.
     multi = np.array([len(space.types[t].nodes) > 1 for t in types])
     may_follow = ~np.eye(n_t, dtype=bool) | np.diag(multi)  # [previous type, next type]
 
     stages, links, depth = _kernel(
-        L, time, base, np.ascontiguousarray(batch.per_option, dtype=float), lat, cap, grid,
-        tp, caps, shift, R, tcost, space.arrival[types].astype(float),
-        space.feedback[types, INTRA].astype(float), may_follow, reach)
+        L, np.ascontiguousarray(space.time), np.asarray(opts, dtype=np.int64), base,
+        np.ascontiguousarray(batch.per_option, dtype=float), lat, cap, grid, tp, caps, shift, R,
+        tcost, space.arrival[types].astype(float), space.feedback[types, INTRA].astype(float),
+        may_follow)
     # every problem's stages, flat, read out at once
     held = np.arange(L)[None, :] < depth[:, None]
     flat = stages[held]
-    flat[:, 0] = np.asarray(opts, dtype=np.int64)[flat[:, 0]]
+    flat[:, 0] = np.asarray(opts, dtype=np.int64)[flat[:, 0]]  # options by their own index
     st_all = list(map(tuple, flat.tolist()))
     ln_all = links[held].tolist()
     out: list[Path | None] = []
@@ -268,8 +263,8 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _kernel(L, time, base, per, lat, cap, grid, tp, caps, shift, R, tcost, arrival, feedback,
-            may_follow, reach):  # pragma: no cover - compiled
+def _kernel(L, time, oidx, base, per, lat, cap, grid, tp, caps, shift, R, tcost, arrival,
+            feedback, may_follow):  # pragma: no cover - compiled
     """The backward recursion for each problem, and its chain read back from the choices.
 
     F[t, u, r, i]: the least cost from layer i on, after a stage of type t that left its node
@@ -278,11 +273,23 @@ def _kernel(L, time, base, per, lat, cap, grid, tp, caps, shift, R, tcost, arriv
     node holding u + 1 devices. Ties go to the first end, slot and type, in order."""
     K = lat.shape[0]
     n_t, M = grid.shape
-    n_opt = time.shape[0]
+    n_opt = oidx.shape[0]
     U = 0
     for t in range(n_t):
         U = max(U, caps[t])
     inf = np.inf
+    # Reach per option: the furthest end it may take from each start (memory, the largest
+    # cap); beyond it every stage costs inf for every problem.
+    top = -inf
+    for k in range(K):
+        top = max(top, cap[k])
+    reach = np.full((n_opt, L + 1), -1, dtype=np.int64)
+    for n in range(n_opt):
+        for i in range(L):
+            for j in range(L, i, -1):
+                if np.isfinite(base[n, i, j]) and time[oidx[n], i, j] <= top:
+                    reach[n, i] = j
+                    break
     stages = np.zeros((K, L, 3), dtype=np.int64)
     links = np.zeros((K, L), dtype=np.int64)
     depth = np.zeros(K, dtype=np.int64)
@@ -315,7 +322,7 @@ def _kernel(L, time, base, per, lat, cap, grid, tp, caps, shift, R, tcost, arriv
                     # the stage's cost over [i, j) (the request's first pass, and an LLM's
                     # tokens back to its first stage, at i = 0)
                     for j in range(i + 1, jhi + 1):
-                        tau = time[n, i, j]
+                        tau = time[oidx[n], i, j]
                         c = base[n, i, j] + lat[k] * tau + per[k, n] if tau <= cap[k] else inf
                         if i == 0:
                             c += lat[k] * arrival[t]
