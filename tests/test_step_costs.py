@@ -16,7 +16,9 @@ TRUE = EngineStepCosts(step_s=1.5e-3, row_s=80e-6, kv_byte_s=0.3e-9, prefill_byt
 KVB = 4096.0  # KV bytes a token keeps
 
 
-def _samples(delayed: float, seed: int = 0) -> list[StepSample]:
+def _samples(delayed: float, seed: int = 0, chunk_bias: float = 1.0) -> list[StepSample]:
+    """Steps timed as the engine would; with `chunk_bias` the cost model's kernels of a prompt
+    chunk are that many times their real time (the chunk runs faster than modeled)."""
     rng = random.Random(seed)
     out = []
     for _ in range(400):
@@ -28,7 +30,8 @@ def _samples(delayed: float, seed: int = 0) -> list[StepSample]:
         feats = (1.0, rows, padded * KVB, pre * KVB, 0.0, groups,
                  max(0.0, padded * KVB - TRUE.cache_bytes))
         kernels = 2e-3 + 1e-5 * rows + (pre * 2e-4)
-        wall = kernels + TRUE.extra_s(rows, padded, pre, 0.0, KVB, groups)
+        real = kernels - (1.0 - 1.0 / chunk_bias) * pre * 2e-4
+        wall = real + TRUE.extra_s(rows, padded, pre, 0.0, KVB, groups)
         wall *= rng.uniform(0.97, 1.03)
         if rng.random() < delayed:  # another process took the core for a while
             wall += rng.uniform(5e-3, 40e-3)
@@ -53,6 +56,22 @@ def test_fit_recovers_the_step_costs_despite_delayed_steps(delayed: float) -> No
         want = s.kernels_s + TRUE.extra_s(int(rows), padded, int(pre), 0.0, KVB, groups)
         have = s.kernels_s + got.extra_s(int(rows), padded, int(pre), 0.0, KVB, groups)
         assert have == pytest.approx(want, rel=0.05)
+
+
+def test_chunks_faster_than_modeled_leave_the_decode_costs_alone() -> None:
+    """The cost model's kernels of a prompt chunk 15 % above what they take here: the chunks'
+    signed constants take that back, and a decode step's own costs are found as before (with
+    every constant non-negative, the fit put them near zero)."""
+    samples = _samples(0.0, chunk_bias=1.15)
+    got = fit(samples, cache_bytes=TRUE.cache_bytes)
+    assert got.prefill_byte_s < 0
+    for name in ("step_s", "row_s", "kv_byte_s", "group_s"):
+        assert getattr(got, name) == pytest.approx(getattr(TRUE, name), rel=0.25), name
+    for s in samples:  # every step, chunks too, as it ran
+        rows, padded, pre, groups = int(s.features[1]), s.features[2] / KVB, \
+            int(s.features[3] / KVB), int(s.features[5])
+        have = s.kernels_s + got.extra_s(rows, padded, pre, 0.0, KVB, groups)
+        assert have == pytest.approx(s.wall_s, rel=0.05)
 
 
 def test_sim_prices_padded_kv_and_groups_on_the_engines_workers() -> None:

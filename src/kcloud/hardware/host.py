@@ -837,10 +837,11 @@ def _register() -> None:
 # over a process queue, the result back), a worker lays out its rows (positions and KV slots of
 # every row, the packed decode batch), gathers each row's keys and values from the paged cache,
 # and samples. Those are measured by the runtime (`kcloud.runtime.step_costs`) on this host as
-# a few non-negative constants per step, per row and per byte of KV cache a step reads or
+# a few constants per step, per row and per byte of KV cache a step reads or
 # writes, and kept here beside the host's other measurements.
 
-ENGINE_COSTS_VERSION = 3  # 2: KV reads padded per attention group; 3: past the cache
+ENGINE_COSTS_VERSION = 4  # 2: KV reads padded per attention group; 3: past the cache;
+# 4: the prompt chunks' constants signed
 
 
 @dataclass(frozen=True)
@@ -850,8 +851,10 @@ class EngineStepCosts:
     step_s: float  # per step: scheduling, the command and its result between processes
     row_s: float  # per row (sequence) of the step: its layout, its sampled token
     kv_byte_s: float  # per byte of KV cache the decode rows read, padded in their groups
-    prefill_byte_s: float  # per byte of KV cache the prompt chunks write
-    pair_byte_s: float  # per (query, key) pair of a prompt chunk, per KV byte of a token
+    # per byte of KV cache the prompt chunks write, and per (query, key) pair of a chunk per
+    # KV byte of a token: signed, since they also correct the modeled kernels of a chunk
+    prefill_byte_s: float
+    pair_byte_s: float
     date: str
     steps: int  # timed steps the constants were fitted on
     load_avg: float  # the host's 1-minute load average while they were timed

@@ -7,11 +7,15 @@ loads: decode batches of 1 to 16 sequences at short and long contexts, long conv
 short ones (their decode rows attend in several groups), and prompts prefilled in chunks. Every
 step's time is taken as the engine sees it (the command sent to the result back,
 `Engine.step_times`), beside the cost model's time of that step (`kcloud.hardware.steps`, as
-the engine's pacer costs it). The difference is fitted, robustly and non-negative (scipy's
-`least_squares`, Cauchy loss), to a constant per step, one per row, one per attention group
-of decode rows and four per byte of KV cache (read by decode rows, padded in their groups; read
-past a core's share of the last-level cache; written by prompt chunks; per (query, key) pair of
-a chunk), and saved in the host's cache.
+the engine's pacer costs it). The difference is fitted, robustly (scipy's `least_squares`,
+Cauchy loss), to a constant per step, one per row, one per attention group of decode rows and
+four per byte of KV cache (read by decode rows, padded in their groups; read past a core's
+share of the last-level cache; written by prompt chunks; per (query, key) pair of a chunk), and
+saved in the host's cache. What the engine adds to a step cannot be negative, so the constants
+of every step are; the two of prompt chunks are signed, since they also correct the cost
+model's kernels of a chunk, which run faster here than modeled (10-15 %) while decode steps
+run slower: with every constant non-negative, a calibration whose chunks ran fast fitted the
+decode extras to zero as well.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class StepSample:
 # what a step's extra seconds are fitted to, in `EngineStepCosts`' order
 FEATURES = ("step", "row", "KV byte read (padded)", "KV byte written", "pair x KV byte",
             "decode group", "KV byte read past the cache share")
+# the prompt chunks' constants, signed: they also correct the modeled kernels of a chunk
+SIGNED = ("KV byte written", "pair x KV byte")
 
 
 def measure(plan: Plan, *, save: bool = True) -> EngineStepCosts:
@@ -153,9 +159,10 @@ def _stream(eng: Any, context: int, seed: int) -> None:
 
 def fit(samples: list[StepSample], load_avg: float = 0.0,
         cache_bytes: float | None = None) -> EngineStepCosts:
-    """Non-negative constants for `FEATURES` that best explain each step's wall time beyond
-    its kernels. The fit is robust (Cauchy loss on residuals relative to the step): a step
-    that another process on the host delayed is an outlier, not a cost of the engine."""
+    """Constants for `FEATURES` that best explain each step's wall time beyond its kernels
+    (non-negative but for `SIGNED`). The fit is robust (Cauchy loss on residuals relative to
+    the step): a step that another process on the host delayed is an outlier, not a cost of
+    the engine."""
     rows = np.array([s.features for s in samples])
     resid = np.array([s.wall_s - s.kernels_s for s in samples])
     walls = np.array([s.wall_s for s in samples])
@@ -166,7 +173,8 @@ def fit(samples: list[StepSample], load_avg: float = 0.0,
     # residuals relative to the step: a long step's few ms of noise weigh as a short one's
     w = 1.0 / walls
     typical = float(np.median(np.abs(resid) * w)) or 1.0
-    res = least_squares(lambda c: (a @ c - resid) * w, start, bounds=(0.0, np.inf),
+    lower = np.array([-np.inf if f in SIGNED else 0.0 for f in FEATURES])
+    res = least_squares(lambda c: (a @ c - resid) * w, start, bounds=(lower, np.inf),
                         loss="cauchy", f_scale=0.5 * typical)
     coef = res.x / scale
     fitted = rows @ coef + np.array([s.kernels_s for s in samples])
