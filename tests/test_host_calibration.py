@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -72,8 +73,12 @@ def test_predicted_latency_near_measured_on_local_cpu(tp: int, pp: int) -> None:
     path = _uniform(ctx, 8, 0, tp, pp)
     assert path is not None
     plan = build_plan(ctx, Mix(((ctx.evaluate(8, path), 1),)))
-    report = execute(plan, mode="real", n_micro=20, trace_path=None)
-    ratio = plan.predicted.latency_s / report.measured["latency_s"]
+    # the median of three runs: a run that another process on the host slowed is not the
+    # model's error
+    measured = statistics.median(
+        execute(plan, mode="real", n_micro=20, trace_path=None).measured["latency_s"]
+        for _ in range(3))
+    ratio = plan.predicted.latency_s / measured
     assert 0.5 <= ratio <= 1.5, f"predicted / measured = {ratio:.2f}"
 
 
