@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from kcloud.planner.space import INTRA, StageSpace
+from kcloud.planner.space import INTRA, NET, StageSpace
 
 MAX_TRACKED_STATES = 40
 PRICE_STEPS = 12
@@ -245,7 +245,7 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
 
     stages, links, depth = _kernel(
         L, np.ascontiguousarray(space.time), np.asarray(opts, dtype=np.int64), base,
-        np.ascontiguousarray(batch.per_option, dtype=float), lat, cap, grid, tp, caps, shift, R,
+        np.ascontiguousarray(batch.per_option, dtype=float), lat, cap, grid, tp, caps, shift,
         tcost, space.arrival[types].astype(float), space.feedback[types, INTRA].astype(float),
         may_follow)
     # every problem's stages, flat, read out at once
@@ -263,8 +263,8 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _kernel(L, time, oidx, base, per, lat, cap, grid, tp, caps, shift, R, tcost, arrival,
-            feedback, may_follow):  # pragma: no cover - compiled
+def _kernel(L, time, oidx, base, per, lat, cap, grid, tp, caps, shift, tcost, arrival, feedback,
+            may_follow):  # pragma: no cover - compiled
     """The backward recursion for each problem, and its chain read back from the choices.
 
     F[t, u, r, i]: the least cost from layer i on, after a stage of type t that left its node
@@ -273,7 +273,7 @@ def _kernel(L, time, oidx, base, per, lat, cap, grid, tp, caps, shift, R, tcost,
     node holding u + 1 devices. Ties go to the first end, slot and type, in order."""
     K = lat.shape[0]
     n_t, M = grid.shape
-    n_opt = oidx.shape[0]
+    n_opt, R = shift.shape
     U = 0
     for t in range(n_t):
         U = max(U, caps[t])
@@ -375,7 +375,7 @@ def _kernel(L, time, oidx, base, per, lat, cap, grid, tp, caps, shift, R, tcost,
                             fbest = fv[t, r]
                             bt = t
                     arg_pt[i, p, r] = bt
-                    net = fbest + tcost[k, p, 1, i]
+                    net = fbest + tcost[k, p, NET, i]
                     for u in range(caps[p]):
                         cv = inf
                         cm = 0
@@ -383,7 +383,7 @@ def _kernel(L, time, oidx, base, per, lat, cap, grid, tp, caps, shift, R, tcost,
                             n = grid[p, m]
                             if n == n_opt or u + 1 + tp[n] > caps[p]:
                                 continue
-                            v = G[p, m, u + tp[n], r] + tcost[k, p, 0, i]
+                            v = G[p, m, u + tp[n], r] + tcost[k, p, INTRA, i]
                             if v < cv:
                                 cv = v
                                 cm = m
@@ -413,13 +413,13 @@ def _kernel(L, time, oidx, base, per, lat, cap, grid, tp, caps, shift, R, tcost,
             if c >= 0:
                 m = c
                 u = u + tp[grid[t, c]]
-                links[k, d - 1] = 0
+                links[k, d - 1] = INTRA
             else:
                 t2 = arg_pt[i, t, r]
                 m = arg_fm[i, t2, r]
                 t = t2
                 u = tp[grid[t, m]]
-                links[k, d - 1] = 1
+                links[k, d - 1] = NET
         depth[k] = d
     return stages, links, depth
 

@@ -13,9 +13,9 @@ four per byte of KV cache (read by decode rows, padded in their groups; read pas
 share of the last-level cache; written by prompt chunks; per (query, key) pair of a chunk), and
 saved in the host's cache. What the engine adds to a step cannot be negative, so the constants
 of every step are; the two of prompt chunks are signed, since they also correct the cost
-model's kernels of a chunk, which run faster here than modeled (10-15 %) while decode steps
-run slower: with every constant non-negative, a calibration whose chunks ran fast fitted the
-decode extras to zero as well.
+model's kernels of a chunk, which on one host ran 10-15 % faster than modeled while decode
+steps ran slower: with every constant non-negative, a calibration whose chunks ran fast fitted
+the decode extras to zero as well.
 """
 
 from __future__ import annotations
