@@ -143,6 +143,7 @@ def test_a_second_plan_command_does_not_import_torch(graph_dir: Path) -> None:
     assert cold.stderr.split()[-1] == "True"
     assert warm.stderr.split()[-1] == "False"
     plans = [json.loads(r.stdout) for r in (cold, warm)]
-    for doc in plans:
+    for doc in plans:  # the measured times
         doc.pop("search_time_s")
+        doc.pop("kernel_s")
     assert plans[0] == plans[1]  # the cached graphs plan as the captured ones did
