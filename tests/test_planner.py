@@ -8,7 +8,7 @@ import math
 import random
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import pytest
 
 from kcloud.errors import KCloudError
 from kcloud.graph.layergraph import Layer, LayerGraph, Op, OpClass, TPGroup, TPStyle
+from kcloud.hardware.catalog import get_device
 from kcloud.hardware.cluster import Cluster, Link, cluster_from_dict, load_cluster
 from kcloud.hardware.cost import (
     MEMORY_HEADROOM,
@@ -23,6 +24,7 @@ from kcloud.hardware.cost import (
     Precisions,
     default_calibration,
     layer_table,
+    refill_time_s,
 )
 from kcloud.planner.api import make_plan
 from kcloud.planner.baselines import compare
@@ -155,7 +157,7 @@ def _brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int,
                layer_table(model.decode, t.device, t.precision, b, params, tp, link))
         cost[(t.index, tp)] = (pre, dec)
 
-    def stage(t_idx: int, tp: int, i: int, j: int) -> tuple[float, float] | None:
+    def stage(t_idx: int, tp: int, i: int, j: int) -> tuple[float, float, float] | None:
         t = types[t_idx]
         pre, dec = cost[(t_idx, tp)]  # type: ignore[misc]
         p = Precisions.of(t.precision)
@@ -181,7 +183,8 @@ def _brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int,
                 time += math.log2(tp) * transfer(t_idx, tree, i)
             elif j < L and model.decode is not None:  # the fed-back token of each step
                 time += math.log2(tp) * (model.output_tokens - 1) * tree.transfer_s(8 * b)
-        return time, energy
+        # a request's first pass refills what of the stage's weights the device's cache held
+        return time, energy, float(refill_time_s(cal.params(t.device), t.device, w))
 
     def transfer(t_idx: int, link: Link, cut: int) -> float:
         act = Precisions.of(types[t_idx].precision).act_bytes
@@ -243,7 +246,8 @@ def _brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int,
                     arrival = cal.params(opts[0][0].device).resume_s  # idle first stage
                     chains.append(Chain(
                         [(t.id, tp, i, j) for (t, tp), (i, j) in zip(opts, ranges, strict=True)],
-                        arrival + sum(times) + sum(trans), period,
+                        arrival + sum(s[2] for s in st) + sum(times) + sum(trans),  # type: ignore[index]
+                        period,
                         b * model.items_per_sequence, energy, price, usage))
     return chains
 
@@ -741,26 +745,45 @@ def test_a_tensor_parallel_stage_pays_the_broadcast_of_what_it_receives():
 @pytest.mark.parametrize("make_model", CASES)
 def test_a_request_pays_the_resume_of_its_first_stage_once(make_model):
     """A request reaching an idle pipeline loses its first stage's resume once, however many
-    stages follow (the later stages' wake-ups are part of their hops), and not in the period:
-    the planner's best latency is the brute force's with that term, and a device that resumes
+    stages follow (the later stages' wake-ups are part of their hops), and every stage's
+    refill of the weights its device's cache held, and none of it in the period: the
+    planner's best latency is the brute force's with those terms, and a device that resumes
     slowly stops being the first stage where another can be."""
     model, cl = make_model(), small_cluster()
     goal = Goal(objective="latency", batch=1)
     cal = default_calibration()
-    rngd = {**cal.by_device.get("furiosa-rngd", {}), "resume_s": 0.5}
-    slow = Calibration(cal.by_class, {**cal.by_device, "furiosa-rngd": rngd}, cal.meta)
-    chains = brute_force(model, cl, goal, 1, slow)
-    plain = brute_force(model, cl, goal, 1)  # the same chains, in the same order
-    for c, p in zip(chains, plain, strict=True):
-        assert c.stages == p.stages
-        extra = 0.5 if c.stages[0][0] == "furiosa-rngd" else 0.0
-        assert c.latency - p.latency == pytest.approx(extra, abs=1e-9)
-        assert c.period == p.period
-    out = make_plan(model, cl, goal, micro_batches=[1], calibration=slow)
-    best = min(c.latency for c in chains)
-    assert out.plan.predicted.latency_s == pytest.approx(best, rel=1e-9)
-    # RNGD holds the whole model alone (the best plan otherwise); now ATOMs start it
-    assert out.plan.replicas[0].stages[0].device_type == "rebellions-atom"
+    plain = brute_force(model, cl, goal, 1)
+    for per_byte in (0.0, 1e-10):
+        rngd = {**cal.by_device.get("furiosa-rngd", {}), "resume_s": 0.5,
+                "resume_s_per_byte": per_byte}
+        slow = Calibration(cal.by_class, {**cal.by_device, "furiosa-rngd": rngd}, cal.meta)
+        chains = brute_force(model, cl, goal, 1, slow)  # the same chains, in the same order
+        for c, p in zip(chains, plain, strict=True):
+            assert c.stages == p.stages
+            first = 0.5 if c.stages[0][0] == "furiosa-rngd" else 0.0
+            refill = c.latency - p.latency - first
+            on_rngd = any(st[0] == "furiosa-rngd" for st in c.stages)
+            if per_byte and on_rngd:  # RNGD's SRAM holds some of any stage's weights
+                assert refill > 1e-6
+            else:
+                assert refill == pytest.approx(0.0, abs=1e-9)
+            assert c.period == p.period
+        out = make_plan(model, cl, goal, micro_batches=[1], calibration=slow)
+        best = min(c.latency for c in chains)
+        assert out.plan.predicted.latency_s == pytest.approx(best, rel=1e-9)
+        # RNGD holds the whole model alone (the best plan otherwise); now ATOMs start it
+        assert out.plan.replicas[0].stages[0].device_type == "rebellions-atom"
+
+
+def test_a_refill_grows_with_the_weights_up_to_the_cache():
+    dev = get_device("host-cpu:1core")
+    params = replace(default_calibration().params(dev), resume_s=1e-4, resume_s_per_byte=1e-11)
+    cache = dev.sram_bytes.value
+    assert refill_time_s(params, dev, 0.0) == 0.0  # the fixed resume is the first stage's
+    assert refill_time_s(params, dev, cache / 4) == pytest.approx(1e-11 * cache / 4)
+    # beyond the cache the weights stream on every pass, after a pause or not
+    assert refill_time_s(params, dev, 4 * cache) == pytest.approx(1e-11 * cache)
+    assert refill_time_s(replace(params, resume_s_per_byte=0.0), dev, cache) == 0.0
 
 
 def test_stages_on_cores_of_one_cpu_pool_its_cache():

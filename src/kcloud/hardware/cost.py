@@ -88,11 +88,13 @@ class DeviceParams:
     # stages on partitions of one device compete for it: a stage streaming more than the
     # cache holds evicts its neighbours' weights. 0: each partition has its own share.
     shared_cache: float = 0.0
-    # Time the first pass of a request loses when it reaches a device that sat idle (a CPU
-    # core resuming from an idle state, its caches refilled after other work evicted them):
-    # a request's latency pays it once, at its first stage; a pipeline kept busy does not.
-    # 0 where it was not measured.
+    # Time the first pass of a request loses on a device that sat idle (a CPU core resuming
+    # from an idle state, its caches refilled after other work evicted them): a fixed part,
+    # which a request pays at its first stage (a later stage's is part of the hop that wakes
+    # it), and a part per byte of a stage's weights that the device's cache held, which every
+    # stage pays (`refill_time_s`). A pipeline kept busy pays neither. 0 where not measured.
     resume_s: float = 0.0
+    resume_s_per_byte: float = 0.0
     # How on-chip SRAM is shared between weights and activations. 1: a graph compiler
     # allots it per graph (dataflow NPUs: the weights keep all that the activation tile of the
     # batch leaves, so at batch 1 a model that nearly fills the SRAM stays resident; layers are
@@ -108,6 +110,15 @@ class DeviceParams:
         if op_class is OpClass.ATTENTION:
             return mm * self.attention_factor
         return mm
+
+
+def refill_time_s(params: DeviceParams, device: Device, weight_bytes: Any) -> Any:
+    """Seconds a stage's first pass after an idle pause loses on `device` beyond the fixed
+    resume, for `weight_bytes` of weights per device (a number or an array): the refill of
+    what of those weights the device's cache held (beyond its cache they stream from memory
+    on every pass, after a pause or not)."""
+    cache = device.sram_bytes.value if device.sram_bytes else 0.0
+    return params.resume_s_per_byte * np.minimum(weight_bytes, cache)
 
 
 # Priors per device class: physically typical values, used where no published result

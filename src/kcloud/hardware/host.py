@@ -429,10 +429,12 @@ def host_core_device(threads: int = 1) -> Device:
 # two worker processes with a little compute between messages, as the runtime's workers talk:
 # scheduling and wake-up delays of this machine are part of it. Each chain also makes one pass
 # per round after `IDLE_BEFORE_REQUEST_S` idle, as a request's first pass on a quiet server;
-# what that pass loses against the chain's back-to-back time is `resume_s` (a measured median,
-# not fitted), which the planner adds once to a request's latency.
+# what that pass loses against the chain's back-to-back time grows with the chain's weights
+# up to the core's share of the cache (the caches refilled after other tenants evicted them)
+# from a fixed part (the core's resume): a line over the chains gives `resume_s` and
+# `resume_s_per_byte`, which the planner adds to each stage of a request alone in a pipeline.
 
-PARAMS_CACHE_VERSION = 13  # 13: fitted over the one-thread peak (host cache 2)
+PARAMS_CACHE_VERSION = 14  # 13: fitted over the one-thread peak (host cache 2); 14: resume per byte
 # (batch, width, blocks) of the timed chains; a block holds 8 x width^2 fp32 weights.
 _CHAINS: tuple[tuple[str, int, int, int], ...] = (
     ("mlp", 1, 32, 2), ("mlp", 4, 64, 4), ("mlp", 1, 256, 4), ("mlp", 8, 256, 4),
@@ -484,6 +486,7 @@ class HostParams:
     collective_latency_s: float  # one small all-reduce between two workers
     date: str
     resume_s: float = 0.0  # a pass after `IDLE_BEFORE_REQUEST_S` idle less one back to back
+    resume_s_per_byte: float = 0.0  # ... per byte of weights the core's cache share held
     fit_error_pct: float = 0.0  # worst |predicted - measured| of the timed ops, percent
     seconds: float = 0.0
 
@@ -498,7 +501,8 @@ class HostParams:
                 "memory_eff": self.memory_eff, "serial_share": self.serial_share,
                 "sram_usable": self.sram_usable, "sat_elems": self.sat_elems,
                 "k_half": self.k_half, "matmul_factor": self.matmul_factor,
-                "node_overhead_s": self.node_overhead_s, "resume_s": self.resume_s}
+                "node_overhead_s": self.node_overhead_s, "resume_s": self.resume_s,
+                "resume_s_per_byte": self.resume_s_per_byte}
 
 
 def params_cache_file() -> Path:
@@ -627,10 +631,11 @@ def _calibration_worker(rank: int, world: int, port: int, out: Any) -> None:
         hot = [statistics.median(t) for t in times]
         result: dict[str, Any] = {
             "rank": rank, "chains": hot,
-            # what a pass after the pause loses, over every chain and round: about the same
-            # for small and large chains (a resume, then a cache refill)
-            "resume": statistics.median(c - h for h, cs in zip(hot, after_idle, strict=True)
-                                        for c in cs)}
+            # what a pass after the pause loses, per chain (the median over rounds), beside
+            # the chain's weight bytes: a resume, then a refill of what the cache held
+            "resume": [(float(sum(p.numel() * p.element_size() for p in chain.parameters())),
+                        statistics.median(cs) - h)
+                       for (chain, _), h, cs in zip(chains, hot, after_idle, strict=True)]}
         if link is not None:
             result.update(link.figures())
         out.put(result)
@@ -748,7 +753,23 @@ def _measure_workers() -> tuple[list[float], dict[str, float]]:
     return chains, {
         "link_latency_s": max(small, 1e-7), "link_bw": min(bw, copy_bw),
         "collective_latency_s": max(pair[0]["allreduce"], small),  # timed on both ranks at once
-        "resume_s": max(0.0, statistics.median(r["resume"] for r in results))}
+        **_resume_line([point for r in results for point in r["resume"]])}
+
+
+def _resume_line(points: list[tuple[float, float]]) -> dict[str, float]:
+    """`resume_s` and `resume_s_per_byte` from (weight bytes, seconds lost after an idle
+    pause) of the timed chains on every worker: the least-squares line, both non-negative, over
+    the weights a core's share of the cache holds (beyond it a chain streams them on every
+    pass, after a pause or not). The chains span a few KB to about a quarter of that share."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    share = cache_share_bytes()
+    x = np.array([min(b, share) for b, _ in points])
+    y = np.array([e for _, e in points])
+    scale = max(float(x.max()), 1.0)
+    (fixed, slope), _ = nnls(np.column_stack([np.ones_like(x), x / scale]), y)
+    return {"resume_s": float(fixed), "resume_s_per_byte": float(slope) / scale}
 
 
 def _fit(shapes: list[tuple[str, int, int, int]], measured: list[float],

@@ -12,14 +12,16 @@ Costs are additive. One call solves a batch of K problems at once (different per
 weights over the same options), which is how the search sweeps caps and multipliers: for
 problem k, a stage of option o over [i, j) costs
 
-    base[o, i, j] + lat[k] * time[o, i, j] + per_option[k, o]      if time[o, i, j] <= cap[k]
+    base[o, i, j] + lat[k] * (time[o, i, j] + refill[o, i, j]) + per_option[k, o]
+                                                                    if time[o, i, j] <= cap[k]
 
 (infinite otherwise, and where `base` is infinite: the stage does not fit), and a transfer of
 cut i from type t over link kind x costs lat[k] * trans[t, x, i] if that time is <= cap[k]. A
 chain of more than one stage also pays lat[k] * feedback[t, INTRA] for its first stage's type t
 (an LLM's tokens going back to the first stage; zero otherwise, and in `evaluate` it goes over
 the network where the pipeline does, which the DP leaves out). Every chain pays
-lat[k] * arrival[t] for its first stage's type t (a request's first pass on an idle device).
+lat[k] * arrival[t] for its first stage's type t, and every stage its refill (what a request's
+first pass loses on idle devices: `StageSpace.arrival`, `StageSpace.refill`).
 The recursion runs backward over i in a compiled kernel (numba; the problems of a batch in
 parallel, one per thread), each option over its own reach: stages of few devices reach few
 layers (memory).
@@ -182,7 +184,8 @@ def stage_costs(space: StageSpace, batch: Batch, k: int, path: Path) -> float:
     pos = {o: n for n, o in enumerate(batch.options)}
     c = 0.0
     for o, i, j in path.stages:
-        c += (float(batch.base[pos[o], i, j]) + batch.lat[k] * float(space.time[o, i, j])
+        c += (float(batch.base[pos[o], i, j])
+              + batch.lat[k] * (float(space.time[o, i, j]) + float(space.refill[o, i, j]))
               + float(batch.per_option[k, pos[o]]))
     for (o, _, j), kind in zip(path.stages, path.links, strict=False):
         c += batch.lat[k] * float(space.trans[space.options[o].type, kind, j])
@@ -245,7 +248,8 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
     may_follow = ~np.eye(n_t, dtype=bool) | np.diag(multi)  # [previous type, next type]
 
     stages, links, depth = _kernel(
-        L, np.ascontiguousarray(space.time), np.asarray(opts, dtype=np.int64), base,
+        L, np.ascontiguousarray(space.time), np.ascontiguousarray(space.refill),
+        np.asarray(opts, dtype=np.int64), base,
         np.ascontiguousarray(batch.per_option, dtype=float), lat, cap, grid, tp, caps, shift,
         tcost, space.arrival[types].astype(float), space.feedback[types, INTRA].astype(float),
         may_follow)
@@ -264,8 +268,8 @@ def _dp_inner(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _kernel(L, time, oidx, base, per, lat, cap, grid, tp, caps, shift, tcost, arrival, feedback,
-            may_follow):  # pragma: no cover - compiled
+def _kernel(L, time, refill, oidx, base, per, lat, cap, grid, tp, caps, shift, tcost, arrival,
+            feedback, may_follow):  # pragma: no cover - compiled
     """The backward recursion for each problem, and its chain read back from the choices.
 
     F[t, u, r, i]: the least cost from layer i on, after a stage of type t that left its node
@@ -324,7 +328,8 @@ def _kernel(L, time, oidx, base, per, lat, cap, grid, tp, caps, shift, tcost, ar
                     # tokens back to its first stage, at i = 0)
                     for j in range(i + 1, jhi + 1):
                         tau = time[oidx[n], i, j]
-                        c = base[n, i, j] + lat[k] * tau + per[k, n] if tau <= cap[k] else inf
+                        c = (base[n, i, j] + lat[k] * (tau + refill[oidx[n], i, j]) + per[k, n]
+                             if tau <= cap[k] else inf)
                         if i == 0:
                             c += lat[k] * arrival[t]
                             if j < L:
@@ -439,7 +444,7 @@ def load_kernel() -> float:
     t0 = time.perf_counter()
     one = np.zeros((1, 2, 2))
     i64 = np.ones(1, dtype=np.int64)
-    _kernel(1, one, i64 - 1, one, np.zeros((1, 1)), np.ones(1), np.ones(1),
+    _kernel(1, one, one, i64 - 1, one, np.zeros((1, 1)), np.ones(1), np.ones(1),
             np.zeros((1, 1), dtype=np.int64), i64, i64, np.zeros((1, 1), dtype=np.int64),
             np.zeros((1, 1, 2, 2)), np.zeros(1), np.zeros(1), np.ones((1, 1), dtype=bool))
     _loaded = True

@@ -4,8 +4,9 @@ A micro-batch of b items runs through the stages in turn; its latency is the sum
 times (stages on cores of one CPU share its last-level cache: `shared_cache_times`) and of the
 transfers between stages (for an LLM pipeline, also the hops of its tokens from
 the last stage back to the first, one per decode step, counted as the last stage's), plus what
-its first pass loses on a first stage that sat idle (`arrival`: a request reaches a quiet
-pipeline; each later stage's resume is part of the hop that wakes it). In steady
+its first pass loses on devices that sat idle (a request reaches a quiet pipeline): the
+resume of its first stage (`arrival`; each later stage's is part of the hop that wakes it)
+and every stage's refill of the weights its device's cache held (`refill`). In steady
 state every stage and every transfer works
 on a different micro-batch, so the pipeline completes one micro-batch per period = the largest
 stage or transfer time. A request of `batch` items spans ceil(batch / b) micro-batches and waits
@@ -139,7 +140,8 @@ def evaluate(space: StageSpace, path: Path, batch: int) -> Template:
     first = space.options[path.stages[0][0]].type
     if transfers and space.model.is_llm:  # the tokens' way back, over the slowest link kind
         transfers.append(float(space.feedback[first, max(path.links)]))
-    latency = float(space.arrival[first]) + sum(times) + sum(transfers)
+    latency = (float(space.arrival[first]) + float(space.refill[o, i, j].sum()) + sum(times)
+               + sum(transfers))
     period = max([*times, *transfers])
     # energy per period: busy energy + idle power for the rest of the period
     e_period = energy + sum(period_energy(0.0, w, tau, period)

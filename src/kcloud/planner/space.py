@@ -35,6 +35,7 @@ from kcloud.hardware.cost import (
     LayerTable,
     Precisions,
     default_calibration,
+    refill_time_s,
     tp_max_degree,
 )
 from kcloud.hardware.device import Device, DeviceKind
@@ -320,6 +321,9 @@ class StageSpace:
         self.resident = np.zeros((o, n, n))
         self.streamed = np.zeros((o, n, n))
         self.weights = np.zeros((o, n, n))
+        # seconds a stage's first pass of a request refills of its weights after an idle
+        # pause (`refill_time_s`; zero on devices without a measured resume)
+        self.refill = np.zeros((o, n, n))
         self.cache = np.zeros(o)
         self.trans = np.full((len(self.types), 2, n), np.inf)  # [type, INTRA|NET, cut]
         upper = np.triu(np.ones((n, n), dtype=bool), 1)
@@ -333,7 +337,8 @@ class StageSpace:
             else:
                 self._fill(opt, upper)
         self.feedback = np.zeros((len(self.types), 2))  # [last stage's type, INTRA|NET]
-        # [first stage's type]: what a request's first pass loses on a device that sat idle
+        # [first stage's type]: the fixed part of what a request's first pass loses on a
+        # device that sat idle (each later stage's is part of the hop that wakes it)
         self.arrival = np.array([self.calibration.params(t.device).resume_s
                                  for t in self.types])
         for t in self.types:
@@ -362,6 +367,10 @@ class StageSpace:
         fits = upper & (mem <= dev.memory_bytes.value * MEMORY_HEADROOM)
         self.time[opt.index] = np.where(fits, c.time, np.inf)
         self.busy_j[opt.index] = np.where(fits, c.energy, 0.0)
+        params = self.calibration.params(dev)
+        if params.resume_s_per_byte:
+            self.refill[opt.index] = np.where(upper, refill_time_s(params, dev, c.weight_bytes),
+                                              0.0)
         self.comm[opt.index] = np.where(upper, c.comm, 0.0)
         self.mem[opt.index] = np.where(upper, mem, 0.0)
         if c.shared_cache:
