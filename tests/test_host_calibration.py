@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 
 import pytest
@@ -85,7 +86,8 @@ def test_predicted_latency_near_measured_on_local_cpu(tp: int, pp: int) -> None:
                                                    trace_path=None).measured["probe_latencies_s"]]
     pred, fastest, typical = plan.predicted.latency_s, min(probes), statistics.median(probes)
     assert 0.67 * fastest <= pred <= 1.5 * typical, (
-        f"predicted {pred * 1e3:.2f} ms; probes {sorted(round(p * 1e3, 2) for p in probes)} ms")
+        f"predicted {pred * 1e3:.2f} ms; probes {sorted(round(p * 1e3, 2) for p in probes)} ms; "
+        f"load {os.getloadavg()[0]:.2f}, cores {sorted(os.sched_getaffinity(0))}")
 
 
 def test_fitted_cpu_model_reproduces_the_timed_chains() -> None:
