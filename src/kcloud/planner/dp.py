@@ -61,9 +61,13 @@ class Path:
     links: tuple[int, ...]
 
     def usage(self, space: StageSpace) -> dict[int, int]:
-        """Devices of each type the pipeline takes (by type index; PIM groups included)."""
-        use = space.opt_use[[o for o, _, _ in self.stages]].sum(axis=0).tolist()
-        return {ty: n for ty, n in enumerate(use) if n}
+        """Devices of each type the pipeline takes (by type index; PIM groups included), kept
+        by the space: do not change it."""
+        got = space.usages.get(self.stages)
+        if got is None:
+            use = space.opt_use[[o for o, _, _ in self.stages]].sum(axis=0).tolist()
+            got = space.usages[self.stages] = {ty: n for ty, n in enumerate(use) if n}
+        return got
 
 
 @dataclass(frozen=True)
@@ -182,13 +186,14 @@ def _priced(space: StageSpace, batch: Batch, ks: list[int], first: list[Path],
 def stage_costs(space: StageSpace, batch: Batch, k: int, path: Path) -> float:
     """Problem k's cost of `path` (what `solve` minimizes), recomputed stage by stage."""
     pos = {o: n for n, o in enumerate(batch.options)}
-    c = 0.0
-    for o, i, j in path.stages:
-        c += (float(batch.base[pos[o], i, j])
-              + batch.lat[k] * (float(space.time[o, i, j]) + float(space.refill[o, i, j]))
-              + float(batch.per_option[k, pos[o]]))
-    for (o, _, j), kind in zip(path.stages, path.links, strict=False):
-        c += batch.lat[k] * float(space.trans[space.options[o].type, kind, j])
+    o, i, j = (np.array(x) for x in zip(*path.stages, strict=True))
+    at = np.array([pos[x] for x in o.tolist()])
+    lat = batch.lat[k]
+    c = float(batch.base[at, i, j].sum() + lat * (space.time[o, i, j].sum()
+                                                   + space.refill[o, i, j].sum())
+              + batch.per_option[k, at].sum())
+    if path.links:
+        c += lat * float(space.trans[space.opt_type[o[:-1]], np.array(path.links), j[:-1]].sum())
     first = space.options[path.stages[0][0]].type
     c += batch.lat[k] * float(space.arrival[first])
     if len(path.stages) > 1:

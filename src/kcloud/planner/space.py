@@ -298,6 +298,9 @@ class StageSpace:
     # weights or caps often returns one chain); `kcloud.planner.search.Context.evaluate`
     evaluated: dict[tuple[Path, int], Template] = field(default_factory=dict, init=False,
                                                         repr=False, compare=False)
+    # a chain's stages -> devices of each type it takes (`Path.usage`): read on every limit check
+    usages: dict[tuple[tuple[int, int, int], ...], dict[int, int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.options: list[Option] = []
