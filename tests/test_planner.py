@@ -813,3 +813,35 @@ def test_stages_on_cores_of_one_cpu_pool_its_cache():
     assert sum(pooled) - 1.0 == pytest.approx(whole)
     assert shared_cache_times(space, stages, (NET,), alone) == alone
     assert shared_cache_times(space, stages[:1], (), alone[:1]) == alone[:1]
+
+
+def test_a_search_gives_the_collector_back_as_it_found_it(monkeypatch):
+    """The search holds the cyclic garbage collector off while it runs (its allocations would
+    set off collections that scan every object of the process); the caller's setting is
+    restored, whether it had the collector on or off, and after a search that fails."""
+    import gc
+
+    import kcloud.planner.api as api
+
+    model, cl = big_mlp(), small_cluster()
+    seen: list[bool] = []
+    real = api.search
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "search", spy)
+    try:
+        assert gc.isenabled()
+        make_plan(model, cl, Goal(objective="latency"))
+        assert seen == [False] and gc.isenabled()
+        gc.disable()
+        make_plan(model, cl, Goal(objective="latency"))
+        assert not gc.isenabled()
+        gc.enable()
+        with pytest.raises(InfeasibleGoal):
+            make_plan(model, cl, Goal(objective="latency", slo_s=1e-9))
+        assert seen == [False, False, False] and gc.isenabled()
+    finally:
+        gc.enable()
