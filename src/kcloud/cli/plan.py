@@ -64,6 +64,13 @@ WorkloadOpt = Annotated[str | None, typer.Option(
     "benchmark, if it has one; 'none': the raw default lengths)")]
 
 
+def search_line(out: Any) -> str:
+    """What a command that planned prints of its search (an `kcloud.planner.api.Outcome`)."""
+    return (f"search time: {out.search_time_s:.2f} s (measured)"
+            + (f"; its DP kernel compiled or loaded first, once, in {out.kernel_s:.2f} s"
+               if out.kernel_s else ""))
+
+
 def build_goal(objective: str, slo_ms: float | None, batch: int, power_cap_w: float | None,
                max_devices: int | None, min_domestic_share: float, precision: str | None,
                input_tokens: int | None = None, output_tokens: int | None = None,
@@ -190,8 +197,6 @@ def plan(
                       str(x.micro_batch), "yes" if x.meets_goal else "no", escape(x.pipeline))
         console.print(t)
         console.print(f"plot: {escape(front_doc['png'])}")
-    console.print(f"search time: {out.search_time_s:.2f} s (measured)"
-                  + (f"; its DP kernel compiled or loaded first, once, in {out.kernel_s:.2f} s"
-                     if out.kernel_s else ""))
+    console.print(search_line(out))
     if output is not None:
         console.print(f"plan written to {escape(str(output))}")

@@ -32,11 +32,13 @@ from kcloud.cli.plan import (
     PrecisionOpt,
     SloOpt,
     build_goal,
+    search_line,
 )
 from kcloud.errors import KCloudError
 from kcloud.inputs import MAX_MICRO_BATCHES
 
 if TYPE_CHECKING:
+    from kcloud.planner.api import Outcome
     from kcloud.planner.goal import Goal
     from kcloud.planner.plan import Plan
 
@@ -108,8 +110,8 @@ def run(
         goal = build_goal(objective, slo_ms, batch, power_cap_w, max_devices,
                           min_domestic_share, precision, input_tokens, output_tokens,
                           attention_offload=attention_offload)
-    plan, search_time_s = _plan_to_run(plan_file, model, cluster, goal, trust_model_code,
-                                       model_timeout_s)
+    plan, planned = _plan_to_run(plan_file, model, cluster, goal, trust_model_code,
+                                 model_timeout_s)
     workers = sum(len(r.devices) + sum(1 for s in r.stages if s.attention_offload)
                   for r in plan.replicas)  # a PIM group's attention runs in one worker
     with progress(f"running {plan.model}: {workers} worker(s)", not as_json):
@@ -119,9 +121,10 @@ def run(
                          worker_timeout_s=worker_timeout_s)
     if as_json:
         doc = report.to_dict()
-        if search_time_s is not None:
+        if planned is not None:
             doc["plan"] = plan.to_dict()
-            doc["search_time_s"] = search_time_s
+            doc["search_time_s"] = planned.search_time_s
+            doc["kernel_s"] = planned.kernel_s
         emit_json(doc)
         return
     m, p = report.measured, report.predicted
@@ -184,10 +187,9 @@ def run(
     for note in report.notes:
         console.print(f"note: {note}")
     console.print(f"timeline: {report.trace_file}")
-    if search_time_s is not None:
+    if planned is not None:
         console.print(f"planned here: {len(plan.replicas)} replica(s) on {len(plan.devices)} "
-                      f"device(s) of {plan.cluster}; search time {search_time_s:.2f} s "
-                      "(measured)")
+                      f"device(s) of {plan.cluster}; {search_line(planned)}")
 
 
 def _vs(measured: float | None, modeled: float | None) -> str:
@@ -199,8 +201,8 @@ def _vs(measured: float | None, modeled: float | None) -> str:
 
 def _plan_to_run(plan_file: Path | None, model: str | None, cluster: str | None,
                  goal: Goal | None, trust_model_code: bool = False,
-                 model_timeout_s: float = 120.0) -> tuple[Plan, float | None]:
-    """The plan and the search time: from its file (no search), or made here for model,
+                 model_timeout_s: float = 120.0) -> tuple[Plan, Outcome | None]:
+    """The plan and its search (None for a plan file): from its file, or made here for model,
     cluster and goal. A plan file is data: the Python model file it may name runs only when
     the user names it too (`--model`) or trusts it (`--trust-model-code`)."""
     if plan_file is not None:
@@ -222,4 +224,4 @@ def _plan_to_run(plan_file: Path | None, model: str | None, cluster: str | None,
     with progress(f"planning {model} on {cl.name}"):
         m, _ = resolve(model, cl, goal)
         out = make_plan(m, cl, goal)
-    return out.plan, out.search_time_s
+    return out.plan, out
