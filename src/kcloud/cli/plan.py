@@ -22,6 +22,7 @@ from kcloud.errors import KCloudError
 from kcloud.inputs import MAX_BATCH, MAX_TOKENS
 
 if TYPE_CHECKING:
+    from kcloud.planner.api import Outcome
     from kcloud.planner.goal import Goal
 
 
@@ -64,8 +65,8 @@ WorkloadOpt = Annotated[str | None, typer.Option(
     "benchmark, if it has one; 'none': the raw default lengths)")]
 
 
-def search_line(out: Any) -> str:
-    """What a command that planned prints of its search (an `kcloud.planner.api.Outcome`)."""
+def search_line(out: Outcome) -> str:
+    """What a command that planned prints of its search."""
     return (f"search time: {out.search_time_s:.2f} s (measured)"
             + (f"; its DP kernel compiled or loaded first, once, in {out.kernel_s:.2f} s"
                if out.kernel_s else ""))

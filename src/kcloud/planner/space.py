@@ -275,6 +275,9 @@ class OptionCosts:
     kv: np.ndarray | None
     shared_cache: bool
     sram_half: float
+    # what a request's first pass refills of the stage's weights after an idle pause
+    # (`refill_time_s`); None on devices without a measured resume
+    refill: np.ndarray | None = None
 
 
 @dataclass
@@ -370,10 +373,8 @@ class StageSpace:
         fits = upper & (mem <= dev.memory_bytes.value * MEMORY_HEADROOM)
         self.time[opt.index] = np.where(fits, c.time, np.inf)
         self.busy_j[opt.index] = np.where(fits, c.energy, 0.0)
-        params = self.calibration.params(dev)
-        if params.resume_s_per_byte:
-            self.refill[opt.index] = np.where(upper, refill_time_s(params, dev, c.weight_bytes),
-                                              0.0)
+        if c.refill is not None:
+            self.refill[opt.index] = np.where(upper, c.refill, 0.0)
         self.comm[opt.index] = np.where(upper, c.comm, 0.0)
         self.mem[opt.index] = np.where(upper, mem, 0.0)
         if c.shared_cache:
@@ -412,8 +413,10 @@ class StageSpace:
         if tp > 1:  # what the group's lead receives, it broadcasts to the group's other ranks
             share = self._group_share(t, tp)
             time, comm, resident = time + share, comm + share, resident + share
+        refill = (refill_time_s(params, dev, pre.weight_bytes) if params.resume_s_per_byte
+                  else None)
         return OptionCosts(time, energy, comm, resident, streamed, pre.weight_bytes, act, kv,
-                           params.shared_cache, pre.sram_half)
+                           params.shared_cache, pre.sram_half, refill)
 
     def _fill_offload(self, opt: Option, upper: np.ndarray) -> None:
         """An LLM stage whose decode attention runs on `opt.pim_count` PIM devices: the
