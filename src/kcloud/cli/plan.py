@@ -68,8 +68,8 @@ WorkloadOpt = Annotated[str | None, typer.Option(
 def search_line(out: Outcome) -> str:
     """What a command that planned prints of its search."""
     return (f"search time: {out.search_time_s:.2f} s (measured)"
-            + (f"; its DP kernel compiled or loaded first, once, in {out.kernel_s:.2f} s"
-               if out.kernel_s else ""))
+            + (f"; its DP kernel compiled or loaded first, once, in {out.kernel_s:.2f} s "
+               "(measured)" if out.kernel_s else ""))
 
 
 def build_goal(objective: str, slo_ms: float | None, batch: int, power_cap_w: float | None,

@@ -40,8 +40,9 @@ respects the limits; it is optimal among the chains some mu reaches (a Lagrangia
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 from numba import njit, prange
@@ -60,13 +61,14 @@ class Path:
     stages: tuple[tuple[int, int, int], ...]
     links: tuple[int, ...]
 
-    def usage(self, space: StageSpace) -> dict[int, int]:
+    def usage(self, space: StageSpace) -> Mapping[int, int]:
         """Devices of each type the pipeline takes (by type index; PIM groups included), kept
-        by the space: do not change it."""
+        by the space (read-only)."""
         got = space.usages.get(self.stages)
         if got is None:
             use = space.opt_use[[o for o, _, _ in self.stages]].sum(axis=0).tolist()
-            got = space.usages[self.stages] = {ty: n for ty, n in enumerate(use) if n}
+            got = space.usages[self.stages] = MappingProxyType(
+                {ty: n for ty, n in enumerate(use) if n})
         return got
 
 
@@ -77,7 +79,7 @@ class Limits:
     per_type: tuple[tuple[int, int], ...] = ()  # (type index, devices available)
     total: int | None = None
 
-    def violated(self, usage: dict[int, int]) -> list[tuple[str, int]]:
+    def violated(self, usage: Mapping[int, int]) -> list[tuple[str, int]]:
         out: list[tuple[str, int]] = []
         for t, cap in self.per_type:
             if usage.get(t, 0) > cap:

@@ -22,6 +22,7 @@ tests hold the two equal.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property, reduce
 from typing import TYPE_CHECKING
@@ -302,7 +303,7 @@ class StageSpace:
     evaluated: dict[tuple[Path, int], Template] = field(default_factory=dict, init=False,
                                                         repr=False, compare=False)
     # a chain's stages -> devices of each type it takes (`Path.usage`): read on every limit check
-    usages: dict[tuple[tuple[int, int, int], ...], dict[int, int]] = field(
+    usages: dict[tuple[tuple[int, int, int], ...], Mapping[int, int]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
