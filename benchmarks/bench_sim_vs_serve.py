@@ -13,9 +13,11 @@
 3. the fleet simulator runs the same plan on `local-cpu` over the same requests (arrival times,
    prompt and output lengths) with the engine's scheduling limits (its batch limit, token
    budget, KV blocks and context, read from the server), the host's calibration
-   (`kcloud.hardware.host`) and the engine's own step costs on this host
-   (`kcloud.runtime.step_costs`, measured once and cached; `--recalibrate` measures again),
-   modeled.
+   (`kcloud.hardware.host`), the engine's own step costs on this host
+   (`kcloud.runtime.step_costs`) and the server's front end (`kcloud.sim.front_end`: probes of
+   the running server at fixed concurrencies, not the trace), each measured once and cached
+   (`--recalibrate` measures both again), modeled. It runs once more without the front end:
+   the engine alone, as `kcloud run` would step it.
 
 Printed side by side: output tokens/s, TTFT and TPOT p50 (and p90), the ratio simulated /
 measured, and the goal: within 15 % on throughput and on p50 TTFT / TPOT. The load of the
@@ -37,49 +39,32 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_serve as bs
 
-TOKEN_BUDGET = 256  # the engine's token budget per step (`kcloud.runtime.engine.Engine`)
 GOAL = 0.15
 
 
-def server_limits(port: int) -> dict[str, int]:
-    """The engine's context, KV blocks and batch limit, as the running server reports them."""
-    base = f"http://127.0.0.1:{port}"
-    models = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]
-    metrics = httpx.get(f"{base}/metrics", timeout=10).text
-    vals = {}
-    for line in metrics.splitlines():
-        if line.startswith(("kcloud_kv_blocks_free ", "kcloud_kv_blocks_used ",
-                            "kcloud_max_batch ")):
-            k, v = line.split()
-            vals[k] = int(float(v))
-    return {"max_len": int(models["max_model_len"]),
-            "kv_blocks": vals["kcloud_kv_blocks_free"] + vals["kcloud_kv_blocks_used"]}
-
-
-def simulate(plan_path: Path, model_dir: Path, requests: list[Any], limits: dict[str, int],
-             max_batch: int) -> dict[str, Any]:
+def replica_models(plan_path: Path, model_dir: Path) -> list[Any]:
     from kcloud.hardware.cluster import load_cluster
-    from kcloud.planner.scheduling import SchedulerConfig
-    from kcloud.sim.fleet import Service, Simulator
     from kcloud.sim.services import ServiceSpec, plan_service
 
     spec = ServiceSpec(name="chat", model=str(model_dir), cluster="local-cpu",
                        plan=str(plan_path))
-    planned = plan_service(spec, cluster=load_cluster("local-cpu"))
-    cfg = SchedulerConfig(token_budget=TOKEN_BUDGET, max_batch=max_batch, block_size=16,
-                          num_blocks=limits["kv_blocks"], max_len=limits["max_len"])
+    return plan_service(spec, cluster=load_cluster("local-cpu")).models
+
+
+def simulate(models: list[Any], requests: list[Any], cfg: Any,
+             front_end: Any = None) -> dict[str, Any]:
+    from kcloud.sim.fleet import Service, Simulator
+
     stream = iter([(r.at_s, r.input_tokens, r.output_tokens) for r in requests])
-    svc = Service("chat", planned.models, stream, replicas=len(planned.models), sched=cfg)
+    svc = Service("chat", models, stream, replicas=len(models), sched=cfg, front_end=front_end)
     res = Simulator([svc], bin_s=1.0).run()
     d = res.to_dict()["services"]["chat"]
     return {"throughput_tok_s": d["throughput_tok_s"], "ttft_s": d["ttft_s"],
             "tpot_s": d["tpot_s"], "e2e_s": d["e2e_s"], "completed": d["completed"],
-            "replicas": len(planned.models), "figures": "modeled"}
+            "replicas": len(models), "figures": "modeled"}
 
 
 def default_trace() -> Path | None:
@@ -109,8 +94,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         subprocess.run([sys.executable, "-m", "kcloud.cli", "plan", "--model", str(model_dir),
                         "--cluster", "local-cpu", "--objective", "throughput", "-o",
                         str(plan_path)], check=True, capture_output=True, cwd=bs.REPO)
-        from kcloud.hardware.host import engine_step_costs
+        from kcloud.hardware.host import engine_step_costs, front_end_costs
         from kcloud.planner.plan import Plan
+        from kcloud.sim import front_end as fe
 
         plan = Plan.load(plan_path)
         costs = engine_step_costs()
@@ -124,19 +110,25 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                "--model", str(model_dir), "--served-name", bs.MODEL, "--port", str(port)]
         load0 = load_average()
         measured = []
+        models = replica_models(plan_path, model_dir)
+        url = f"http://127.0.0.1:{port}"
         with bs.server("kcloud-serve", cmd, port, work, start_timeout_s=600, ready="/ready"):
             bs.warm_up(port, a)
             # one replay not measured: a server's first long prompts meet new kernel shapes
             # (the first round ran 20-50 % slower than the next ones here)
             bs.bench(port, bs.replay(a))
-            limits = server_limits(port)  # after steps have run: the KV gauges are set by them
+            cfg, _ = fe.served_config(url, bs.MODEL)
+            front = front_end_costs()
+            if front is None or a.recalibrate:
+                bs.console.print("measuring the server's front end on this host (once, cached)")
+                front = fe.measure(url, bs.MODEL)
             for i in range(a.rounds):
                 bs.console.print(f"[bold]K-Cloud[/]: trace replay, round {i + 1}/{a.rounds}")
                 measured.append(bs.bench(port, bs.replay(a)))
         load1 = load_average()
         requests = load_trace(a.trace, limit=a.trace_requests, speedup=a.speedup)
-        max_batch = max(plan.micro_batch, 64)  # the engine's default (`Engine.max_batch`)
-        sim = simulate(plan_path, model_dir, requests, limits, max_batch)
+        sim = simulate(models, requests, cfg, front)
+        engine_only = simulate(models, requests, cfg)
 
     def med(key: str, q: str | None = None) -> float:
         return statistics.median(m[key][q] if q else m[key] for m in measured)
@@ -150,9 +142,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     ratios = {"throughput": sim["throughput_tok_s"] / meas["throughput_tok_s"],
               "ttft_p50": sim["ttft_s"]["p50"] / meas["ttft_s"]["p50"],
               "tpot_p50": sim["tpot_s"]["p50"] / meas["tpot_s"]["p50"]}
-    return {"simulated": sim, "measured": meas, "ratio": ratios, "limits": limits,
+    return {"simulated": sim, "engine_only": engine_only, "measured": meas, "ratio": ratios,
+            "limits": dataclasses.asdict(cfg),
             "engine_step_costs": dataclasses.asdict(costs) | {"source": costs.source},
-            "max_batch": max_batch, "load_avg_1m": [load0, load1],
+            "front_end": dataclasses.asdict(front) | {"source": front.source,
+                                                      "summary": fe.describe(front)},
+            "load_avg_1m": [load0, load1],
             "within_goal": all(abs(r - 1) <= GOAL for r in ratios.values()),
             "trace": f"{a.trace.name}: first {a.trace_requests} rows, {a.speedup:g}x"}
 
@@ -176,17 +171,23 @@ def main() -> None:
     if a.json:
         print(json.dumps(out))
         return
-    s, m, r = out["simulated"], out["measured"], out["ratio"]
+    s, m, r, e = out["simulated"], out["measured"], out["ratio"], out["engine_only"]
+    lim = out["limits"]
     print(f"tiny Llama on local-cpu ({s['replicas']} replicas, the plan kcloud serve runs), "
-          f"{out['trace']}; engine limits: {out['max_batch']} sequences, {TOKEN_BUDGET} tokens "
-          f"a step, {out['limits']['kv_blocks']} KV blocks, context {out['limits']['max_len']}")
-    print(f"{'':22}{'simulated (modeled)':>20}{'served (measured)':>20}{'ratio':>8}   goal")
-    rows = (("output tokens/s", s["throughput_tok_s"], m["throughput_tok_s"], r["throughput"]),
-            ("TTFT p50 ms", s["ttft_s"]["p50"] * 1e3, m["ttft_s"]["p50"] * 1e3, r["ttft_p50"]),
-            ("TPOT p50 ms", s["tpot_s"]["p50"] * 1e3, m["tpot_s"]["p50"] * 1e3, r["tpot_p50"]))
-    for name, sv, mv, ratio in rows:
+          f"{out['trace']}; engine limits: {lim['max_batch']} sequences, "
+          f"{lim['token_budget']} tokens a step, {lim['num_blocks']} KV blocks a replica, "
+          f"context {lim['max_len']}")
+    print(f"{'':22}{'simulated (modeled)':>20}{'served (measured)':>20}{'ratio':>8}   goal"
+          f"{'engine alone':>22}")
+    rows = (("output tokens/s", s["throughput_tok_s"], m["throughput_tok_s"], r["throughput"],
+             e["throughput_tok_s"]),
+            ("TTFT p50 ms", s["ttft_s"]["p50"] * 1e3, m["ttft_s"]["p50"] * 1e3, r["ttft_p50"],
+             e["ttft_s"]["p50"] * 1e3),
+            ("TPOT p50 ms", s["tpot_s"]["p50"] * 1e3, m["tpot_s"]["p50"] * 1e3, r["tpot_p50"],
+             e["tpot_s"]["p50"] * 1e3))
+    for name, sv, mv, ratio, ev in rows:
         print(f"  {name:<20}{sv:>20,.2f}{mv:>20,.2f}{ratio:>8.2f}   within {GOAL:.0%}: "
-              f"{'yes' if abs(ratio - 1) <= GOAL else 'no'}")
+              f"{'yes' if abs(ratio - 1) <= GOAL else 'no ':<4}{ev:>12,.2f} ({ev / mv:.2f})")
     print(f"  TTFT p90 ms {s['ttft_s']['p90'] * 1e3:,.2f} | {m['ttft_s']['p90'] * 1e3:,.2f}; "
           f"TPOT p90 ms {s['tpot_s']['p90'] * 1e3:,.2f} | {m['tpot_s']['p90'] * 1e3:,.2f}")
     print("  measured rounds: " + "; ".join(
@@ -196,6 +197,7 @@ def main() -> None:
     print(f"  engine step costs (measured): {c['step_s'] * 1e3:.2f} ms a step, "
           f"{c['row_s'] * 1e6:.1f} us a row, {c['kv_byte_s'] * 1e9:.2f} ns per KV byte read, "
           f"{c['prefill_byte_s'] * 1e9:.1f} ns per KV byte written; {c['source']}")
+    print(f"  the server's front end (measured): {out['front_end']['summary']}")
     print(f"  load average (1 min) before / after the measurement: "
           f"{out['load_avg_1m'][0]:.2f} / {out['load_avg_1m'][1]:.2f} on {os.cpu_count()} cores")
 

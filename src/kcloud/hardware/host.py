@@ -925,11 +925,66 @@ def save_engine_step_costs(costs: EngineStepCosts) -> Path:
     return path
 
 
+
+FRONT_END_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FrontEndCosts:
+    """What `kcloud serve`'s HTTP front end costs on this host beside its engine, as
+    `kcloud.sim.front_end` measured it (probes of a running server): a request's admission by
+    its event loop, the CPU of the server's event loop and of a streaming client on the same
+    host per token streamed, and a lone request's way in and out. The simulator's `Service`
+    takes it (`front_end`)."""
+
+    request_s: float  # the event loop's time to admit a request (HTTP, validation, hand-off)
+    prompt_token_s: float  # and per token of its prompt (sent, parsed, validated)
+    token_s: float  # CPU per token streamed (its server-sent event, sent and read)
+    latency_s: float  # a lone request's way in and its first token's way out, unqueued
+    cores: int  # the host's cores the front end, the client and the engine's workers share
+    date: str
+    probes: int  # probe runs measured
+    load_avg: float  # the host's 1-minute load average while they ran
+    fit_error_pct: float = 0.0  # the CPU fit's median error over the probe runs, percent
+
+    def admit_s(self, prompt_tokens: int) -> float:
+        """A request's admission: the front end's CPU for it and its prompt (one at a time)."""
+        return self.request_s + self.prompt_token_s * prompt_tokens
+
+    @property
+    def source(self) -> str:
+        return (f"measured on this host by kcloud's front-end probes {self.date} "
+                f"({self.probes} probe runs, load average {self.load_avg:.1f})")
+
+
+def front_end_file() -> Path:
+    path = cache_file()
+    return path.with_name(path.name.replace("host-", f"host-frontend{FRONT_END_VERSION}-", 1))
+
+
+def front_end_costs() -> FrontEndCosts | None:
+    """This host's measured front-end costs, None until `kcloud sim front-end` measured them."""
+    import torch
+
+    key = _cache_key(cpu_model(), host_cores(), torch.__version__)
+    return _read_cache(front_end_file(), key, FRONT_END_VERSION, FrontEndCosts)
+
+
+def save_front_end_costs(costs: FrontEndCosts) -> Path:
+    import torch
+
+    path = front_end_file()
+    _write_cache(path, _cache_key(cpu_model(), host_cores(), torch.__version__),
+                 FRONT_END_VERSION, costs)
+    return path
+
+
 _register()
 
 __all__ = [
     "HOST_ID",
     "EngineStepCosts",
+    "FrontEndCosts",
     "HostMeasurement",
     "HostParams",
     "cache_dir",
@@ -937,6 +992,8 @@ __all__ = [
     "cpu_model",
     "engine_costs_file",
     "engine_step_costs",
+    "front_end_costs",
+    "front_end_file",
     "host_core_device",
     "host_cores",
     "host_device",
@@ -947,4 +1004,5 @@ __all__ = [
     "params_cache_file",
     "reset_host_cache",
     "save_engine_step_costs",
+    "save_front_end_costs",
 ]

@@ -157,6 +157,7 @@ class Engine:
         self.eos = layout.eos
         self.kv_blocks = layout.kv_blocks
         self.block_size = block_size
+        self.token_budget = token_budget
         self.notes = layout.notes
         self.figures = "measured" if all(
             backends.choose(s.device_type, mode, s.devices[0]).real

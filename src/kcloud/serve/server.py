@@ -86,6 +86,9 @@ class Metrics:
             "the engine steps it ran in (queueing, scheduling, hand-offs, detokenization)",
             lab, buckets=_OVERHEAD_BUCKETS, registry=r)
         self.queue = Gauge("kcloud_queue_length", "Requests waiting", registry=r)
+        self.loop_cpu = Gauge("kcloud_event_loop_cpu_seconds", "CPU time the server's event "
+                              "loop thread has used (HTTP, parsing, streaming), measured",
+                              registry=r)
         self.running = Gauge("kcloud_running_batch_size", "Sequences (or samples) running",
                              registry=r)
         self.kv_used = Gauge("kcloud_kv_blocks_used", "KV blocks in use", registry=r)
@@ -435,9 +438,15 @@ def build_app(aengine: AsyncEngine, cfg: ServeConfig, tokenizer: Any = None) -> 
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [{
+        entry: dict[str, Any] = {
             "id": cfg.served_name, "object": "model", "created": 0, "owned_by": "kcloud",
-            "max_model_len": cfg.max_len or None, "root": cfg.model}]})
+            "max_model_len": cfg.max_len or None, "root": cfg.model}
+        eng = aengine.engine if aengine.ready.is_set() else None
+        if eng is not None:  # an extension: the engine's limits (what a simulator mirrors)
+            entry["kcloud"] = {"replicas": len(eng.replicas), "max_batch": eng.max_batch,
+                               "token_budget": eng.token_budget, "block_size": eng.block_size,
+                               "kv_blocks_per_replica": eng.kv_blocks if eng.llm else None}
+        return JSONResponse({"object": "list", "data": [entry]})
 
     @app.post("/v1/infer")
     async def infer(request: Request) -> Response:
@@ -483,6 +492,7 @@ def build_app(aengine: AsyncEngine, cfg: ServeConfig, tokenizer: Any = None) -> 
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        metrics.loop_cpu.set(time.thread_time())  # this handler runs on the event loop's thread
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -12,6 +12,16 @@ step to step within each of those three parts, so step j of a part takes alpha +
 seconds and k steps k alpha + beta k (k - 1) / 2 in closed form; an arrival that could join a
 later step cuts the run before it (`Scheduler.cut_run`). The result is the same as stepping
 every iteration, at a fraction of the events.
+
+A service may stand behind a serving front end (`Service.front_end`: an OpenAI-compatible HTTP
+server before its engine, as `kcloud serve` is; `kcloud.hardware.host.FrontEndCosts`, measured by
+`kcloud.sim.front_end`). Its event loop admits one request at a time, first come first served,
+for the CPU time of the request and its prompt (`FrontEndCosts.admit_s`), before the request is
+routed; `latency_s` is added to each request's time to first token and end to end (its way in
+and its tokens' way out). Every token a step streams costs the front end (and a client on the
+same host) `token_s` of CPU: on a replica of this host's CPU cores, when its step leaves no core
+free (the busy workers of the service's replicas take them all), that CPU is taken from the
+workers and the step lasts that much longer; devices elsewhere do not wait for it.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from kcloud.sim.results import Ledger, ServiceStats
 
 ROUTERS = ("round-robin", "least-outstanding", "speed-aware")
 
-_ARRIVAL, _LANE, _TICK, _READY, _IDLE, _DUE = range(6)
+_ARRIVAL, _LANE, _TICK, _READY, _IDLE, _DUE, _ADMIT = range(7)
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,8 @@ class Service:
     power_down_idle_s: float | None = None  # power a replica off after this long idle
     wake_s: float = 0.0  # time to power an idle replica back on
     mean_context: int = 1024  # speed-aware routing: the context its rates are weighed at
+    # its serving front end's costs (`kcloud.hardware.host.FrontEndCosts`), None: none modeled
+    front_end: Any = None
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
@@ -172,8 +184,8 @@ class _RunTimes:
 
 
 class _Replica:
-    __slots__ = ("draining", "groups", "idle_since", "index", "lanes", "model", "on_since",
-                 "rate", "service", "state", "types")
+    __slots__ = ("draining", "fe", "groups", "idle_since", "index", "lanes", "model",
+                 "on_since", "rate", "service", "state", "types")
 
     def __init__(self, service: int, index: int, model: ReplicaModel, svc: Service,
                  types: list[int], groups: list[int], rate: float) -> None:
@@ -190,6 +202,9 @@ class _Replica:
         self.types = types  # ledger index per stage
         self.groups = groups  # ledger index per device type of its model (`ReplicaModel.groups`)
         self.rate = rate
+        # on this host's cores beside a front end: (its CPU per token streamed, the cores)
+        fe = svc.front_end
+        self.fe = (fe.token_s, fe.cores) if fe is not None and model.engine_costs else None
 
     @property
     def outstanding(self) -> int:
@@ -333,6 +348,8 @@ class Simulator:
         self._rid = 0
         self._last = 0.0
         self._pending: list[tuple[float, int, int] | None] = [None] * len(services)
+        self._fe_free = [0.0] * len(services)  # when each service's front end is next free
+        self._admitting = [0] * len(services)  # requests its front end is admitting
 
     # -- events ---------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj: Any, version: int = 0) -> None:
@@ -381,6 +398,9 @@ class Simulator:
                     self._lane_done(obj, t)
             elif kind == _ARRIVAL:
                 self._arrive(obj, t, version)
+            elif kind == _ADMIT:
+                self._admitting[obj.service] -= 1
+                self._admit(obj, t)
             elif kind == _TICK:
                 self._tick(obj, t)
             elif kind == _READY:
@@ -444,6 +464,20 @@ class Simulator:
         _, prompt, out = req
         seq = CountedSeq(self._rid, si, t, prompt, out)
         self._rid += 1
+        fe = svc.front_end
+        if fe is not None:  # admitted by the front end, one at a time
+            done = max(t, self._fe_free[si]) + fe.admit_s(prompt)
+            self._fe_free[si] = done
+            self._admitting[si] += 1
+            self._push(done, _ADMIT, seq)
+            return
+        self._admit(seq, t)
+
+    def _admit(self, seq: CountedSeq, t: float) -> None:
+        """Route an admitted request to a replica's lane (or count it dropped)."""
+        si = seq.service
+        svc = self.services[si]
+        st = self.stats[si]
         r = self._route(si, seq, t)
         if r is None:
             st.dropped += 1
@@ -457,7 +491,7 @@ class Simulator:
                 if o < least:
                     lane, least = ln, o
         sch = lane.sched
-        if sch is not None and sch.fits(prompt, seq.out) is not None:
+        if sch is not None and sch.fits(seq.prompt0, seq.out) is not None:
             st.dropped += 1  # longer than the replica's context or KV cache can ever hold
             return
         if r.state == "asleep":
@@ -546,9 +580,23 @@ class Simulator:
         else:
             dt, per = m.mixed(*plan.shape())
         self._account(r, t, t + dt, per)
+        if r.fe is not None:
+            dt += self._front_end_share(r) * r.fe[0] * sum(1 for row in plan.rows if row[3])
         lane.cur = plan
         lane.run = None
         self._start(lane, t + dt)
+
+    def _front_end_share(self, r: _Replica) -> float:
+        """The share of the front end's CPU a step of `r` (on this host's cores, starting now)
+        gives up: all of it when the service's busy workers, this step's included, leave no core
+        free; none when one is."""
+        assert r.fe is not None
+        busy = r.model.n_devices / r.model.pp  # this step's
+        for other in self.replicas[r.service]:
+            if other.model.engine_costs:
+                busy += sum(other.model.n_devices / other.model.pp
+                            for ln in other.lanes if ln.busy)
+        return min(1.0, max(0.0, busy - r.fe[1] + 1))
 
     def _start(self, lane: _Lane, end: float) -> None:
         lane.busy = True
@@ -630,10 +678,11 @@ class Simulator:
         st = self.stats[r.service]
         slo = svc.slo
         llm = svc.is_llm
+        way = svc.front_end.latency_s if svc.front_end is not None else 0.0
         for s in done:
-            e2e = t - s.arrival
+            e2e = t - s.arrival + way
             if llm:
-                ttft = s.first_token - s.arrival
+                ttft = s.first_token - s.arrival + way
                 tpot = (t - s.first_token) / (s.out - 1) if s.out > 1 else 0.0
                 st.ttft.add(ttft)
                 if s.out > 1:
@@ -674,7 +723,8 @@ class Simulator:
                     victim.state = "off"
                 else:
                     victim.draining = True
-        if any(p is not None for p in self._pending) or not self._idle_everywhere():
+        if (any(p is not None for p in self._pending) or any(self._admitting)
+                or not self._idle_everywhere()):
             self._push(t + a.interval_s, _TICK, si)
 
     def _idle_check(self, r: _Replica, t: float, _: int) -> None:
