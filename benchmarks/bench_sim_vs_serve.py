@@ -117,7 +117,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             # one replay not measured: a server's first long prompts meet new kernel shapes
             # (the first round ran 20-50 % slower than the next ones here)
             bs.bench(port, bs.replay(a))
-            cfg, _ = fe.served_config(url, bs.MODEL)
+            cfg = fe.served_config(url, bs.MODEL).config
             front = front_end_costs()
             if front is None or a.recalibrate:
                 bs.console.print("measuring the server's front end on this host (once, cached)")

@@ -466,3 +466,32 @@ def test_serve_on_ray_actors(tmp_path: Path, tiny_gpt: torch.nn.Module) -> None:
         r = s.client.completions.create(model="tiny-gpt", prompt=prompt, max_tokens=10,
                                         temperature=0, extra_body={"ignore_eos": True})
         assert r.choices[0].model_extra["token_ids"] == _reference(tiny_gpt, prompt, 10)
+
+
+def test_front_end_probes_measure_the_server(gpt: Server, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`kcloud sim front-end` probes a running server: its model list reports the engine's
+    limits, its metrics its event loop's CPU; the costs are saved for `sim run --front-end`."""
+    from kcloud.cli import main
+    from kcloud.errors import KCloudError
+    from kcloud.sim import front_end as fe
+
+    served = fe.served_config(gpt.url)
+    assert served.name == "tiny-gpt" and served.replicas == 1
+    assert served.config.token_budget == 256 and served.config.num_blocks > 0
+    with pytest.raises(KCloudError, match="does not serve 'nope'"):
+        fe.served_config(gpt.url, "nope")
+    cpu0 = gpt.metrics()["kcloud_event_loop_cpu_seconds"]
+    monkeypatch.setenv("KCLOUD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fe, "PROBES", ((1, 8, 8), (4, 8, 8), (8, 8, 4), (2, 24, 16)))
+    main(["sim", "front-end", "--url", gpt.url, "--rounds", "2", "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert d["figures"] == "measured" and d["probes"] == 8
+    assert d["token_s"] > 0 and d["request_s"] >= 0 and d["latency_s"] >= 0
+    assert gpt.metrics()["kcloud_event_loop_cpu_seconds"] > cpu0
+    main(["sim", "run", "--model", "tiny-gpt", "--cluster", "local-cpu", "--rate", "2",
+          "--duration", "2", "--prompt-tokens", "8", "--output-tokens", "4", "--front-end",
+          "--json"])
+    run = json.loads(capsys.readouterr().out)
+    assert run["completed"] == run["requests"] > 0

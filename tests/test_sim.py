@@ -387,3 +387,91 @@ def test_size_meets_slo_and_domestic_floor():
          "devices": ["furiosa-warboy"]}]}, "test")
     with pytest.raises(SizingError, match=r"service vision: .*nearest"):
         size_fleet(tight, 2025)
+
+
+# -- a serving front end -----------------------------------------------------------------------
+
+
+def _front(**kw):
+    from kcloud.hardware.host import FrontEndCosts
+
+    base = dict(request_s=0.0, prompt_token_s=0.0, token_s=0.0, latency_s=0.0, cores=64,
+                date="", probes=0, load_avg=0.0)
+    return FrontEndCosts(**(base | kw))
+
+
+def _one(planned, reqs, front=None, model=None):
+    m = model or planned.models[0]
+    svc = Service("chat", [m], iter(reqs), Slo(), 1, "least-outstanding",
+                  SchedulerConfig(num_blocks=m.kv_token_capacity(512) // 16), front_end=front)
+    return _run(svc).services["chat"]
+
+
+def test_front_end_admits_one_request_at_a_time_and_adds_its_way(llm):
+    """Three requests sent together to a replica far faster than their admission: the k-th is
+    admitted after k admissions (each its fixed time and its prompt's), then prefilled alone;
+    every request's TTFT and end to end also carry the front end's way."""
+    _spec, planned = llm
+    st = planned.models[0].stages[0]
+    a, per_tok, way = 0.5, 1e-3, 0.02
+    front = _front(request_s=a, prompt_token_s=per_tok, latency_s=way)
+    admit = a + per_tok * 40
+    s = _one(planned, [(1.0, 40, 10)] * 3, front)
+    pre = step_cost(st, 0, 0, prefill_tokens=40, prefill_pairs=40.0 * 40).time_s
+    assert s.completed == 3
+    assert s.ttft.mean == pytest.approx(2 * admit + pre + way, rel=1e-9)  # (1 + 2 + 3) / 3
+    alone = _one(planned, [(1.0, 40, 10)])
+    assert s.e2e.mean == pytest.approx(2 * admit + alone.e2e.mean + way, rel=1e-9)
+    assert s.queue.mean == pytest.approx(2 * admit, rel=1e-9)  # waiting to be admitted
+
+
+def test_streamed_tokens_take_cpu_from_host_workers_only_without_a_free_core(llm):
+    """On this host's cores (a replica running the engine's workers), a step that leaves no core
+    free lasts the front end's CPU for the tokens it streams longer; with a core free, or on a
+    device elsewhere, it does not."""
+    from kcloud.hardware.host import EngineStepCosts
+    from kcloud.sim.replica import ReplicaModel
+
+    _spec, planned = llm
+    m = planned.models[0]
+    none = EngineStepCosts(step_s=0.0, row_s=0.0, kv_byte_s=0.0, prefill_byte_s=0.0,
+                           pair_byte_s=0.0, date="", steps=0, load_avg=0.0)
+    host = ReplicaModel(m.stages, m.hops, True, engine=[(none, 0.0)] * len(m.stages))
+    req = [(1.0, 40, 10)]
+    tok = 2e-3
+    base = _one(planned, req, model=host)
+    full = _one(planned, req, _front(token_s=tok, cores=m.n_devices), model=host)
+    assert full.tpot.mean == pytest.approx(base.tpot.mean + tok, rel=1e-9)  # one row a step
+    assert full.ttft.mean == pytest.approx(base.ttft.mean + tok, rel=1e-9)
+    spare = _one(planned, req, _front(token_s=tok, cores=m.n_devices + 1), model=host)
+    assert spare.tpot.mean == pytest.approx(base.tpot.mean, rel=1e-12)
+    away = _one(planned, req, _front(token_s=tok, cores=m.n_devices))  # an A100: not host
+    assert away.tpot.mean == pytest.approx(_one(planned, req).tpot.mean, rel=1e-12)
+
+
+def test_front_end_fit_recovers_the_costs_that_made_the_probes():
+    from kcloud.sim.front_end import PROBES, ProbeRun, fit
+
+    run_s, req_s, tok_s, way, adm, ptok = 0.03, 0.4e-3, 110e-6, 1.5e-3, 1.6e-3, 0.5e-6
+    runs = []
+    for k, (n, prompt, out) in enumerate(PROBES * 3):
+        cpu = run_s + req_s * n + tok_s * n * out
+        gap = way + adm * (n - 1) / 2 + ptok * prompt * (n + 1) / 2
+        noise = 2.0 if k == 5 else 1.0  # one run slowed by another process
+        runs.append(ProbeRun(n, n * prompt, n * out, cpu * noise, 0.5 + gap * noise, 0.5))
+    request_s, prompt_token_s, token_s, latency_s, err = fit(runs)
+    assert token_s == pytest.approx(tok_s, rel=0.02)
+    assert request_s == pytest.approx(adm, rel=0.02)
+    assert prompt_token_s == pytest.approx(ptok, rel=0.05)
+    assert latency_s == pytest.approx(way, rel=0.05)
+    assert err < 0.01
+    with pytest.raises(KCloudError, match="four probes"):
+        fit(runs[:3])
+
+
+def test_services_file_front_end_needs_a_measurement(llm, tmp_path, monkeypatch):
+    monkeypatch.setenv("KCLOUD_CACHE_DIR", str(tmp_path))  # nothing measured there
+    spec = ServiceSpec(name="chat", model="tiny-gpt", rate=1.0, prompt_tokens=48,
+                       output_tokens=16, front_end=True)
+    with pytest.raises(KCloudError, match="kcloud sim front-end"):
+        build_service(spec, llm[1], duration_s=1.0, seed=0)

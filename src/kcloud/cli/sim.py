@@ -30,7 +30,7 @@ def _spec_from_flags(model: str | None, cluster: str, replicas: int | None, obje
                      trace: str | None, rate: float | None, duration: float | None,
                      rate_scale: float, router: str, prompt: int | None, output: int | None,
                      ttft_ms: float | None, tpot_ms: float | None,
-                     latency_ms: float | None, seed: int) -> Any:
+                     latency_ms: float | None, seed: int, front_end: bool = False) -> Any:
     from kcloud.sim.services import parse_spec
 
     if model is None:
@@ -41,7 +41,8 @@ def _spec_from_flags(model: str | None, cluster: str, replicas: int | None, obje
                           "e.g. --trace ../shared/traces/azure-llm-2023-conversation.csv")
     svc: dict[str, Any] = {"name": model.rsplit(":", 1)[-1].rsplit("/", 1)[-1],
                            "model": model, "cluster": cluster, "objective": objective,
-                           "router": router, "rate_scale": rate_scale}
+                           "router": router, "rate_scale": rate_scale,
+                           "front_end": front_end}
     for k, v in (("replicas", replicas), ("trace", trace), ("rate", rate),
                  ("prompt_tokens", prompt), ("output_tokens", output)):
         if v is not None:
@@ -75,6 +76,9 @@ def run_cmd(
     latency_ms: Annotated[float | None, typer.Option(help="SLO: end to end")] = None,
     seed: Annotated[int, typer.Option(help="Seed of synthetic streams")] = 0,
     plot: Annotated[str | None, typer.Option(help="Write PNG plots into this folder")] = None,
+    front_end: Annotated[bool, typer.Option(
+        "--front-end", help="Add kcloud serve's front end as measured on this host "
+        "(`kcloud sim front-end`)")] = False,
     as_json: _Json = False,
 ) -> None:
     """Simulate services on a fleet: latency percentiles, SLOs, power, energy, cost, share."""
@@ -87,6 +91,9 @@ def run_cmd(
             raise KCloudError("--services and --model/--trace/--rate exclude each other",
                               "give the streams in the services file")
         spec = load_spec(services)
+        if front_end:
+            for svc in spec.services:
+                svc.front_end = True
         if duration is not None:
             spec.duration_s = duration
         if seed:
@@ -94,7 +101,7 @@ def run_cmd(
     else:
         spec = _spec_from_flags(model, cluster, replicas, objective, trace, rate, duration,
                                 rate_scale, router, prompt_tokens, output_tokens, ttft_ms,
-                                tpot_ms, latency_ms, seed)
+                                tpot_ms, latency_ms, seed, front_end)
     built = []
     span = spec.duration_s or 0.0
     for i, s in enumerate(spec.services):
@@ -145,6 +152,31 @@ def run_cmd(
         console.print("* built on estimated catalog figures")
     for p in d.get("plots", []):
         console.print(f"plot: {p}")
+
+
+@sim_app.command("front-end")
+def front_end_cmd(
+    url: Annotated[str, typer.Option(help="The running kcloud serve")] = "http://127.0.0.1:8000",
+    served_name: Annotated[str | None, typer.Option(
+        help="The model's name on the server (default: the first it lists)")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Runs of each probe")] = 3,
+    as_json: _Json = False,
+) -> None:
+    """Measure kcloud serve's front end on this host (probes of a running server) for
+    `sim run --front-end`; saved in the host's cache."""
+    import dataclasses
+
+    from kcloud.sim import front_end as fe
+
+    def progress(msg: str) -> None:
+        if not as_json:
+            err_console.print(f"probing: {msg}")
+
+    costs = fe.measure(url, served_name, rounds=rounds, progress=progress)
+    if as_json:
+        emit_json(dataclasses.asdict(costs) | {"source": costs.source, "figures": "measured"})
+        return
+    console.print(f"front end of {url} (measured): {fe.describe(costs)}")
 
 
 def _print_scenario(s: dict[str, Any]) -> None:

@@ -54,9 +54,18 @@ class ProbeRun:
     server_ttft_s: float  # mean, on the server's from the engine's submission
 
 
-def served_config(url: str, model: str) -> tuple[SchedulerConfig, int]:
-    """The engine limits of the server at `url` serving `model` (its `/v1/models` extension):
-    a replica's scheduler configuration and the number of replicas."""
+@dataclass(frozen=True)
+class Served:
+    """A language model a running `kcloud serve` serves, and its engine's limits."""
+
+    name: str
+    config: SchedulerConfig  # a replica's scheduling limits
+    replicas: int
+
+
+def served_config(url: str, model: str | None = None) -> Served:
+    """The model `model` (default: the first one listed) of the server at `url`, with the
+    engine limits its `/v1/models` extension reports."""
     from kcloud.serve.bench import base_url
 
     root = base_url(url)
@@ -65,7 +74,7 @@ def served_config(url: str, model: str) -> tuple[SchedulerConfig, int]:
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         raise KCloudError(f"no model list from {root}/v1/models",
                           "start `kcloud serve` first or check --url") from None
-    entry = next((d for d in data if d.get("id") == model), None)
+    entry = next((d for d in data if model is None or d.get("id") == model), None)
     if entry is None:
         raise KCloudError(f"the server at {root} does not serve '{model}'",
                           "give --served-name as the server has it")
@@ -77,7 +86,7 @@ def served_config(url: str, model: str) -> tuple[SchedulerConfig, int]:
                           block_size=int(k["block_size"]),
                           num_blocks=int(k["kv_blocks_per_replica"]),
                           max_len=int(entry.get("max_model_len") or 1 << 30))
-    return cfg, int(k["replicas"])
+    return Served(str(entry["id"]), cfg, int(k["replicas"]))
 
 
 _METRIC = re.compile(r'^(kcloud_event_loop_cpu_seconds|kcloud_time_to_first_token_seconds_sum|'
@@ -156,16 +165,19 @@ def fit(runs: Sequence[ProbeRun]) -> tuple[float, float, float, float, float]:
     return request_s, prompt_token_s, token_s, latency_s, err
 
 
-def measure(url: str, model: str, *, probes: Sequence[tuple[int, int, int]] = PROBES,
+def measure(url: str, model: str | None = None, *,
+            probes: Sequence[tuple[int, int, int]] | None = None,
             rounds: int = ROUNDS, save: bool = True,
             progress: Callable[[str], None] | None = None) -> FrontEndCosts:
-    """Probe the server at `url` (serving the language model `model`), fit, save (unless not
-    `save`) and return its front-end costs on this host."""
-    cfg, _ = served_config(url, model)
+    """Probe the server at `url` (serving the language model `model`, default its first), fit,
+    save (unless not `save`) and return its front-end costs on this host."""
+    served = served_config(url, model)
+    model, cfg = served.name, served.config
     load0 = os.getloadavg()[0]
     runs = []
     probe(url, model, 2, 16, 8)  # the client's and server's first requests: not measured
-    for n, prompt, output in probes:
+    for n, prompt, output in PROBES if probes is None else probes:
+        output = max(1, min(output, cfg.max_len // 2))  # a short context: probes that fit it
         prompt = max(1, min(prompt, cfg.max_len - output - 1))
         if progress is not None:
             progress(f"{n} requests of {prompt} prompt tokens together, {rounds} rounds")
@@ -187,4 +199,4 @@ def describe(c: FrontEndCosts) -> str:
             f"us of CPU a token streamed (CPU fit within {c.fit_error_pct:.0f} %); {c.source}")
 
 
-__all__ = ["PROBES", "ProbeRun", "describe", "fit", "measure", "probe", "served_config"]
+__all__ = ["PROBES", "ProbeRun", "Served", "describe", "fit", "measure", "probe", "served_config"]

@@ -21,6 +21,8 @@
         autoscale: {min: 1, max: 8, up: 8, down: 1, interval_s: 10, startup_s: 30}
         power_down_idle_s: 60
         wake_s: 5
+        front_end: true            # behind kcloud serve's HTTP front end, as measured on this
+                                   # host (`kcloud sim front-end`)
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class ServiceSpec(BaseModel):
     power_down_idle_s: float | None = Field(default=None, gt=0)
     wake_s: float = Field(default=0.0, ge=0)
     devices: list[str] | None = None  # only these device types (sizing, roadmap)
+    front_end: bool = False  # add this host's measured front-end costs (`kcloud.sim.front_end`)
 
 
 class FleetSpec(BaseModel):
@@ -222,6 +225,16 @@ def build_service(spec: ServiceSpec, planned: Planned, *, duration_s: float | No
         sched = SchedulerConfig(spec.chunk_tokens, spec.max_seqs, DEFAULT_BLOCK,
                                 cap // DEFAULT_BLOCK)
     prompt, _ = mean_lengths(spec) if planned.is_llm else (1, 1)
+    front = None
+    if spec.front_end:
+        from kcloud.hardware.host import front_end_costs
+
+        front = front_end_costs()
+        if front is None:
+            raise KCloudError(f"service {spec.name}: front_end asks for this host's front-end "
+                              "costs, which are not measured yet",
+                              "measure them against a running server: kcloud sim front-end "
+                              "--url URL --served-name NAME")
     return Service(
         name=spec.name, models=pool,
         stream=stream_of(spec, planned.is_llm, duration_s, seed, limit),
@@ -230,5 +243,5 @@ def build_service(spec: ServiceSpec, planned: Planned, *, duration_s: float | No
         autoscale=Autoscale(auto.min, auto.max, auto.up, auto.down, auto.interval_s,
                             auto.startup_s) if auto else None,
         power_down_idle_s=spec.power_down_idle_s, wake_s=spec.wake_s,
-        mean_context=prompt,
+        mean_context=prompt, front_end=front,
     )
