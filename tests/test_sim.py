@@ -395,7 +395,8 @@ def test_size_meets_slo_and_domestic_floor():
 def _front(**kw):
     from kcloud.hardware.host import FrontEndCosts
 
-    base = dict(request_s=0.0, prompt_token_s=0.0, token_s=0.0, latency_s=0.0, cores=64,
+    base = dict(request_s=0.0, prompt_token_s=0.0, token_s=0.0, delivery_s=0.0, latency_s=0.0,
+                cores=64,
                 date="", probes=0, load_avg=0.0)
     return FrontEndCosts(**(base | kw))
 
@@ -426,9 +427,9 @@ def test_front_end_admits_one_request_at_a_time_and_adds_its_way(llm):
 
 
 def test_streamed_tokens_take_cpu_from_host_workers_only_without_a_free_core(llm):
-    """On this host's cores (a replica running the engine's workers), a step that leaves no core
-    free lasts the front end's CPU for the tokens it streams longer; with a core free, or on a
-    device elsewhere, it does not."""
+    """On this host's cores (a replica running the engine's workers), the front end's CPU for
+    the tokens a step streams is taken from the next step when it leaves no core free (the first
+    token's step follows none); with a core free, or on a device elsewhere, it is not."""
     from kcloud.hardware.host import EngineStepCosts
     from kcloud.sim.replica import ReplicaModel
 
@@ -438,11 +439,12 @@ def test_streamed_tokens_take_cpu_from_host_workers_only_without_a_free_core(llm
                            pair_byte_s=0.0, date="", steps=0, load_avg=0.0)
     host = ReplicaModel(m.stages, m.hops, True, engine=[(none, 0.0)] * len(m.stages))
     req = [(1.0, 40, 10)]
-    tok = 2e-3
+    tok, wake = 2e-3, 0.5e-3
     base = _one(planned, req, model=host)
-    full = _one(planned, req, _front(token_s=tok, cores=m.n_devices), model=host)
-    assert full.tpot.mean == pytest.approx(base.tpot.mean + tok, rel=1e-9)  # one row a step
-    assert full.ttft.mean == pytest.approx(base.ttft.mean + tok, rel=1e-9)
+    full = _one(planned, req, _front(token_s=tok, delivery_s=wake, cores=m.n_devices),
+                model=host)
+    assert full.tpot.mean == pytest.approx(base.tpot.mean + tok + wake, rel=1e-9)  # a row
+    assert full.ttft.mean == pytest.approx(base.ttft.mean, rel=1e-12)
     spare = _one(planned, req, _front(token_s=tok, cores=m.n_devices + 1), model=host)
     assert spare.tpot.mean == pytest.approx(base.tpot.mean, rel=1e-12)
     away = _one(planned, req, _front(token_s=tok, cores=m.n_devices))  # an A100: not host
@@ -452,15 +454,19 @@ def test_streamed_tokens_take_cpu_from_host_workers_only_without_a_free_core(llm
 def test_front_end_fit_recovers_the_costs_that_made_the_probes():
     from kcloud.sim.front_end import PROBES, ProbeRun, fit
 
-    run_s, req_s, tok_s, way, adm, ptok = 0.03, 0.4e-3, 110e-6, 1.5e-3, 1.6e-3, 0.5e-6
+    run_s, req_s, tok_s, wake_s = 0.03, 0.4e-3, 110e-6, 60e-6
+    way, adm, ptok = 1.5e-3, 1.6e-3, 0.5e-6
     runs = []
     for k, (n, prompt, out) in enumerate(PROBES * 3):
-        cpu = run_s + req_s * n + tok_s * n * out
+        steps = out * min(n, 2) + prompt // 256  # two replicas step in turn
+        cpu = run_s + req_s * n + tok_s * n * out + wake_s * steps
         gap = way + adm * (n - 1) / 2 + ptok * prompt * (n + 1) / 2
         noise = 2.0 if k == 5 else 1.0  # one run slowed by another process
-        runs.append(ProbeRun(n, n * prompt, n * out, cpu * noise, 0.5 + gap * noise, 0.5))
-    request_s, prompt_token_s, token_s, latency_s, err = fit(runs)
+        runs.append(ProbeRun(n, n * prompt, n * out, steps, cpu * noise, 0.5 + gap * noise,
+                             0.5))
+    request_s, prompt_token_s, token_s, delivery_s, latency_s, err = fit(runs)
     assert token_s == pytest.approx(tok_s, rel=0.02)
+    assert delivery_s == pytest.approx(wake_s, rel=0.15)  # it moves with the tokens
     assert request_s == pytest.approx(adm, rel=0.02)
     assert prompt_token_s == pytest.approx(ptok, rel=0.05)
     assert latency_s == pytest.approx(way, rel=0.05)

@@ -926,7 +926,7 @@ def save_engine_step_costs(costs: EngineStepCosts) -> Path:
 
 
 
-FRONT_END_VERSION = 1
+FRONT_END_VERSION = 2  # 2: per delivery
 
 
 @dataclass(frozen=True)
@@ -934,12 +934,13 @@ class FrontEndCosts:
     """What `kcloud serve`'s HTTP front end costs on this host beside its engine, as
     `kcloud.sim.front_end` measured it (probes of a running server): a request's admission by
     its event loop, the CPU of the server's event loop and of a streaming client on the same
-    host per token streamed, and a lone request's way in and out. The simulator's `Service`
-    takes it (`front_end`)."""
+    host per token streamed and per step's delivery, and a lone request's way in and out. The
+    simulator's `Service` takes it (`front_end`)."""
 
     request_s: float  # the event loop's time to admit a request (HTTP, validation, hand-off)
     prompt_token_s: float  # and per token of its prompt (sent, parsed, validated)
     token_s: float  # CPU per token streamed (its server-sent event, sent and read)
+    delivery_s: float  # CPU per delivery of a step's events (a wake-up of the event loop)
     latency_s: float  # a lone request's way in and its first token's way out, unqueued
     cores: int  # the host's cores the front end, the client and the engine's workers share
     date: str

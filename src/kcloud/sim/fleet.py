@@ -15,13 +15,14 @@ every iteration, at a fraction of the events.
 
 A service may stand behind a serving front end (`Service.front_end`: an OpenAI-compatible HTTP
 server before its engine, as `kcloud serve` is; `kcloud.hardware.host.FrontEndCosts`, measured by
-`kcloud.sim.front_end`). Its event loop admits one request at a time, first come first served,
-for the CPU time of the request and its prompt (`FrontEndCosts.admit_s`), before the request is
-routed; `latency_s` is added to each request's time to first token and end to end (its way in
-and its tokens' way out). Every token a step streams costs the front end (and a client on the
-same host) `token_s` of CPU: on a replica of this host's CPU cores, when its step leaves no core
-free (the busy workers of the service's replicas take them all), that CPU is taken from the
-workers and the step lasts that much longer; devices elsewhere do not wait for it.
+`kcloud.sim.front_end`). Its event loop admits one request at a time, first come first served, for
+the CPU time of the request and its prompt (`FrontEndCosts.admit_s`), before the request is routed;
+`latency_s` is added to each request's time to first token and end to end (its way in and its
+tokens' way out). The front end's CPU (each admission, and for each step that streams tokens
+`delivery_s` plus `token_s` a token, beside a client on the same host) is taken from the workers of
+the service's replicas on this host's CPU cores when their running steps leave no core free: those
+steps last that much longer, shared equally (`Simulator._front_end_cpu`); devices elsewhere do not
+wait.
 """
 
 from __future__ import annotations
@@ -202,9 +203,8 @@ class _Replica:
         self.types = types  # ledger index per stage
         self.groups = groups  # ledger index per device type of its model (`ReplicaModel.groups`)
         self.rate = rate
-        # on this host's cores beside a front end: (its CPU per token streamed, the cores)
-        fe = svc.front_end
-        self.fe = (fe.token_s, fe.cores) if fe is not None and model.engine_costs else None
+        # on this host's cores beside a front end, whose CPU it may give up
+        self.fe = svc.front_end is not None and model.engine_costs
 
     @property
     def outstanding(self) -> int:
@@ -478,6 +478,8 @@ class Simulator:
         si = seq.service
         svc = self.services[si]
         st = self.stats[si]
+        if svc.front_end is not None:  # the CPU its admission took
+            self._front_end_cpu(si, svc.front_end.admit_s(seq.prompt0))
         r = self._route(si, seq, t)
         if r is None:
             st.dropped += 1
@@ -580,23 +582,26 @@ class Simulator:
         else:
             dt, per = m.mixed(*plan.shape())
         self._account(r, t, t + dt, per)
-        if r.fe is not None:
-            dt += self._front_end_share(r) * r.fe[0] * sum(1 for row in plan.rows if row[3])
         lane.cur = plan
         lane.run = None
         self._start(lane, t + dt)
 
-    def _front_end_share(self, r: _Replica) -> float:
-        """The share of the front end's CPU a step of `r` (on this host's cores, starting now)
-        gives up: all of it when the service's busy workers, this step's included, leave no core
-        free; none when one is."""
-        assert r.fe is not None
-        busy = r.model.n_devices / r.model.pp  # this step's
-        for other in self.replicas[r.service]:
-            if other.model.engine_costs:
-                busy += sum(other.model.n_devices / other.model.pp
-                            for ln in other.lanes if ln.busy)
-        return min(1.0, max(0.0, busy - r.fe[1] + 1))
+    def _front_end_cpu(self, si: int, seconds: float) -> None:
+        """Service `si`'s front end uses `seconds` of CPU now. When the running steps of its
+        replicas on this host's cores leave no core free, they give it up, shared equally: each
+        lasts its share longer (none when a core is free, or on devices elsewhere)."""
+        lanes = [ln for r in self.replicas[si] if r.fe for ln in r.lanes if ln.busy]
+        if not lanes or seconds <= 0:
+            return
+        busy = sum(ln.replica.model.n_devices / ln.replica.model.pp for ln in lanes)
+        share = min(1.0, max(0.0, busy - self.services[si].front_end.cores + 1))
+        if share <= 0:
+            return
+        each = seconds * share / len(lanes)
+        for ln in lanes:
+            ln.end += each
+            ln.version += 1
+            self._push(ln.end, _LANE, ln, ln.version)
 
     def _start(self, lane: _Lane, end: float) -> None:
         lane.busy = True
@@ -659,10 +664,21 @@ class Simulator:
             self._finish(r, sch.advance_run(run, first, tail_at), t)
         else:
             plan: StepPlan = lane.cur
+            streamed = 0
             for seq, _, _, sample in plan.rows:
-                if sample and seq.first_token < 0:
-                    seq.first_token = t
+                if sample:
+                    streamed += 1
+                    if seq.first_token < 0:
+                        seq.first_token = t
             self._finish(r, sch.update(plan), t)
+            if r.fe:
+                lane.busy = False
+                self._kick(lane, t)
+                # its tokens streamed while the next steps run
+                fe = self.services[r.service].front_end
+                if streamed:
+                    self._front_end_cpu(r.service, fe.delivery_s + fe.token_s * streamed)
+                return
         lane.busy = False
         self._kick(lane, t)
 

@@ -3,14 +3,14 @@
 (`Service.front_end`) answers as a client of the server sees it.
 
 A running server is probed with streamed completions sent together (`PROBES`: short prompts at
-rising concurrency, and long prompts), each `ROUNDS` times. For each run, measured: the CPU time
-of the server's event loop thread (its `kcloud_event_loop_cpu_seconds` gauge) and of the client
-(this process, which sends the requests and reads their server-sent events), the server's mean
-time to first token (from its metrics, counted from the engine's submission) and the client's.
-The CPU of a run gives the CPU of a token streamed; what a client waits for its first token
-beyond the server's count gives a request's admission (the requests sent together are admitted
-one by one) and its way in and out (`fit`: non-negative least squares, robust to a run another
-process slowed).
+rising concurrency, and long prompts), each `ROUNDS` times. For each run, measured: the CPU time of
+the server's event loop thread (its `kcloud_event_loop_cpu_seconds` gauge) and of the client (this
+process, which sends the requests and reads their server-sent events), the server's mean time to
+first token (from its metrics, counted from the engine's submission) and the client's. The CPU of a
+run gives the CPU of a token streamed and of a step's delivery; what a client waits for its first
+token beyond the server's count gives a request's admission (the requests sent together are
+admitted one by one) and its way in and out (`fit`: non-negative least squares, robust to a run
+another process slowed).
 
 The probes are short synthetic requests: a trace replay checks the simulator with these costs
 out of sample (`benchmarks/bench_sim_vs_serve.py`).
@@ -49,6 +49,7 @@ class ProbeRun:
     requests: int
     prompt_tokens: int  # of all its requests
     tokens: int  # streamed, of all its requests
+    deliveries: int  # turns of the engine's loop that handed events to the event loop
     cpu_s: float  # the server's event loop and the client together
     client_ttft_s: float  # mean, on the client's clock from sending
     server_ttft_s: float  # mean, on the server's from the engine's submission
@@ -90,7 +91,8 @@ def served_config(url: str, model: str | None = None) -> Served:
 
 
 _METRIC = re.compile(r'^(kcloud_event_loop_cpu_seconds|kcloud_time_to_first_token_seconds_sum|'
-                     r'kcloud_time_to_first_token_seconds_count)(?:\{[^}]*\})? (\S+)$', re.M)
+                     r'kcloud_time_to_first_token_seconds_count|'
+                     r'kcloud_engine_step_seconds_count)(?:\{[^}]*\})? (\S+)$', re.M)
 
 
 def _server_counters(root: str) -> dict[str, float]:
@@ -123,6 +125,8 @@ def probe(url: str, model: str, requests: int, prompt: int, output: int,
     server_ttft = (after["kcloud_time_to_first_token_seconds_sum"]
                    - before["kcloud_time_to_first_token_seconds_sum"]) / max(n, 1.0)
     return ProbeRun(requests, requests * prompt, sum(r.output_tokens for r in res.records),
+                    round(after["kcloud_engine_step_seconds_count"]
+                          - before["kcloud_engine_step_seconds_count"]),
                     cpu + after["kcloud_event_loop_cpu_seconds"]
                     - before["kcloud_event_loop_cpu_seconds"],
                     statistics.mean(r.ttft_s or 0.0 for r in res.records), server_ttft)
@@ -138,12 +142,13 @@ def _robust_nnls(rows: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.asarray(res.x)
 
 
-def fit(runs: Sequence[ProbeRun]) -> tuple[float, float, float, float, float]:
-    """(request_s, prompt_token_s, token_s, latency_s, the CPU fit's median relative error)
-    from probe runs:
+def fit(runs: Sequence[ProbeRun]) -> tuple[float, float, float, float, float, float]:
+    """(request_s, prompt_token_s, token_s, delivery_s, latency_s, the CPU fit's median
+    relative error) from probe runs:
 
     - the CPU of a run: a constant per run (the client's set-up, the metrics read), one per
-      request and one per token streamed, of which the last is kept (`token_s`);
+      request, one per token streamed and one per delivery of a step's events (a wake-up of
+      the event loop), of which the last two are kept (`token_s`, `delivery_s`);
     - what the client waits for its first token beyond the server's count (from the engine's
       submission), per run: `latency_s` + the admissions it waits behind, (C - 1) / 2 of the
       C sent together on average, each `request_s` + `prompt_token_s` x its prompt, plus its
@@ -152,17 +157,17 @@ def fit(runs: Sequence[ProbeRun]) -> tuple[float, float, float, float, float]:
     if len({(r.requests, r.prompt_tokens, r.tokens) for r in runs}) < 4:
         raise KCloudError("the front end's costs need four probes of different shapes or more",
                           f"probe as `PROBES` does ({len(PROBES)} shapes)")
-    rows = np.array([[1.0, r.requests, r.tokens] for r in runs])
+    rows = np.array([[1.0, r.requests, r.tokens, r.deliveries] for r in runs])
     cpu = np.array([r.cpu_s for r in runs])
     c = _robust_nnls(rows, cpu)
     err = float(np.median(np.abs(rows @ c - cpu) / cpu))
-    token_s = float(c[2])
+    token_s, delivery_s = float(c[2]), float(c[3])
     ahead = np.array([(r.requests - 1) / 2 for r in runs])
     prompt = np.array([r.prompt_tokens / r.requests for r in runs])
     q = np.column_stack([np.ones(len(runs)), ahead, prompt * (ahead + 1)])
     gap = np.array([max(1e-6, r.client_ttft_s - r.server_ttft_s) for r in runs])
     latency_s, request_s, prompt_token_s = (float(x) for x in _robust_nnls(q, gap))
-    return request_s, prompt_token_s, token_s, latency_s, err
+    return request_s, prompt_token_s, token_s, delivery_s, latency_s, err
 
 
 def measure(url: str, model: str | None = None, *,
@@ -182,9 +187,9 @@ def measure(url: str, model: str | None = None, *,
         if progress is not None:
             progress(f"{n} requests of {prompt} prompt tokens together, {rounds} rounds")
         runs += [probe(url, model, n, prompt, output, seed=k) for k in range(rounds)]
-    request_s, prompt_token_s, token_s, latency_s, err = fit(runs)
+    request_s, prompt_token_s, token_s, delivery_s, latency_s, err = fit(runs)
     costs = FrontEndCosts(request_s=request_s, prompt_token_s=prompt_token_s, token_s=token_s,
-                          latency_s=latency_s, cores=host_cores(),
+                          delivery_s=delivery_s, latency_s=latency_s, cores=host_cores(),
                           date=_dt.date.today().isoformat(), probes=len(runs),
                           load_avg=round(statistics.mean([load0, os.getloadavg()[0]]), 2),
                           fit_error_pct=round(100 * err, 1))
@@ -195,8 +200,9 @@ def measure(url: str, model: str | None = None, *,
 
 def describe(c: FrontEndCosts) -> str:
     return (f"{c.request_s * 1e3:.2f} ms to admit a request and {c.prompt_token_s * 1e6:.2f} us "
-            f"a prompt token, {c.latency_s * 1e3:.2f} ms a request's way, {c.token_s * 1e6:.0f} "
-            f"us of CPU a token streamed (CPU fit within {c.fit_error_pct:.0f} %); {c.source}")
+            f"a prompt token, {c.latency_s * 1e3:.2f} ms a request's way; CPU "
+            f"{c.token_s * 1e6:.0f} us a token streamed and {c.delivery_s * 1e6:.0f} us a step's "
+            f"delivery (fit within {c.fit_error_pct:.0f} %); {c.source}")
 
 
 __all__ = ["PROBES", "ProbeRun", "Served", "describe", "fit", "measure", "probe", "served_config"]
