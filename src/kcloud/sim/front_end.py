@@ -185,7 +185,8 @@ def measure(url: str, model: str | None = None, *,
         output = max(1, min(output, cfg.max_len // 2))  # a short context: probes that fit it
         prompt = max(1, min(prompt, cfg.max_len - output - 1))
         if progress is not None:
-            progress(f"{n} requests of {prompt} prompt tokens together, {rounds} rounds")
+            progress(f"{n} requests of {prompt} prompt and {output} output tokens together, "
+                     f"{rounds} rounds")
         runs += [probe(url, model, n, prompt, output, seed=k) for k in range(rounds)]
     request_s, prompt_token_s, token_s, delivery_s, latency_s, err = fit(runs)
     costs = FrontEndCosts(request_s=request_s, prompt_token_s=prompt_token_s, token_s=token_s,
