@@ -903,27 +903,39 @@ class EngineStepCosts:
                                         + self.pair_byte_s * pairs))
 
 
-def engine_costs_file() -> Path:
+def _measured_file(kind: str, version: int) -> Path:
+    """The cache file of a measurement of this host (`kind`, format `version`)."""
     path = cache_file()
-    return path.with_name(path.name.replace("host-", f"host-engine{ENGINE_COSTS_VERSION}-", 1))
+    return path.with_name(path.name.replace("host-", f"host-{kind}{version}-", 1))
+
+
+def _load_measured(kind: str, version: int, cls: type[T]) -> T | None:
+    """A measurement of this host (its CPU, cores and torch), None until one was saved."""
+    import torch
+
+    key = _cache_key(cpu_model(), host_cores(), torch.__version__)
+    return _read_cache(_measured_file(kind, version), key, version, cls)
+
+
+def _save_measured(kind: str, version: int, value: Any) -> Path:
+    import torch
+
+    path = _measured_file(kind, version)
+    _write_cache(path, _cache_key(cpu_model(), host_cores(), torch.__version__), version, value)
+    return path
+
+
+def engine_costs_file() -> Path:
+    return _measured_file("engine", ENGINE_COSTS_VERSION)
 
 
 def engine_step_costs() -> EngineStepCosts | None:
     """This host's measured engine step costs, None until the runtime has measured them."""
-    import torch
-
-    key = _cache_key(cpu_model(), host_cores(), torch.__version__)
-    return _read_cache(engine_costs_file(), key, ENGINE_COSTS_VERSION, EngineStepCosts)
+    return _load_measured("engine", ENGINE_COSTS_VERSION, EngineStepCosts)
 
 
 def save_engine_step_costs(costs: EngineStepCosts) -> Path:
-    import torch
-
-    path = engine_costs_file()
-    _write_cache(path, _cache_key(cpu_model(), host_cores(), torch.__version__),
-                 ENGINE_COSTS_VERSION, costs)
-    return path
-
+    return _save_measured("engine", ENGINE_COSTS_VERSION, costs)
 
 
 FRONT_END_VERSION = 2  # 2: per delivery
@@ -959,25 +971,16 @@ class FrontEndCosts:
 
 
 def front_end_file() -> Path:
-    path = cache_file()
-    return path.with_name(path.name.replace("host-", f"host-frontend{FRONT_END_VERSION}-", 1))
+    return _measured_file("frontend", FRONT_END_VERSION)
 
 
 def front_end_costs() -> FrontEndCosts | None:
     """This host's measured front-end costs, None until `kcloud sim front-end` measured them."""
-    import torch
-
-    key = _cache_key(cpu_model(), host_cores(), torch.__version__)
-    return _read_cache(front_end_file(), key, FRONT_END_VERSION, FrontEndCosts)
+    return _load_measured("frontend", FRONT_END_VERSION, FrontEndCosts)
 
 
 def save_front_end_costs(costs: FrontEndCosts) -> Path:
-    import torch
-
-    path = front_end_file()
-    _write_cache(path, _cache_key(cpu_model(), host_cores(), torch.__version__),
-                 FRONT_END_VERSION, costs)
-    return path
+    return _save_measured("frontend", FRONT_END_VERSION, costs)
 
 
 _register()
