@@ -185,8 +185,8 @@ class _RunTimes:
 
 
 class _Replica:
-    __slots__ = ("draining", "fe", "groups", "idle_since", "index", "lanes", "model",
-                 "on_since", "rate", "service", "state", "types")
+    __slots__ = ("draining", "groups", "host_front_end", "idle_since", "index", "lanes",
+                 "model", "on_since", "rate", "service", "state", "types")
 
     def __init__(self, service: int, index: int, model: ReplicaModel, svc: Service,
                  types: list[int], groups: list[int], rate: float) -> None:
@@ -204,7 +204,7 @@ class _Replica:
         self.groups = groups  # ledger index per device type of its model (`ReplicaModel.groups`)
         self.rate = rate
         # on this host's cores beside a front end, whose CPU it may give up
-        self.fe = svc.front_end is not None and model.engine_costs
+        self.host_front_end = svc.front_end is not None and model.engine_costs
 
     @property
     def outstanding(self) -> int:
@@ -590,7 +590,8 @@ class Simulator:
         """Service `si`'s front end uses `seconds` of CPU now. When the running steps of its
         replicas on this host's cores leave no core free, they give it up, shared equally: each
         lasts its share longer (none when a core is free, or on devices elsewhere)."""
-        lanes = [ln for r in self.replicas[si] if r.fe for ln in r.lanes if ln.busy]
+        lanes = [ln for r in self.replicas[si] if r.host_front_end for ln in r.lanes
+                 if ln.busy]
         if not lanes or seconds <= 0:
             return
         busy = sum(ln.replica.model.n_devices / ln.replica.model.pp for ln in lanes)
@@ -639,6 +640,7 @@ class Simulator:
     def _lane_done(self, lane: _Lane, t: float) -> None:
         r = lane.replica
         sch = lane.sched
+        streamed = 0  # tokens a single step streamed (to its front end)
         if sch is None:
             self._finish(r, lane.cur, t)
         elif lane.run is not None:
@@ -664,23 +666,17 @@ class Simulator:
             self._finish(r, sch.advance_run(run, first, tail_at), t)
         else:
             plan: StepPlan = lane.cur
-            streamed = 0
             for seq, _, _, sample in plan.rows:
                 if sample:
                     streamed += 1
                     if seq.first_token < 0:
                         seq.first_token = t
             self._finish(r, sch.update(plan), t)
-            if r.fe:
-                lane.busy = False
-                self._kick(lane, t)
-                # its tokens streamed while the next steps run
-                fe = self.services[r.service].front_end
-                if streamed:
-                    self._front_end_cpu(r.service, fe.delivery_s + fe.token_s * streamed)
-                return
         lane.busy = False
         self._kick(lane, t)
+        if streamed and r.host_front_end:  # its tokens are streamed while the next steps run
+            fe = self.services[r.service].front_end
+            self._front_end_cpu(r.service, fe.delivery_s + fe.token_s * streamed)
 
     def _account(self, r: _Replica, t0: float, t1: float, per: Any) -> None:
         """Work from t0 to t1: per device type of the replica, busy device-seconds and dynamic
