@@ -736,8 +736,9 @@ def search(model: ModelGraphs, cluster: Cluster, goal: Goal, *,
                        calibration=calibration)
     if goal.objective == "throughput" and goal.slo_s is None:
         ctx = _default_slo(ctx)
+    bests: dict[int, float] | None = None  # the last round's best per micro-batch
     for _ in range(MAX_IN_FLIGHT_ROUNDS):
-        templates = templates_for(ctx, ctx.goal.objective)
+        templates = _round(ctx, bests)
         mix = choose(ctx, templates)
         if mix is None:
             raise diagnose(ctx)
@@ -745,12 +746,41 @@ def search(model: ModelGraphs, cluster: Cluster, goal: Goal, *,
         if not model.is_llm or deepest <= ctx.in_flight:
             break
         # Its pipelines keep more micro-batches in flight than their stages' memory counted.
+        bests = _bests(ctx, templates)
         ctx = replace(ctx, in_flight=deepest, spaces={}, counts={})
     else:
         raise InfeasibleGoal(f"{model.spec}: no plan whose pipelines hold the KV cache of every "
                              "micro-batch in flight was found", "use fewer --output-tokens "
                              "or a cluster with more memory")
     return SearchResult(ctx, mix, templates)
+
+
+def _bests(ctx: Context, templates: list[Template]) -> dict[int, float]:
+    """The objective (to minimize) of the best mix at each micro-batch (inf: none)."""
+    out = {}
+    for b in ctx.micro_batches:
+        mix = choose(ctx, [t for t in templates if t.b == b])
+        out[b] = math.inf if mix is None else mix.objective(ctx.goal.objective)
+    return out
+
+
+def _round(ctx: Context, bests: dict[int, float] | None) -> list[Template]:
+    """One round's templates. After the first, a micro-batch is searched again only while it
+    can still beat the best found: more micro-batches in flight only take memory away, so
+    its best in this round is no better than its best in the last (the large instances'
+    grids of caps make that a near-bound: a heuristic there). The last round's leader goes
+    first; the others follow together if their last best reaches its new one."""
+    objective = ctx.goal.objective
+    if bests is None:
+        return templates_for(ctx, objective)
+    order = sorted((b for b in ctx.micro_batches if bests[b] < math.inf), key=bests.__getitem__)
+    out = templates_for(replace(ctx, micro_batches=order[:1]), objective)
+    mix = choose(ctx, out)
+    best = math.inf if mix is None else mix.objective(objective)
+    rest = [b for b in order[1:] if bests[b] <= best + 1e-9 * abs(best)]
+    if rest:
+        out += templates_for(replace(ctx, micro_batches=rest), objective)
+    return out
 
 
 def _default_slo(ctx: Context) -> Context:
