@@ -845,3 +845,88 @@ def test_a_search_gives_the_collector_back_as_it_found_it(monkeypatch):
         assert seen == [False, False, False] and gc.isenabled()
     finally:
         gc.enable()
+
+
+# ---------------------------------------------------------------------------------------------
+# The search's short cuts: sweeps solved at their ends, micro-batches pruned by bounds
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("swept", ["latency", "price"])
+def test_a_sweep_solved_at_its_ends_equals_every_problem_solved(seed, swept, monkeypatch):
+    """Problems that differ only in one rising weight (the SLO's latency multiplier, a
+    device's price) are solved at the ends of the run and between only where the ends
+    differ: the answers equal solving every problem, and fewer problems reach the DP."""
+    import kcloud.planner.dp as dp
+
+    rng = np.random.default_rng(seed)
+    model, cl = big_mlp(5), small_cluster(atom_nodes=2, per_node=2)
+    types, _ = build_types(cl, model, Goal())
+    sp = StageSpace(model, types, cl.network, 1)
+    n = sp.L + 1
+    per_layer = rng.uniform(0.5, 3.0, (len(sp.options), sp.L))
+    prefix = np.concatenate([np.zeros((len(sp.options), 1)), per_layer.cumsum(axis=1)], axis=1)
+    sp.time = (prefix[:, None, :] - prefix[:, :, None]) * rng.uniform(0.9, 1.1, sp.time.shape)
+    sp.time[:, ~np.triu(np.ones((n, n), dtype=bool), 1)] = np.inf
+    sp.trans = rng.uniform(0.0, 2.0, sp.trans.shape)
+    opts = list(range(len(sp.options)))
+    base = np.where(np.isfinite(sp.time), 0.0, np.inf)
+    steps, caps = 13, rng.uniform(4.0, 12.0, 5)
+    weights = np.tile(np.geomspace(1e-3, 1e3, steps), len(caps))
+    devices = sp.opt_tp.astype(float)[None, :]
+    if swept == "latency":
+        lat, per = weights, np.broadcast_to(devices, (len(weights), len(opts)))
+    else:
+        lat, per = np.ones(len(weights)), weights[:, None] * devices
+    batch = make_batch(sp, opts, base, lat, per, np.repeat(caps, steps), sweep=steps)
+    asked: list[int] = []
+    real = dp._dp_batch
+
+    def counting(space, b, tracked, limits):
+        asked.append(b.K)
+        return real(space, b, tracked, limits)
+
+    monkeypatch.setattr(dp, "_dp_batch", counting)
+    got = dp._dp(sp, batch, [], Limits())
+    swept_count = sum(asked)
+    one_by_one = [real(sp, batch.take(np.array([k])), [], Limits())[0] for k in range(batch.K)]
+    assert got == one_by_one
+    runs = [set(map(str, got[r:r + steps])) for r in range(0, batch.K, steps)]
+    assert max(len(r) for r in runs) > 1  # the weight changes the answer along a run
+    assert swept_count < batch.K
+
+
+def _full_round(ctx, bounds):
+    """Every micro-batch searched together, nothing pruned (the reference)."""
+    from kcloud.planner.search import templates_for
+
+    return templates_for(ctx, ctx.goal.objective), {}
+
+
+@pytest.mark.parametrize("make_model", CASES)
+@pytest.mark.parametrize("objective", ["throughput", "energy", "cost"])
+def test_micro_batches_pruned_by_their_bounds_leave_the_plan_unchanged(make_model, objective,
+                                                                         monkeypatch):
+    """A micro-batch whose bound cannot beat the best plan found is not searched: the plan
+    is the one a search of every micro-batch finds, and no template beats its bound."""
+    import kcloud.planner.search as search
+
+    model, cl = make_model(), small_cluster(atom_nodes=2, per_node=4, rngd=4)
+    goal = Goal(objective=objective)
+    pruned = search.search(model, cl, goal)
+    ctx = pruned.ctx
+    finite = 0
+    for b in ctx.micro_batches:
+        bound = search.objective_bound(ctx, b)
+        ts = [t for t in search.templates_for(replace(ctx, micro_batches=[b]), objective)]
+        if not ts:
+            continue
+        finite += math.isfinite(bound)
+        mix = search.choose(ctx, ts)
+        assert mix is None or mix.objective(objective) >= bound * (1 - 1e-9) - 1e-12
+        if objective != "throughput":
+            assert all(t.objective(objective) >= bound * (1 - 1e-9) for t in ts)
+    assert finite > 0
+    monkeypatch.setattr(search, "_round", _full_round)
+    full = search.search(model, cl, goal)
+    assert [(t.key, n) for t, n in pruned.mix.parts] == [(t.key, n) for t, n in full.mix.parts]

@@ -104,6 +104,9 @@ class Batch:
     lat: np.ndarray  # (K,)
     per_option: np.ndarray  # (K, len(options))
     cap: np.ndarray  # (K,)
+    # Problems in runs of `sweep` that differ only in one weight, rising along the run (the
+    # latency weight, or the price of a device): see `_dp`.
+    sweep: int = 1
 
     @property
     def K(self) -> int:
@@ -125,7 +128,7 @@ def solve(space: StageSpace, batch: Batch, limits: Limits, *, exact: bool = True
     todo = np.arange(batch.K)
     tracked: list[tuple[str, int]] = []
     while len(todo):
-        paths = _dp(space, batch.take(todo), tracked, limits)
+        paths = _dp(space, batch if len(todo) == batch.K else batch.take(todo), tracked, limits)
         again: list[int] = []
         broken: list[Path] = []
         new: set[tuple[str, int]] = set()
@@ -171,6 +174,7 @@ def _priced(space: StageSpace, batch: Batch, ks: list[int], first: list[Path],
             mus.append(mu)
     big = batch.take(np.array(rows))
     big.per_option = big.per_option + np.array(mus)[:, None] * use[None, :]
+    big.sweep = PRICE_STEPS
     paths = _dp(space, big, [], limits)
     out: list[Path | None] = []
     for k in ks:
@@ -205,6 +209,37 @@ def stage_costs(space: StageSpace, batch: Batch, k: int, path: Path) -> float:
 
 def _dp(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
         limits: Limits) -> list[Path | None]:
+    """Every problem's cheapest chain. A run of a sweep (`Batch.sweep`) is solved at its ends,
+    then at midpoints of the stretches whose ends differ: a problem's cost is linear in the
+    swept weight, so the least of the chains' lines is concave, and each chain is cheapest
+    over one interval of weights: where both ends of a stretch take one chain, every weight
+    between takes it too (the answers equal solving every problem)."""
+    s = batch.sweep
+    if s <= 2 or batch.K % s:
+        return _dp_batch(space, batch, tracked, limits)
+    got: dict[int, Path | None] = {}
+    ends = [k for r in range(0, batch.K, s) for k in (r, r + s - 1)]
+    stretches = [(r, r + s - 1) for r in range(0, batch.K, s)]
+    ask = ends
+    while ask:
+        got.update(zip(ask, _dp_batch(space, batch.take(np.array(ask)), tracked, limits),
+                       strict=True))
+        ask, todo = [], []
+        for a, b in stretches:
+            if b - a < 2:
+                continue
+            if got[a] == got[b]:
+                got.update((k, got[a]) for k in range(a + 1, b))
+                continue
+            m = (a + b) // 2
+            ask.append(m)
+            todo += [(a, m), (m, b)]
+        stretches = todo
+    return [got[k] for k in range(batch.K)]
+
+
+def _dp_batch(space: StageSpace, batch: Batch, tracked: list[tuple[str, int]],
+              limits: Limits) -> list[Path | None]:
     with np.errstate(invalid="ignore"):  # 0 x inf where a weight is zero: masked below
         return _dp_inner(space, batch, tracked, limits)
 
@@ -460,7 +495,7 @@ def load_kernel() -> float:
 
 def make_batch(space: StageSpace, options: Sequence[int], base: np.ndarray,
                lat: np.ndarray | float, per_option: np.ndarray | None,
-               cap: np.ndarray | float) -> Batch:
+               cap: np.ndarray | float, sweep: int = 1) -> Batch:
     """A Batch with scalars broadcast to the batch size."""
     lat_a = np.atleast_1d(np.asarray(lat, dtype=float))
     cap_a = np.atleast_1d(np.asarray(cap, dtype=float))
@@ -469,4 +504,4 @@ def make_batch(space: StageSpace, options: Sequence[int], base: np.ndarray,
     cap_a = np.broadcast_to(cap_a, (K,)).copy()
     po = (np.zeros((K, len(options))) if per_option is None
           else np.broadcast_to(per_option, (K, len(options))).copy())
-    return Batch(list(options), base, lat_a, po, cap_a)
+    return Batch(list(options), base, lat_a, po, cap_a, sweep)

@@ -189,9 +189,11 @@ def _latency_bound(sp: StageSpace, opts: list[int]) -> float:
 def _run(ctx: Context, sp: StageSpace, batch: Batch, exact: bool = True,
          price: bool = True) -> list[Path | None]:
     out: list[Path | None] = []
-    for s in range(0, batch.K, CHUNK):
-        out.extend(solve(sp, batch.take(np.arange(s, min(s + CHUNK, batch.K))), ctx.limits,
-                         exact=exact, price=price))
+    step = CHUNK - CHUNK % batch.sweep  # a sweep's runs whole in each part
+    for s in range(0, batch.K, step):
+        part = batch.take(np.arange(s, min(s + step, batch.K)))
+        part.sweep = batch.sweep
+        out.extend(solve(sp, part, ctx.limits, exact=exact, price=price))
     return out
 
 
@@ -231,14 +233,16 @@ def _per_item_problem(ctx: Context, sp: StageSpace, opts: list[int], kind: str,
 
 
 def min_per_item(ctx: Context, b: int, opts: list[int], kind: str, caps: np.ndarray,
-                 lat: np.ndarray | float, exact: bool = True) -> list[Path | None]:
-    """Least energy (or cost) per period under each cap, latency weighted by `lat`.
+                 lat: np.ndarray | float, exact: bool = True, sweep: int = 1
+                 ) -> list[Path | None]:
+    """Least energy (or cost) per period under each cap, latency weighted by `lat` (in runs
+    of `sweep` rising weights: `Batch.sweep`).
 
     Exact: device limits tracked. Otherwise (large instances) a chain over the limits is
     dropped: the cheapest chains per item sit at looser caps, with fewer devices."""
     sp = ctx.space(b)
     base, per = _per_item_problem(ctx, sp, opts, kind, caps)
-    return _run(ctx, sp, make_batch(sp, opts, base, lat, per, caps), exact, price=exact)
+    return _run(ctx, sp, make_batch(sp, opts, base, lat, per, caps, sweep), exact, price=exact)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,11 +330,12 @@ def _kary(check: Callable[[np.ndarray], list[Template | None]], lo: int,
 
 
 def _priced_slo(ctx: Context, b: int, caps: np.ndarray,
-                solve_with: Callable[[np.ndarray, np.ndarray], list[Path | None]],
+                solve_with: Callable[[np.ndarray, np.ndarray, int], list[Path | None]],
                 seeds: list[Template | None],
                 value: Callable[[Template], float]) -> list[Template | None]:
     """For caps whose chain misses the SLO: sweep the latency multiplier, keep the chain of
-    least `value` that meets it. `solve_with(caps, lat)` solves the weighted problems."""
+    least `value` that meets it. `solve_with(caps, lat, sweep)` solves the weighted problems
+    (each cap's in one run of rising weights: `Batch.sweep`)."""
     out: list[Template | None] = [t if t is not None and ctx.meets_slo(t) else None
                                   for t in seeds]
     miss = [k for k, t in enumerate(seeds) if t is not None and not ctx.meets_slo(t)]
@@ -347,7 +352,7 @@ def _priced_slo(ctx: Context, b: int, caps: np.ndarray,
         for lam in LAMBDAS:
             rows.append(k)
             lams.append(lam * scale)
-    paths = solve_with(caps[np.array(rows)], np.array(lams))
+    paths = solve_with(caps[np.array(rows)], np.array(lams), len(LAMBDAS))
     for k, p in zip(rows, paths, strict=True):
         if p is None:
             continue
@@ -370,8 +375,9 @@ def device_family(ctx: Context, b: int, opts: list[int]) -> list[Template]:
     sp = ctx.space(b)
     per = sp.opt_use[opts].sum(axis=1).astype(float)[None, :]
 
-    def weighted(c: np.ndarray, lam: np.ndarray) -> list[Path | None]:
-        return _run(ctx, sp, make_batch(sp, opts, _fits(sp, opts), lam, per, c), exact=False)
+    def weighted(c: np.ndarray, lam: np.ndarray, sweep: int) -> list[Path | None]:
+        return _run(ctx, sp, make_batch(sp, opts, _fits(sp, opts), lam, per, c, sweep),
+                    exact=False)
 
     got = _priced_slo(ctx, b, caps, weighted, seeds, lambda t: float(t.n_devices))
     return [t for t in got if t is not None]
@@ -424,8 +430,8 @@ def _per_item_at(ctx: Context, b: int, opts: list[int], kind: str, caps: np.ndar
     seeds = [None if p is None else ctx.evaluate(b, p)
              for p in min_per_item(ctx, b, opts, kind, caps, eps, exact)]
 
-    def weighted(c: np.ndarray, lam: np.ndarray) -> list[Path | None]:
-        return min_per_item(ctx, b, opts, kind, c, lam, exact)
+    def weighted(c: np.ndarray, lam: np.ndarray, sweep: int) -> list[Path | None]:
+        return min_per_item(ctx, b, opts, kind, c, lam, exact, sweep)
 
     got = _priced_slo(ctx, b, caps, weighted, seeds,
                      lambda t: t.objective(kind) * t.space.items)
@@ -736,9 +742,9 @@ def search(model: ModelGraphs, cluster: Cluster, goal: Goal, *,
                        calibration=calibration)
     if goal.objective == "throughput" and goal.slo_s is None:
         ctx = _default_slo(ctx)
-    bests: dict[int, float] | None = None  # the last round's best per micro-batch
+    bounds: dict[int, float] | None = None  # per micro-batch: the best it can still reach
     for _ in range(MAX_IN_FLIGHT_ROUNDS):
-        templates = _round(ctx, bests)
+        templates, bounds = _round(ctx, bounds)
         mix = choose(ctx, templates)
         if mix is None:
             raise diagnose(ctx)
@@ -746,7 +752,6 @@ def search(model: ModelGraphs, cluster: Cluster, goal: Goal, *,
         if not model.is_llm or deepest <= ctx.in_flight:
             break
         # Its pipelines keep more micro-batches in flight than their stages' memory counted.
-        bests = _bests(ctx, templates)
         ctx = replace(ctx, in_flight=deepest, spaces={}, counts={})
     else:
         raise InfeasibleGoal(f"{model.spec}: no plan whose pipelines hold the KV cache of every "
@@ -755,31 +760,86 @@ def search(model: ModelGraphs, cluster: Cluster, goal: Goal, *,
     return SearchResult(ctx, mix, templates)
 
 
-def _bests(ctx: Context, templates: list[Template]) -> dict[int, float]:
-    """The objective (to minimize) of the best mix at each micro-batch (inf: none)."""
-    out = {}
-    for b in ctx.micro_batches:
-        mix = choose(ctx, [t for t in templates if t.b == b])
-        out[b] = math.inf if mix is None else mix.objective(ctx.goal.objective)
-    return out
+def objective_bound(ctx: Context, b: int) -> float:
+    """A lower bound on the objective (to minimize) of any mix at micro-batch b, from one
+    additive problem with the device limits, caps and SLO dropped (inf: no chain fits).
 
-
-def _round(ctx: Context, bests: dict[int, float] | None) -> list[Template]:
-    """One round's templates. After the first, a micro-batch is searched again only while it
-    can still beat the best found: more micro-batches in flight only take memory away, so
-    its best in this round is no better than its best in the last (the large instances'
-    grids of caps make that a near-bound: a heuristic there). The last round's leader goes
-    first; the others follow together if their last best reaches its new one."""
+    Throughput: a chain of N devices with period P has P x N >= the sum over its stages of
+    devices x stage time (W), so it yields at most items x N / W, and a mix at most items x
+    (the cluster's devices) / the least W. Energy: a period's energy is at least its stages'
+    busy energy; cost: the price of a stage's devices over the period, at least over its own
+    time. Latency: the least sum of stage and transfer times (`latency_floor`)."""
     objective = ctx.goal.objective
-    if bests is None:
-        return templates_for(ctx, objective)
-    order = sorted((b for b in ctx.micro_batches if bests[b] < math.inf), key=bests.__getitem__)
-    out = templates_for(replace(ctx, micro_batches=order[:1]), objective)
-    mix = choose(ctx, out)
-    best = math.inf if mix is None else mix.objective(objective)
-    rest = [b for b in order[1:] if bests[b] <= best + 1e-9 * abs(best)]
+    tys = ctx.restrictions[0][1]
+    if objective == "latency":
+        return latency_floor(ctx, b, tys)
+    opts = ctx.options(b, tys)
+    if not opts:
+        return math.inf
+    sp = ctx.space(b)
+    t = sp.time[opts]
+    if objective == "throughput":
+        w = sp.opt_use[opts].sum(axis=1)[:, None, None] * t
+    elif objective == "energy":
+        w = sp.opt_tp[opts][:, None, None] * sp.busy_j[opts]
+    else:
+        w = sp.opt_price_s[opts][:, None, None] * t
+    w = np.where(np.isfinite(t) & np.isfinite(w), w, np.inf)
+    # no latency weight: what the chains' times and transfers add is zero (under a finite
+    # cap, so that a missing transfer stays missing)
+    batch = make_batch(sp, opts, w, 0.0, None, np.finfo(float).max)
+    path = solve(sp, batch, Limits(), exact=False, price=False)[0]
+    if path is None:
+        return math.inf
+    least = stage_costs(sp, batch, 0, path)
+    if objective == "throughput":
+        devices = sum(t.count for t in ctx.types)
+        if ctx.goal.max_devices is not None:
+            devices = min(devices, ctx.goal.max_devices)
+        return -sp.items * devices / least if least > 0 else -math.inf
+    return least / sp.items
+
+
+def _round(ctx: Context, bounds: dict[int, float] | None
+           ) -> tuple[list[Template], dict[int, float]]:
+    """One round's templates, and per micro-batch a bound on what it can reach in the next.
+
+    A micro-batch is searched only while it can still beat the best found. Its bound: in
+    the first round `objective_bound`; in a later one its best in the round before (more
+    micro-batches in flight only take memory away, so a micro-batch does no better than it
+    did; the large instances' grids of caps make that a near-bound: a heuristic there).
+    Leaders go alone, in order of their bounds, until one gives a plan; the others whose
+    bounds reach its objective follow together."""
+    objective = ctx.goal.objective
+    if bounds is None:
+        if len(ctx.micro_batches) == 1:
+            out = templates_for(ctx, objective)
+            return out, _bests(ctx, out, ctx.micro_batches, {})
+        bounds = {b: objective_bound(ctx, b) for b in ctx.micro_batches}
+    order = sorted((b for b in ctx.micro_batches if bounds[b] < math.inf),
+                   key=bounds.__getitem__)
+    out: list[Template] = []
+    searched: list[int] = []
+    best = math.inf
+    while order and best == math.inf:
+        searched.append(order.pop(0))
+        out += templates_for(replace(ctx, micro_batches=searched[-1:]), objective)
+        mix = choose(ctx, out)
+        best = math.inf if mix is None else mix.objective(objective)
+    rest = [b for b in order if bounds[b] <= best + 1e-9 * abs(best)]
     if rest:
         out += templates_for(replace(ctx, micro_batches=rest), objective)
+    return out, _bests(ctx, out, [*searched, *rest], bounds)
+
+
+def _bests(ctx: Context, templates: list[Template], searched: list[int],
+           bounds: dict[int, float]) -> dict[int, float]:
+    """The objective (to minimize) of the best mix at each searched micro-batch (inf: none);
+    the others keep their bounds."""
+    out = dict(bounds)
+    for b in searched:
+        mix = choose(ctx, [t for t in templates if t.b == b])
+        out[b] = math.inf if mix is None else mix.objective(ctx.goal.objective)
     return out
 
 
