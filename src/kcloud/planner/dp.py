@@ -26,6 +26,12 @@ The recursion runs backward over i in a compiled kernel (numba; the problems of 
 parallel, one per thread), each option over its own reach: stages of few devices reach few
 layers (memory).
 
+A sweep (`Batch.sweep`: runs of problems that differ only in one rising weight, the SLO's
+latency multiplier or the price of a device) is solved at the ends of each run and then at
+the midpoints of stretches whose ends differ: a problem's cost is linear in the weight, so
+each chain is cheapest over one interval of it, and where both ends take one chain every
+weight between does too.
+
 Device availability (per type) and a device budget are resources, enforced lazily and exactly:
 the DP first runs without tracking them; problems whose best chain uses more of some resource
 than there is run again with that resource's usage in the state (repeat until every chain

@@ -46,6 +46,15 @@ solves batches of additive problems exactly over all stage chains, device limits
   caps whose cheapest chain misses the SLO; the chains kept always meet the SLO, and are
   optimal among those some multiplier reaches.
 
+Micro-batches are searched in order of a bound on what each can reach (`objective_bound`:
+one additive problem per micro-batch, the limits, caps and SLO dropped): leaders alone until
+one gives a plan, then together every micro-batch whose bound reaches that plan's objective;
+the others cannot beat it and are not searched (on small instances the plan is the one a
+search of all finds; on large ones `FASTEST_WITHIN` ranks the micro-batches searched together).
+Each in-flight round after the first does the same with each micro-batch's best of the round
+before as its bound (more micro-batches in flight only take memory away; a near-bound on
+large instances, whose grids of caps move with the candidates).
+
 Templates for combining replicas: the fewest-device chain under each period cap of the grid
 (for every device budget the best pipeline within it, at the grid's resolution: small efficient
 replicas exist), the least-energy chains when there is a power cap, and the fastest single
