@@ -143,13 +143,41 @@ def test_a_throughput_plan_states_its_default_latency_bound_and_meets_it() -> No
     assert not any(n.startswith("latency bound") for n in free.plan.notes)
 
 
+def test_each_pipeline_counts_its_own_micro_batches_in_flight() -> None:
+    """On 1,024 devices the best mix joins shallow and deep pipelines: each is counted for as
+    many micro-batches in flight as it has stages (at least), not all for the deepest's."""
+    from kcloud.hardware.cluster import cluster_from_dict
+
+    node = {"nvidia-h100-sxm": 8, "nvidia-a100-sxm-80gb": 8, "furiosa-rngd": 8,
+            "rebellions-atom": 8}
+    cl = cluster_from_dict({"name": "hetero-1024", "nodes": [
+        {"name": "n", "count": 32, "devices": node}],
+        "network": {"bandwidth_gbps": 50, "latency_us": 5}}, "test")
+    goal = Goal(objective="throughput")
+    out = make_plan(load_model("llama-2-70b", goal), cl, goal)
+    parts = [t for t, _ in out.result.mix.parts]
+    deepest = max(len(t.path.stages) for t in parts)
+    assert deepest > 2
+    for t in parts:
+        assert len(t.path.stages) <= t.space.in_flight
+    shallow = [t for t in parts if len(t.path.stages) <= 2]
+    assert shallow and all(t.space.in_flight == 2 for t in shallow)
+    # their stages' memory is their own two micro-batches' KV, less than the deepest's count
+    ctx = out.result.ctx
+    for t in shallow:
+        deep = ctx.space_at(t.b, deepest)
+        for (o, i, j), mem in zip(t.path.stages, t.stage_mem, strict=True):
+            assert mem < float(deep.mem[o, i, j])
+    two = {s.memory_bytes for r in out.plan.replicas if len(r.stages) <= 2 for s in r.stages}
+    assert two <= {m for t in shallow for m in t.stage_mem}  # what the plan reports
+
+
 def test_every_stage_holds_the_kv_cache_of_each_micro_batch_in_flight() -> None:
     goal = Goal(objective="throughput", slo_s=1e6)
     m = load_model("llama-2-70b", goal)
     out = make_plan(m, "k-cloud-rack", goal)
-    ctx = out.result.ctx
-    deepest = max(len(r.stages) for r in out.plan.replicas)
-    assert ctx.in_flight >= deepest
+    for t, _ in out.result.mix.parts:  # each pipeline's space counted its stages at least
+        assert t.space.in_flight >= len(t.path.stages)
     kv_token = m.kv_elems_per_token  # per layer
     dev_mem = {d: get_device(d).memory_bytes.value for d in {
         s.device_type for r in out.plan.replicas for s in r.stages}}

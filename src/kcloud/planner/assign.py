@@ -103,7 +103,7 @@ def assign(ctx: Context, mix: Mix) -> tuple[list[Template], list[list[tuple[str,
             same = nodes[s] == nodes[s + 1] and _stage_type(t, s) == _stage_type(t, s + 1)
             links.append(INTRA if same else NET)
         if tuple(links) != t.path.links:
-            t = ctx.evaluate(t.b, Path(t.path.stages, tuple(links)))
+            t = ctx.evaluate(t.b, Path(t.path.stages, tuple(links)), t.space)
             notes.append(f"replica {r}: stages placed on other nodes than costed; figures "
                          "re-costed for the placement")
         out.append(t)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from kcloud.hardware.cost import MEMORY_HEADROOM
 from kcloud.planner.plan import AttentionOffload, Plan, Replica, Stage
-from kcloud.planner.search import Context
+from kcloud.planner.search import Context, in_flight_of
 
 
 def _signature(r: Replica) -> tuple[object, ...]:
@@ -87,14 +87,19 @@ def stage_table(ctx: Context, plan: Plan) -> Table:
     return t
 
 
-def _why_tp(ctx: Context, plan: Plan, device_type: str, tp: int, i: int,
+def _space(ctx: Context, plan: Plan, r: Replica) -> Any:
+    """The stage space of replica r's micro-batch, its stages holding the KV cache of its
+    own micro-batches in flight (what its figures were costed with)."""
+    return ctx.space_at(plan.micro_batch, in_flight_of(len(r.stages)))
+
+
+def _why_tp(sp: Any, device_type: str, tp: int, i: int,
             j: int, off: AttentionOffload | None = None) -> tuple[str, float] | None:
     """Why `tp` and not tp / 2 for layers [i, j): ("memory", GB needed per device at tp / 2)
     or ("speed", how much longer a micro-batch would take at tp / 2), with the same
     attention offload."""
     if tp == 1:
         return None
-    sp = ctx.space(plan.micro_batch)
     opt = {(sp.types[o.type].id, o.tp): o.index for o in sp.options
            if _same_offload(sp, o, off)}
     if (device_type, tp) not in opt:
@@ -111,12 +116,13 @@ def _tp_lines(ctx: Context, plan: Plan) -> list[str]:
     found: dict[tuple[str, int, str], list[tuple[int, int, float]]] = {}
     seen = set()
     for _, r in replica_groups(plan):
+        sp = _space(ctx, plan, r)
         for s in r.stages:
             key = (s.device_type, s.tp, s.start, s.end)
-            if key in seen:
+            if (key, sp.in_flight) in seen:
                 continue
-            seen.add(key)
-            why = _why_tp(ctx, plan, *key, off=s.attention_offload)
+            seen.add((key, sp.in_flight))
+            why = _why_tp(sp, *key, off=s.attention_offload)
             if why is not None:
                 found.setdefault((s.device_type, s.tp, why[0]), []).append(
                     (s.start, s.end, why[1]))
@@ -206,8 +212,9 @@ def offload_lines(ctx: Context, plan: Plan) -> list[str]:
     seen = set()
     mode = ctx.goal.attention_offload
     for _, r in replica_groups(plan):
+        sp = _space(ctx, plan, r)
         for n, s in enumerate(r.stages):
-            key = (s.device_type, s.tp, s.start, s.end, s.attention_offload)
+            key = (s.device_type, s.tp, s.start, s.end, s.attention_offload, sp.in_flight)
             if key in seen:
                 continue
             seen.add(key)

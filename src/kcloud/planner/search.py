@@ -11,8 +11,10 @@ Plan space
   power of two up to `MAX_MICRO_BATCH` (`MAX_LLM_MICRO_BATCH` for LLMs) that fits in memory.
 - Memory per device of a stage: its weights / tp plus two micro-batches' activations (the one
   it works on and the one it receives), or for an LLM the KV cache of prompt + output tokens of
-  every micro-batch in flight (a pipeline of S stages keeps S in flight: the search starts at
-  two and searches again with S while its plan has pipelines of more stages), and the chunked
+  every micro-batch in flight (a pipeline of S stages keeps S in flight). The search counts
+  two at first; a pipeline of at most as many stages as its round counted is kept for every
+  later round; while the best mix has a deeper one, the search runs again counting its stages.
+  The plan's pipelines are then costed with their own count (`in_flight_of`), and the chunked
   prefill workspace; it must fit in the device's memory x `MEMORY_HEADROOM`.
 - The throughput objective without an SLO takes a default latency bound: `DEFAULT_SLO_FACTOR`
   x the latency of the fastest request any pipeline gives (a plan a person would deploy); the
@@ -118,6 +120,9 @@ class Context:
     costs: dict[tuple[int, int, int], OptionCosts] = field(default_factory=dict)
     # replica counts found for a group of templates (`choose` asks again for the same group)
     counts: dict[tuple[object, ...], list[int] | None] = field(default_factory=dict)
+    # LLM: spaces by (micro-batches in flight, b) for other counts than this round's
+    # (`space_at`), shared by every round
+    by_count: dict[tuple[int, int], StageSpace] = field(default_factory=dict)
 
     def space(self, b: int) -> StageSpace:
         sp = self.spaces.get(b)
@@ -134,8 +139,20 @@ class Context:
                 if o.type in ts and (not o.offload or o.pim in ts)
                 and np.isfinite(sp.time[o.index]).any()]
 
-    def evaluate(self, b: int, path: Path) -> Template:
-        sp = self.space(b)
+    def space_at(self, b: int, in_flight: int) -> StageSpace:
+        """The space of micro-batch b whose stages hold `in_flight` micro-batches' KV cache
+        (this round's own when the count is its count, or the model is no LLM)."""
+        if not self.model.is_llm or in_flight == self.in_flight:
+            return self.space(b)
+        sp = self.by_count.get((in_flight, b))
+        if sp is None:
+            sp = self.by_count[(in_flight, b)] = StageSpace(
+                self.model, self.types, self.cluster.network, b, self.calibration, in_flight,
+                self.costs, offload=self.goal.attention_offload)
+        return sp
+
+    def evaluate(self, b: int, path: Path, space: StageSpace | None = None) -> Template:
+        sp = self.space(b) if space is None else space
         key = (path, self.goal.batch)
         t = sp.evaluated.get(key)
         if t is None:
@@ -752,21 +769,49 @@ def search(model: ModelGraphs, cluster: Cluster, goal: Goal, *,
     if goal.objective == "throughput" and goal.slo_s is None:
         ctx = _default_slo(ctx)
     bounds: dict[int, float] | None = None  # per micro-batch: the best it can still reach
+    held: list[Template] = []  # pipelines whose stages hold all their micro-batches in flight
     for _ in range(MAX_IN_FLIGHT_ROUNDS):
         templates, bounds = _round(ctx, bounds)
-        mix = choose(ctx, templates)
+        held = dedupe([*held, *(t for t in templates if holds_in_flight(t))])
+        over = [t for t in templates if not holds_in_flight(t)]
+        mix = choose(ctx, [*held, *over])
         if mix is None:
             raise diagnose(ctx)
-        deepest = max(len(t.path.stages) for t, _ in mix.parts)
-        if not model.is_llm or deepest <= ctx.in_flight:
+        short = [t for t, _ in mix.parts if not holds_in_flight(t)]
+        if not short:
             break
-        # Its pipelines keep more micro-batches in flight than their stages' memory counted.
-        ctx = replace(ctx, in_flight=deepest, spaces={}, counts={})
+        # Pipelines of the best mix keep more micro-batches in flight than their stages'
+        # memory counted: search again counting as many as the deepest of them has stages.
+        ctx = replace(ctx, in_flight=max(len(t.path.stages) for t in short), spaces={},
+                      counts={})
     else:
-        raise InfeasibleGoal(f"{model.spec}: no plan whose pipelines hold the KV cache of every "
-                             "micro-batch in flight was found", "use fewer --output-tokens "
-                             "or a cluster with more memory")
-    return SearchResult(ctx, mix, templates)
+        mix = choose(ctx, held)
+        if mix is None:
+            raise InfeasibleGoal(f"{model.spec}: no plan whose pipelines hold the KV cache of "
+                                 "every micro-batch in flight was found", "use fewer "
+                                 "--output-tokens or a cluster with more memory")
+    # Each pipeline's figures with its own micro-batches in flight (its memory: a round may
+    # have counted more than it keeps; everything else is the same).
+    mix = Mix(tuple((_own_count(ctx, t), n) for t, n in mix.parts))
+    return SearchResult(ctx, mix, held)
+
+
+def in_flight_of(stages: int) -> int:
+    """Micro-batches in flight whose KV cache an LLM pipeline of `stages` stages holds in
+    each stage: one per stage, and at least two (the one a stage works on and the one it
+    receives: what the search counts at first)."""
+    return max(stages, 2)
+
+
+def holds_in_flight(t: Template) -> bool:
+    """Whether `t`'s stages hold the KV cache of every micro-batch its pipeline keeps in
+    flight (what its space counted is at least `in_flight_of` its stages; not an LLM: yes)."""
+    return not t.space.model.is_llm or in_flight_of(len(t.path.stages)) <= t.space.in_flight
+
+
+def _own_count(ctx: Context, t: Template) -> Template:
+    sp = ctx.space_at(t.b, in_flight_of(len(t.path.stages)))
+    return t if sp is t.space else ctx.evaluate(t.b, t.path, sp)
 
 
 def objective_bound(ctx: Context, b: int) -> float:
