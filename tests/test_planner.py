@@ -930,3 +930,22 @@ def test_micro_batches_pruned_by_their_bounds_leave_the_plan_unchanged(make_mode
     monkeypatch.setattr(search, "_round", _full_round)
     full = search.search(model, cl, goal)
     assert [(t.key, n) for t, n in pruned.mix.parts] == [(t.key, n) for t, n in full.mix.parts]
+
+
+def test_the_frontier_holds_only_pipelines_that_hold_their_micro_batches_in_flight():
+    """Frontier candidates come from every family at the plan's in-flight count: an LLM
+    pipeline deeper than that count under-counts its KV cache and is left out."""
+    from kcloud.planner.pareto import candidates
+    from kcloud.planner.search import device_family, holds_in_flight, search
+
+    args = dict(n_layers=8, hidden=8192, ffn=28672, kv_heads=8, heads=64)
+    pre = decoder(**args, seq=256, phase="prefill", kv_len=None)  # type: ignore[arg-type]
+    dec = decoder(**args, seq=256, phase="decode", kv_len=384)  # type: ignore[arg-type]
+    model = ModelGraphs("synthetic-llm", pre, dec, 256)  # deep pipelines where memory binds
+    cl = small_cluster(atom_nodes=2, per_node=4, rngd=4)
+    ctx = search(model, cl, Goal(objective="throughput")).ctx
+    raw = [t for b in ctx.micro_batches for _, tys in ctx.restrictions
+           if (opts := ctx.options(b, tys)) for t in device_family(ctx, b, opts)]
+    assert any(not holds_in_flight(t) for t in raw)  # the families do yield deeper ones
+    got = candidates(ctx)
+    assert got and all(holds_in_flight(t) for t in got)

@@ -21,6 +21,7 @@ from kcloud.planner.search import (
     dedupe,
     device_family,
     fits_alone,
+    holds_in_flight,
     make_context,
     min_latency,
     per_item_family,
@@ -62,7 +63,8 @@ def candidates(ctx: Context, extra: list[Template] | None = None) -> list[Templa
             out.extend(device_family(c, b, opts))
             p = min_latency(c, b, opts, np.array([np.inf]))[0]
             out.append(None if p is None else c.evaluate(b, p))
-    return dedupe([*(extra or []), *out])
+    # an LLM pipeline deeper than the count its stages' memory was costed with cannot run
+    return [t for t in dedupe([*(extra or []), *out]) if holds_in_flight(t)]
 
 
 def frontier(ctx: Context, extra: list[Template] | None = None) -> tuple[list[Point],
