@@ -949,3 +949,61 @@ def test_the_frontier_holds_only_pipelines_that_hold_their_micro_batches_in_flig
     assert any(not holds_in_flight(t) for t in raw)  # the families do yield deeper ones
     got = candidates(ctx)
     assert got and all(holds_in_flight(t) for t in got)
+
+
+def _deep_llm() -> ModelGraphs:
+    args = dict(n_layers=8, hidden=8192, ffn=28672, kv_heads=8, heads=64)
+    pre = decoder(**args, seq=256, phase="prefill", kv_len=None)  # type: ignore[arg-type]
+    dec = decoder(**args, seq=256, phase="decode", kv_len=384)  # type: ignore[arg-type]
+    return ModelGraphs("synthetic-llm", pre, dec, 256)
+
+
+def test_a_stage_fits_more_micro_batches_in_flight_as_a_space_that_counts_them():
+    """`fits_in_flight` (a space's memory check at a higher count) agrees with a space built
+    at that count, stage by stage."""
+    model, cl = _deep_llm(), small_cluster(atom_nodes=2, per_node=4, rngd=4)
+    types, _ = build_types(cl, model, Goal())
+    for b in (4, 256):
+        sp = StageSpace(model, types, cl.network, b)
+        changed = 0
+        for k in (2, 3, 5, 16):
+            at = StageSpace(model, types, cl.network, b, in_flight=k)
+            for o in range(len(sp.options)):
+                for i in range(sp.L):
+                    for j in range(i + 1, sp.L + 1):
+                        fits = bool(np.isfinite(at.time[o, i, j]))
+                        assert sp.fits_in_flight(o, i, j, k) == fits
+                        changed += fits != bool(np.isfinite(sp.time[o, i, j]))
+        assert (changed > 0) == (b == 256)  # the count binds at the larger micro-batch only
+
+
+def test_baseline_llm_stages_hold_their_pipelines_micro_batches_in_flight():
+    """megatron-uniform's pipelines are costed like the search's: a pp-stage LLM pipeline's
+    stages hold pp micro-batches' KV cache (at least two), and a grid whose stages would fit
+    only two micro-batches' is not offered."""
+    import itertools
+
+    from kcloud.planner.baselines import _grid, _uniform
+    from kcloud.planner.search import in_flight_of
+
+    args = dict(n_layers=8, hidden=8192, ffn=28672, kv_heads=8, heads=64)
+    pre = decoder(**args, seq=1024, phase="prefill", kv_len=None)  # type: ignore[arg-type]
+    dec = decoder(**args, seq=1024, phase="decode", kv_len=1536)  # type: ignore[arg-type]
+    model = ModelGraphs("synthetic-llm", pre, dec, 1024)  # a long context: the KV binds
+    ctx = make_context(model, small_cluster(atom_nodes=2, per_node=4, rngd=4),
+                       Goal(objective="throughput"))
+    grids = list(_grid(ctx, data_parallel=False))
+    assert any(len(t.path.stages) > 2 for t in grids)
+    for t in grids:
+        count = in_flight_of(len(t.path.stages))
+        assert all(t.space.fits_in_flight(o, i, j, count) for o, i, j in t.path.stages)
+    dropped = 0
+    for b in ctx.micro_batches:
+        sp = ctx.space(b)
+        for o in (x for x in sp.options if not x.offload):
+            for pp in range(3, min(sp.L, ctx.types[o.type].count // o.tp) + 1):
+                cuts = [round(k * sp.L / pp) for k in range(pp + 1)]
+                at_two = all(np.isfinite(sp.time[o.index, i, j])
+                             for i, j in itertools.pairwise(cuts))
+                dropped += at_two and _uniform(ctx, b, o.type, o.tp, pp) is None
+    assert dropped > 0

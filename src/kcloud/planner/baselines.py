@@ -16,8 +16,6 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 
-import numpy as np
-
 from kcloud.errors import KCloudError
 from kcloud.hardware.cluster import Cluster
 from kcloud.hardware.device import DeviceKind
@@ -27,7 +25,14 @@ from kcloud.planner.dp import Path
 from kcloud.planner.evaluate import Mix, Template
 from kcloud.planner.goal import Goal, InfeasibleGoal
 from kcloud.planner.model import ModelGraphs
-from kcloud.planner.search import Context, copies, fits_alone, make_context
+from kcloud.planner.search import (
+    Context,
+    copies,
+    fits_alone,
+    in_flight_of,
+    make_context,
+    with_own_count,
+)
 from kcloud.planner.space import INTRA, NET
 
 BASELINES: tuple[str, ...] = ("data-parallel", "megatron-uniform", "gpu-only")
@@ -41,7 +46,10 @@ def _uniform(ctx: Context, b: int, t: int, tp: int, pp: int) -> Path | None:
         return None
     bounds = [round(k * L / pp) for k in range(pp + 1)]
     stages = tuple((o, i, j) for i, j in itertools.pairwise(bounds))
-    if any(not np.isfinite(sp.time[o, i, j]) for _, i, j in stages):
+    # an LLM's stages hold the KV cache of the pipeline's micro-batches in flight, as the
+    # search's pipelines do
+    count = in_flight_of(pp) if ctx.model.is_llm else sp.in_flight
+    if any(not sp.fits_in_flight(o, i, j, count) for _, i, j in stages):
         return None
     cap = sp.types[t].node_cap
     links, fill = [], tp
@@ -97,7 +105,7 @@ def run_baseline(name: str, model: ModelGraphs, cluster: Cluster, goal: Goal) ->
         why = ("the model fits no single device" if name == "data-parallel" and not any(
             True for _ in _grid(ctx, True)) else "no such plan meets the goal")
         raise InfeasibleGoal(f"{name}: {why}")
-    plan = build_plan(ctx, mix)
+    plan = build_plan(ctx, Mix(tuple((with_own_count(ctx, t), n) for t, n in mix.parts)))
     return Outcome(plan, None, time.perf_counter() - t0)
 
 

@@ -792,7 +792,7 @@ def search(model: ModelGraphs, cluster: Cluster, goal: Goal, *,
                                  "--output-tokens or a cluster with more memory")
     # Each pipeline's figures with its own micro-batches in flight (its memory: a round may
     # have counted more than it keeps; everything else is the same).
-    mix = Mix(tuple((_own_count(ctx, t), n) for t, n in mix.parts))
+    mix = Mix(tuple((with_own_count(ctx, t), n) for t, n in mix.parts))
     return SearchResult(ctx, mix, held)
 
 
@@ -809,7 +809,8 @@ def holds_in_flight(t: Template) -> bool:
     return not t.space.model.is_llm or in_flight_of(len(t.path.stages)) <= t.space.in_flight
 
 
-def _own_count(ctx: Context, t: Template) -> Template:
+def with_own_count(ctx: Context, t: Template) -> Template:
+    """`t` costed with its own micro-batches in flight (`in_flight_of` its stages)."""
     sp = ctx.space_at(t.b, in_flight_of(len(t.path.stages)))
     return t if sp is t.space else ctx.evaluate(t.b, t.path, sp)
 

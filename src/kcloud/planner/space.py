@@ -332,6 +332,8 @@ class StageSpace:
         # pause (`refill_time_s`; zero on devices without a measured resume)
         self.refill = np.zeros((o, n, n))
         self.cache = np.zeros(o)
+        # LLM: bytes per device of one more micro-batch's KV cache in flight (`fits_in_flight`)
+        self.kv_unit = np.zeros((o, n, n))
         self.trans = np.full((len(self.types), 2, n), np.inf)  # [type, INTRA|NET, cut]
         upper = np.triu(np.ones((n, n), dtype=bool), 1)
         # offload options: bytes per PIM device of the KV cache, and whether decode steps
@@ -370,6 +372,7 @@ class StageSpace:
         else:
             act = (float(max(self.in_flight, 1)) * b * m.context_tokens * c.kv
                    + c.act) / tp
+            self.kv_unit[opt.index] = np.where(upper, b * m.context_tokens * c.kv / tp, 0.0)
         mem = c.weight_bytes + act
         fits = upper & (mem <= dev.memory_bytes.value * MEMORY_HEADROOM)
         self.time[opt.index] = np.where(fits, c.time, np.inf)
@@ -536,6 +539,20 @@ class StageSpace:
     @cached_property
     def any_fit(self) -> bool:
         return bool(np.isfinite(self.time).any())
+
+    def fits_in_flight(self, o: int, i: int, j: int, in_flight: int) -> bool:
+        """Whether option o's stage over [i, j) fits its devices' memory holding the KV cache
+        of `in_flight` micro-batches, at least this space's count (`self.in_flight`)."""
+        if in_flight < self.in_flight:
+            raise ValueError(f"in-flight count {in_flight} below the space's {self.in_flight}")
+        if not np.isfinite(self.time[o, i, j]):
+            return False
+        opt = self.options[o]
+        if opt.offload:  # the KV cache sits on the PIM group
+            kv = float(self.pim_mem[o][i, j]) * in_flight / max(self.in_flight, 1)
+            return kv <= self.types[opt.pim].device.memory_bytes.value * MEMORY_HEADROOM
+        mem = float(self.mem[o, i, j] + (in_flight - self.in_flight) * self.kv_unit[o, i, j])
+        return mem <= self.types[opt.type].device.memory_bytes.value * MEMORY_HEADROOM
 
     def candidate_periods(self, options: list[int]) -> np.ndarray:
         """Every distinct stage and transfer time: the values a pipeline's period can take."""
