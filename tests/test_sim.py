@@ -389,6 +389,30 @@ def test_size_meets_slo_and_domestic_floor():
         size_fleet(tight, 2025)
 
 
+def test_size_tries_a_unit_planned_for_its_own_objective():
+    """A service's candidate replica units come from its own plan and from the plan for the
+    sizing's objective: the fleet takes whichever serves the stream on less power."""
+    from kcloud.sim.services import parse_spec
+    from kcloud.sim.size import size_fleet, size_service, unit_objectives
+
+    spec = parse_spec({"seed": 1, "services": [  # the roadmap's document service
+        {"name": "doc", "model": "llama-2-70b", "trace": str(TRACES / "azure-llm-2023-code.csv"),
+         "rate_scale": 0.25, "max_tokens": 4096, "slo": {"ttft_ms": 5000, "tpot_ms": 200},
+         "devices": ["rebellions-rebel-quad"]}]}, "test")
+    svc = spec.services[0]
+    assert unit_objectives(svc, "energy") == ("throughput", "energy")
+    assert unit_objectives(svc, "throughput") == ("throughput",)
+    units = [size_service(svc, ("rebellions-rebel-quad",), seed=1, objective=o)
+             for o in ("throughput", "energy")]
+    assert all(u is not None and u.meets for u in units)
+    assert units[0].unit != units[1].unit  # type: ignore[union-attr]
+    got = size_fleet(spec, 2028, objective="energy")
+    best = min(units, key=lambda u: u.power_w)  # type: ignore[union-attr]
+    assert best is units[1]  # here the node's throughput plan is one pipeline of 8
+    assert got["services"]["doc"]["unit"] == best.unit  # type: ignore[union-attr]
+    assert got["avg_power_w"] == pytest.approx(best.power_w)  # type: ignore[union-attr]
+
+
 # -- a serving front end -----------------------------------------------------------------------
 
 

@@ -2,10 +2,13 @@
 energy; and the 2025 / 2028 / 2030 roadmap.
 
 Per service and per candidate device set (one catalog device type, or an NPU joined by a PIM
-type where the year has PIM), the planner plans the model on nodes of that set and its first
-replica becomes the service's replica unit. The simulator then finds the fewest replicas that
-meet the SLO (a share `attainment` of requests within every bound): an estimate from the
-replica's nominal rate, doubled until met, then bisected. Each service's feasible options are
+type where the year has PIM), the planner plans the model on nodes of that set, once for the
+service's own objective and once for the sizing's (`unit_objectives`: a node's throughput plan
+can take every device of it in one pipeline, where the least-energy or least-cost pipeline
+takes one or two), and each plan's first replica is a candidate replica unit. The simulator
+then finds the fewest replicas of each unit that meet the SLO (a share `attainment` of
+requests within every bound): an estimate from the replica's nominal rate, doubled until met,
+then bisected. Each service's feasible options are
 combined into fleets; the fleet returned is the one with the lowest objective that meets the
 domestic-share floor and the power cap, beside the Pareto front of cost, energy and domestic
 share. Every figure is modeled; those built on estimated or projected catalog numbers say so.
@@ -129,9 +132,19 @@ def _option(spec: ServiceSpec, devs: tuple[str, ...], planned: Any, n: int, res:
                   att >= target and s["dropped"] == 0, d["estimated"], s)
 
 
+def unit_objectives(spec: ServiceSpec, objective: str) -> tuple[str, ...]:
+    """The planner objectives whose plans give `spec` its candidate replica units: its own,
+    and the sizing's `objective`."""
+    return tuple(dict.fromkeys((spec.objective, objective)))
+
+
 def size_service(spec: ServiceSpec, devs: tuple[str, ...], *, seed: int = 0,
-                 target: float = DEFAULT_ATTAINMENT) -> Option | None:
-    """The fewest replicas of `spec` planned on `devs` that meet its SLO (None: no plan)."""
+                 target: float = DEFAULT_ATTAINMENT,
+                 objective: str | None = None) -> Option | None:
+    """The fewest replicas of `spec` planned on `devs` that meet its SLO (None: no plan), the
+    plan made for `objective` (default: the service's own)."""
+    if objective is not None and objective != spec.objective:
+        spec = spec.model_copy(update={"objective": objective})
     from kcloud.graph.loaders import load_model_spec
     from kcloud.planner.goal import Goal
     from kcloud.planner.model import load_model
@@ -287,15 +300,18 @@ def size_fleet(spec: FleetSpec, year: int, *, min_domestic_share: float = 0.0,
     for s in spec.services:
         feasible, best_miss = [], None
         for devs in candidate_sets(year, s.devices or devices):
-            if progress:
-                progress(f"{year} {s.name}: {'+'.join(devs)}")
-            opt = size_service(s, devs, seed=spec.seed, target=target)
-            if opt is None:
-                continue
-            if opt.meets:
-                feasible.append(opt)
-            elif best_miss is None or opt.attainment > best_miss.attainment:
-                best_miss = opt
+            for unit_objective in unit_objectives(s, objective):
+                if progress:
+                    progress(f"{year} {s.name}: {'+'.join(devs)} ({unit_objective} plan)")
+                opt = size_service(s, devs, seed=spec.seed, target=target,
+                                   objective=unit_objective)
+                if opt is None or any(o.unit == opt.unit and o.devices == opt.devices
+                                      for o in feasible):
+                    continue  # no plan, or the same unit as the other objective's
+                if opt.meets:
+                    feasible.append(opt)
+                elif best_miss is None or opt.attainment > best_miss.attainment:
+                    best_miss = opt
         nearest[s.name] = best_miss
         if not feasible:
             slo = s.slo
