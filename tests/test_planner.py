@@ -105,6 +105,15 @@ def small_llm(prompt: int = 64, out: int = 32) -> ModelGraphs:
     return ModelGraphs("synthetic-llm", pre, dec, out)
 
 
+def deep_llm(prompt: int = 256, out: int = 256) -> ModelGraphs:
+    """A 70B-wide decoder of 8 layers: its pipelines grow deep where memory binds."""
+    args = dict(n_layers=8, hidden=8192, ffn=28672, kv_heads=8, heads=64)
+    pre = decoder(**args, seq=prompt, phase="prefill", kv_len=None)  # type: ignore[arg-type]
+    dec = decoder(**args, seq=prompt, phase="decode",  # type: ignore[arg-type]
+                  kv_len=prompt + out // 2)
+    return ModelGraphs("synthetic-llm", pre, dec, out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Brute force: every contiguous partition x option per stage x link choice, costed directly
 # from LayerTable.stage and Link.transfer_s (independent of the planner's matrices).
@@ -938,10 +947,7 @@ def test_the_frontier_holds_only_pipelines_that_hold_their_micro_batches_in_flig
     from kcloud.planner.pareto import candidates
     from kcloud.planner.search import device_family, holds_in_flight, search
 
-    args = dict(n_layers=8, hidden=8192, ffn=28672, kv_heads=8, heads=64)
-    pre = decoder(**args, seq=256, phase="prefill", kv_len=None)  # type: ignore[arg-type]
-    dec = decoder(**args, seq=256, phase="decode", kv_len=384)  # type: ignore[arg-type]
-    model = ModelGraphs("synthetic-llm", pre, dec, 256)  # deep pipelines where memory binds
+    model = deep_llm()
     cl = small_cluster(atom_nodes=2, per_node=4, rngd=4)
     ctx = search(model, cl, Goal(objective="throughput")).ctx
     raw = [t for b in ctx.micro_batches for _, tys in ctx.restrictions
@@ -951,17 +957,10 @@ def test_the_frontier_holds_only_pipelines_that_hold_their_micro_batches_in_flig
     assert got and all(holds_in_flight(t) for t in got)
 
 
-def _deep_llm() -> ModelGraphs:
-    args = dict(n_layers=8, hidden=8192, ffn=28672, kv_heads=8, heads=64)
-    pre = decoder(**args, seq=256, phase="prefill", kv_len=None)  # type: ignore[arg-type]
-    dec = decoder(**args, seq=256, phase="decode", kv_len=384)  # type: ignore[arg-type]
-    return ModelGraphs("synthetic-llm", pre, dec, 256)
-
-
 def test_a_stage_fits_more_micro_batches_in_flight_as_a_space_that_counts_them():
     """`fits_in_flight` (a space's memory check at a higher count) agrees with a space built
     at that count, stage by stage."""
-    model, cl = _deep_llm(), small_cluster(atom_nodes=2, per_node=4, rngd=4)
+    model, cl = deep_llm(), small_cluster(atom_nodes=2, per_node=4, rngd=4)
     types, _ = build_types(cl, model, Goal())
     for b in (4, 256):
         sp = StageSpace(model, types, cl.network, b)
@@ -986,10 +985,7 @@ def test_baseline_llm_stages_hold_their_pipelines_micro_batches_in_flight():
     from kcloud.planner.baselines import _grid, _uniform
     from kcloud.planner.search import in_flight_of
 
-    args = dict(n_layers=8, hidden=8192, ffn=28672, kv_heads=8, heads=64)
-    pre = decoder(**args, seq=1024, phase="prefill", kv_len=None)  # type: ignore[arg-type]
-    dec = decoder(**args, seq=1024, phase="decode", kv_len=1536)  # type: ignore[arg-type]
-    model = ModelGraphs("synthetic-llm", pre, dec, 1024)  # a long context: the KV binds
+    model = deep_llm(1024, 1024)  # a long context: the KV binds
     ctx = make_context(model, small_cluster(atom_nodes=2, per_node=4, rngd=4),
                        Goal(objective="throughput"))
     grids = list(_grid(ctx, data_parallel=False))

@@ -48,8 +48,7 @@ def _uniform(ctx: Context, b: int, t: int, tp: int, pp: int) -> Path | None:
     stages = tuple((o, i, j) for i, j in itertools.pairwise(bounds))
     # an LLM's stages hold the KV cache of the pipeline's micro-batches in flight, as the
     # search's pipelines do
-    count = in_flight_of(pp) if ctx.model.is_llm else sp.in_flight
-    if any(not sp.fits_in_flight(o, i, j, count) for _, i, j in stages):
+    if any(not sp.fits_in_flight(o, i, j, in_flight_of(pp)) for _, i, j in stages):
         return None
     cap = sp.types[t].node_cap
     links, fill = [], tp

@@ -13,6 +13,7 @@ from rich.table import Table
 from kcloud.hardware.cost import MEMORY_HEADROOM
 from kcloud.planner.plan import AttentionOffload, Plan, Replica, Stage
 from kcloud.planner.search import Context, in_flight_of
+from kcloud.planner.space import StageSpace
 
 
 def _signature(r: Replica) -> tuple[object, ...]:
@@ -87,13 +88,13 @@ def stage_table(ctx: Context, plan: Plan) -> Table:
     return t
 
 
-def _space(ctx: Context, plan: Plan, r: Replica) -> Any:
+def _space(ctx: Context, plan: Plan, r: Replica) -> StageSpace:
     """The stage space of replica r's micro-batch, its stages holding the KV cache of its
     own micro-batches in flight (what its figures were costed with)."""
     return ctx.space_at(plan.micro_batch, in_flight_of(len(r.stages)))
 
 
-def _why_tp(sp: Any, device_type: str, tp: int, i: int,
+def _why_tp(sp: StageSpace, device_type: str, tp: int, i: int,
             j: int, off: AttentionOffload | None = None) -> tuple[str, float] | None:
     """Why `tp` and not tp / 2 for layers [i, j): ("memory", GB needed per device at tp / 2)
     or ("speed", how much longer a micro-batch would take at tp / 2), with the same

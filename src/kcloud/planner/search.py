@@ -832,14 +832,14 @@ def objective_bound(ctx: Context, b: int) -> float:
     if not opts:
         return math.inf
     sp = ctx.space(b)
-    t = sp.time[opts]
+    time = sp.time[opts]
     if objective == "throughput":
-        w = sp.opt_use[opts].sum(axis=1)[:, None, None] * t
+        w = sp.opt_use[opts].sum(axis=1)[:, None, None] * time
     elif objective == "energy":
         w = sp.opt_tp[opts][:, None, None] * sp.busy_j[opts]
     else:
-        w = sp.opt_price_s[opts][:, None, None] * t
-    w = np.where(np.isfinite(t) & np.isfinite(w), w, np.inf)
+        w = sp.opt_price_s[opts][:, None, None] * time
+    w = np.where(np.isfinite(time) & np.isfinite(w), w, np.inf)
     # no latency weight: what the chains' times and transfers add is zero (under a finite
     # cap, so that a missing transfer stays missing)
     batch = make_batch(sp, opts, w, 0.0, None, np.finfo(float).max)
@@ -866,11 +866,9 @@ def _round(ctx: Context, bounds: dict[int, float] | None
     Leaders go alone, in order of their bounds, until one gives a plan; the others whose
     bounds reach its objective follow together."""
     objective = ctx.goal.objective
-    if bounds is None:
-        if len(ctx.micro_batches) == 1:
-            out = templates_for(ctx, objective)
-            return out, _bests(ctx, out, ctx.micro_batches, {})
-        bounds = {b: objective_bound(ctx, b) for b in ctx.micro_batches}
+    if bounds is None:  # one micro-batch: nothing to order, no bound to compute
+        bounds = {b: -math.inf if len(ctx.micro_batches) == 1 else objective_bound(ctx, b)
+                  for b in ctx.micro_batches}
     order = sorted((b for b in ctx.micro_batches if bounds[b] < math.inf),
                    key=bounds.__getitem__)
     out: list[Template] = []

@@ -295,7 +295,8 @@ class StageSpace:
     # stages its plan's pipelines have).
     in_flight: int = 2
     # (b, type, tp) -> the option's costs: what spaces of one search that differ only in
-    # `in_flight` share (their costs are the same; only the memory that fits differs)
+    # `in_flight` share (their costs are the same; only the memory that fits differs); the
+    # space's own when none is given
     costs: dict[tuple[int, int, int], OptionCosts] | None = None
     offload: str = "auto"  # attention offload to PIM: auto | on | off (`Goal`)
     # (path, batch) -> its Template: the search meets the same chain many times (a sweep of
@@ -307,6 +308,8 @@ class StageSpace:
         default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.costs is None:  # not shared with other spaces: its own
+            self.costs = {}
         self.options: list[Option] = []
         for t in self.types:
             for tp in t.tps:
@@ -332,8 +335,6 @@ class StageSpace:
         # pause (`refill_time_s`; zero on devices without a measured resume)
         self.refill = np.zeros((o, n, n))
         self.cache = np.zeros(o)
-        # LLM: bytes per device of one more micro-batch's KV cache in flight (`fits_in_flight`)
-        self.kv_unit = np.zeros((o, n, n))
         self.trans = np.full((len(self.types), 2, n), np.inf)  # [type, INTRA|NET, cut]
         upper = np.triu(np.ones((n, n), dtype=bool), 1)
         # offload options: bytes per PIM device of the KV cache, and whether decode steps
@@ -361,18 +362,15 @@ class StageSpace:
         t = self.types[opt.type]
         dev, b, tp = t.device, self.b, opt.tp
         key = (b, opt.type, tp)
-        c = None if self.costs is None else self.costs.get(key)
+        c = self.costs.get(key)
         if c is None:
-            c = self._option_costs(opt)
-            if self.costs is not None:
-                self.costs[key] = c
+            c = self.costs[key] = self._option_costs(opt)
         m = self.model
         if m.decode is None:
             act = c.act
         else:
             act = (float(max(self.in_flight, 1)) * b * m.context_tokens * c.kv
                    + c.act) / tp
-            self.kv_unit[opt.index] = np.where(upper, b * m.context_tokens * c.kv / tp, 0.0)
         mem = c.weight_bytes + act
         fits = upper & (mem <= dev.memory_bytes.value * MEMORY_HEADROOM)
         self.time[opt.index] = np.where(fits, c.time, np.inf)
@@ -551,7 +549,9 @@ class StageSpace:
         if opt.offload:  # the KV cache sits on the PIM group
             kv = float(self.pim_mem[o][i, j]) * in_flight / max(self.in_flight, 1)
             return kv <= self.types[opt.pim].device.memory_bytes.value * MEMORY_HEADROOM
-        mem = float(self.mem[o, i, j] + (in_flight - self.in_flight) * self.kv_unit[o, i, j])
+        kv = self.costs[(self.b, opt.type, opt.tp)].kv  # per token, a range's layers
+        more = 0.0 if kv is None else float(kv[i, j]) * self.b * self.model.context_tokens
+        mem = float(self.mem[o, i, j]) + (in_flight - self.in_flight) * more / opt.tp
         return mem <= self.types[opt.type].device.memory_bytes.value * MEMORY_HEADROOM
 
     def candidate_periods(self, options: list[int]) -> np.ndarray:

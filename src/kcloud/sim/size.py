@@ -126,10 +126,14 @@ def _option(spec: ServiceSpec, devs: tuple[str, ...], planned: Any, n: int, res:
     cost = None if any(p is None for p in prices) else sum(
         res.price_per_hour[t] * c for t, c in counts.items())  # type: ignore[operator]
     att = s["slo_attainment"] or 0.0
-    desc = " -> ".join(f"{st.device.id} x{st.tp}" for st in unit.stages)
-    return Option(spec.name, devs, desc, n, counts, dom, cost, d["avg_power_w"],
+    return Option(spec.name, devs, _describe(unit), n, counts, dom, cost, d["avg_power_w"],
                   s["energy_per_request_j"] or 0.0, att,
                   att >= target and s["dropped"] == 0, d["estimated"], s)
+
+
+def _describe(unit: Any) -> str:
+    """A replica unit as 'furiosa-rngd x4 -> furiosa-rngd x4'."""
+    return " -> ".join(f"{st.device.id} x{st.tp}" for st in unit.stages)
 
 
 def unit_objectives(spec: ServiceSpec, objective: str) -> tuple[str, ...]:
@@ -138,14 +142,13 @@ def unit_objectives(spec: ServiceSpec, objective: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((spec.objective, objective)))
 
 
-def size_service(spec: ServiceSpec, devs: tuple[str, ...], *, seed: int = 0,
-                 target: float = DEFAULT_ATTAINMENT,
-                 objective: str | None = None) -> Option | None:
-    """The fewest replicas of `spec` planned on `devs` that meet its SLO (None: no plan), the
-    plan made for `objective` (default: the service's own)."""
-    if objective is not None and objective != spec.objective:
-        spec = spec.model_copy(update={"objective": objective})
+def plan_units(spec: ServiceSpec, devs: tuple[str, ...], objectives: tuple[str, ...]
+               ) -> list[Any]:
+    """`spec` planned on nodes of `devs` once per objective: the plans whose first replica
+    (the unit) differs, leaving out those with no plan and those that leave no memory for a
+    KV cache."""
     from kcloud.graph.loaders import load_model_spec
+    from kcloud.hardware.cost import weight_bytes
     from kcloud.planner.goal import Goal
     from kcloud.planner.model import load_model
 
@@ -155,17 +158,36 @@ def size_service(spec: ServiceSpec, devs: tuple[str, ...], *, seed: int = 0,
         graphs = load_model(spec.model, Goal(input_tokens=prompt, output_tokens=out))
     else:
         graphs = load_model(spec.model, Goal())
-    from kcloud.hardware.cost import weight_bytes
+    cluster = _cluster(devs, weight_bytes(graphs.forward, _precision_of(devs[0])))
+    units: dict[str, Any] = {}
+    for objective in objectives:
+        try:
+            planned = plan_service(spec.model_copy(update={"objective": objective}),
+                                   prompt=prompt, output=out, cluster=cluster)
+        except KCloudError:
+            continue
+        if planned.is_llm and min(m.kv_token_capacity(spec.chunk_tokens)
+                                  for m in planned.models) < 16:
+            continue  # the plan leaves no memory for a KV cache
+        units.setdefault(_describe(planned.models[0]), planned)
+    return list(units.values())
 
-    need = weight_bytes(graphs.forward, _precision_of(devs[0]))
-    try:
-        planned = plan_service(spec, prompt=prompt, output=out, cluster=_cluster(devs, need))
-    except KCloudError:
-        return None
+
+def size_service(spec: ServiceSpec, devs: tuple[str, ...], *, seed: int = 0,
+                 target: float = DEFAULT_ATTAINMENT,
+                 objective: str | None = None) -> Option | None:
+    """The fewest replicas of `spec` planned on `devs` that meet its SLO (None: no plan), the
+    plan made for `objective` (default: the service's own)."""
+    units = plan_units(spec, devs, (objective or spec.objective,))
+    return size_unit(spec, devs, units[0], seed=seed, target=target) if units else None
+
+
+def size_unit(spec: ServiceSpec, devs: tuple[str, ...], planned: Any, *, seed: int = 0,
+              target: float = DEFAULT_ATTAINMENT) -> Option | None:
+    """The fewest replicas of `planned`'s first replica that meet `spec`'s SLO (or, when no
+    count does, the count that comes nearest; None: more than `MAX_REPLICAS` at first guess)."""
+    prompt, out = mean_lengths(spec)
     unit = planned.models[0]
-    if planned.is_llm and min(m.kv_token_capacity(spec.chunk_tokens)
-                              for m in planned.models) < 16:
-        return None  # the plan leaves no memory for a KV cache
     # a first guess from the replica's nominal rate and the stream's load
     rate = _stream_rate(spec)
     work = rate * (out if planned.is_llm else 1)
@@ -300,14 +322,12 @@ def size_fleet(spec: FleetSpec, year: int, *, min_domestic_share: float = 0.0,
     for s in spec.services:
         feasible, best_miss = [], None
         for devs in candidate_sets(year, s.devices or devices):
-            for unit_objective in unit_objectives(s, objective):
-                if progress:
-                    progress(f"{year} {s.name}: {'+'.join(devs)} ({unit_objective} plan)")
-                opt = size_service(s, devs, seed=spec.seed, target=target,
-                                   objective=unit_objective)
-                if opt is None or any(o.unit == opt.unit and o.devices == opt.devices
-                                      for o in feasible):
-                    continue  # no plan, or the same unit as the other objective's
+            if progress:
+                progress(f"{year} {s.name}: {'+'.join(devs)}")
+            for planned in plan_units(s, devs, unit_objectives(s, objective)):
+                opt = size_unit(s, devs, planned, seed=spec.seed, target=target)
+                if opt is None:
+                    continue
                 if opt.meets:
                     feasible.append(opt)
                 elif best_miss is None or opt.attainment > best_miss.attainment:
