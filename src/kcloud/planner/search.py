@@ -127,10 +127,12 @@ class Context:
     def space(self, b: int) -> StageSpace:
         sp = self.spaces.get(b)
         if sp is None:
-            sp = StageSpace(self.model, self.types, self.cluster.network, b, self.calibration,
-                            self.in_flight, self.costs, offload=self.goal.attention_offload)
-            self.spaces[b] = sp
+            sp = self.spaces[b] = self._new_space(b, self.in_flight)
         return sp
+
+    def _new_space(self, b: int, in_flight: int) -> StageSpace:
+        return StageSpace(self.model, self.types, self.cluster.network, b, self.calibration,
+                          in_flight, self.costs, offload=self.goal.attention_offload)
 
     def options(self, b: int, types: Iterable[int]) -> list[int]:
         ts = set(types)
@@ -146,9 +148,7 @@ class Context:
             return self.space(b)
         sp = self.by_count.get((in_flight, b))
         if sp is None:
-            sp = self.by_count[(in_flight, b)] = StageSpace(
-                self.model, self.types, self.cluster.network, b, self.calibration, in_flight,
-                self.costs, offload=self.goal.attention_offload)
+            sp = self.by_count[(in_flight, b)] = self._new_space(b, in_flight)
         return sp
 
     def evaluate(self, b: int, path: Path, space: StageSpace | None = None) -> Template:
