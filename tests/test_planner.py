@@ -97,21 +97,21 @@ def decoder(n_layers: int, hidden: int, ffn: int, kv_heads: int, heads: int, seq
     return LayerGraph("synthetic-llm", tuple(layers), 1, tok, phase, kv_len, 0, 0, 2, meta)
 
 
-def small_llm(prompt: int = 64, out: int = 32) -> ModelGraphs:
-    args = dict(n_layers=3, hidden=12288, ffn=32768, kv_heads=8, heads=96)
-    pre = decoder(**args, seq=prompt, phase="prefill", kv_len=None)  # type: ignore[arg-type]
-    dec = decoder(**args, seq=prompt, phase="decode",  # type: ignore[arg-type]
+def llm(prompt: int, out: int, **shape: int) -> ModelGraphs:
+    """A decoder of `shape` (layers, widths, heads) with its prefill and decode graphs."""
+    pre = decoder(**shape, seq=prompt, phase="prefill", kv_len=None)  # type: ignore[arg-type]
+    dec = decoder(**shape, seq=prompt, phase="decode",  # type: ignore[arg-type]
                   kv_len=prompt + out // 2)
     return ModelGraphs("synthetic-llm", pre, dec, out)
+
+
+def small_llm(prompt: int = 64, out: int = 32) -> ModelGraphs:
+    return llm(prompt, out, n_layers=3, hidden=12288, ffn=32768, kv_heads=8, heads=96)
 
 
 def deep_llm(prompt: int = 256, out: int = 256) -> ModelGraphs:
     """A 70B-wide decoder of 8 layers: its pipelines grow deep where memory binds."""
-    args = dict(n_layers=8, hidden=8192, ffn=28672, kv_heads=8, heads=64)
-    pre = decoder(**args, seq=prompt, phase="prefill", kv_len=None)  # type: ignore[arg-type]
-    dec = decoder(**args, seq=prompt, phase="decode",  # type: ignore[arg-type]
-                  kv_len=prompt + out // 2)
-    return ModelGraphs("synthetic-llm", pre, dec, out)
+    return llm(prompt, out, n_layers=8, hidden=8192, ffn=28672, kv_heads=8, heads=64)
 
 
 # ---------------------------------------------------------------------------------------------
