@@ -88,10 +88,10 @@ def configs(model: Any, cluster: Any) -> list[tuple[str, Any, int, int]]:
 
 
 def fits(st: Any, tokens: int) -> bool:
-    from kcloud.hardware.cost import MEMORY_HEADROOM
+    from kcloud.hardware.cost import usable_memory
 
     t = st.tables
-    if t.weight_bytes(st.start, st.end) > st.device.memory_bytes.value * MEMORY_HEADROOM:
+    if t.weight_bytes(st.start, st.end) > usable_memory(st.device):
         return False
     return st.kv_token_capacity(workspace_tokens=1) >= tokens
 

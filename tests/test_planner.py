@@ -19,12 +19,12 @@ from kcloud.graph.layergraph import Layer, LayerGraph, Op, OpClass, TPGroup, TPS
 from kcloud.hardware.catalog import get_device
 from kcloud.hardware.cluster import Cluster, Link, cluster_from_dict, load_cluster
 from kcloud.hardware.cost import (
-    MEMORY_HEADROOM,
     Calibration,
     Precisions,
     default_calibration,
     layer_table,
     refill_time_s,
+    usable_memory,
 )
 from kcloud.planner.api import make_plan
 from kcloud.planner.baselines import compare
@@ -184,7 +184,7 @@ def _brute_force(model: ModelGraphs, cluster: Cluster, goal: Goal, b: int,
             work = max(peak[i:j]) / model.prompt_tokens * p.act_bytes
             mem = w + (2 * b * model.context_tokens * kv
                        + min(b * model.prompt_tokens, PREFILL_CHUNK_TOKENS) * work) / tp
-        if mem > t.device.memory_bytes.value * MEMORY_HEADROOM:
+        if mem > usable_memory(t.device):
             return None
         if tp > 1:  # the group's lead broadcasts each hop it receives to the other ranks
             tree = Link(t.link.bandwidth, t.link.collective_s)
@@ -535,7 +535,7 @@ def check_valid(plan: Plan, cluster: Cluster) -> None:
             assert len(nodes) == 1, "a TP group spans nodes"
             assert {slots[d].device.id for d in st.devices} == {st.device_type}
             dev = slots[st.devices[0]].device
-            assert st.memory_bytes <= dev.memory_bytes.value * MEMORY_HEADROOM
+            assert st.memory_bytes <= usable_memory(dev)
             for d in st.devices:
                 assert d not in seen
                 seen.add(d)

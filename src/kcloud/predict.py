@@ -18,13 +18,13 @@ from typing import Any, Literal
 from kcloud.errors import FitError, KCloudError, PrecisionError
 from kcloud.graph.layergraph import LayerGraph
 from kcloud.hardware.cost import (
-    MEMORY_HEADROOM,
     Calibration,
     DeviceParams,
     ForwardCost,
     activation_bytes_per_sample,
     default_calibration,
     tp_max_degree,
+    usable_memory,
     weight_bytes,
 )
 from kcloud.hardware.device import Device, DeviceKind
@@ -169,10 +169,6 @@ def _batches(scenario: str, batch: int | None, max_batch: int, what: str) -> lis
     return [batch]
 
 
-def _capacity(device: Device) -> float:
-    return device.memory_bytes.value * MEMORY_HEADROOM
-
-
 def _fit_message(model: str, device: Device, need: float, have: float) -> FitError:
     return FitError(
         f"{model} does not fit on {device.id}: needs {need / 1e9:.1f} GB at batch 1, "
@@ -202,7 +198,7 @@ def predict_graph(
     _check_tp(graph, tp)
     w = weight_bytes(graph, used) / tp
     per_sample = activation_bytes_per_sample(graph, used) / tp
-    cap = _capacity(device)
+    cap = usable_memory(device)
     if w + per_sample > cap:
         raise _fit_message(graph.model, device, w + per_sample, cap)
     max_batch = max(1, min(4096, int((cap - w) // max(per_sample, 1.0))))
@@ -269,7 +265,7 @@ def llm_max_batch(
     kv_seq = llm_kv_bytes_per_token(prefill, precision) * context / tp
     seq_len = prefill.seq_len or 1
     work_tok = activation_bytes_per_sample(prefill, precision) / seq_len / tp
-    cap = _capacity(device)
+    cap = usable_memory(device)
 
     def need(b: int) -> float:
         return w + b * kv_seq + work_tok * min(b * seq_len, PREFILL_CHUNK_TOKENS)

@@ -54,6 +54,11 @@ from kcloud.precision import Precision
 MEMORY_HEADROOM = 0.92
 
 
+def usable_memory(device: Device) -> float:
+    """Bytes of `device`'s memory a plan may fill: its capacity x `MEMORY_HEADROOM`."""
+    return device.memory_bytes.value * MEMORY_HEADROOM
+
+
 @dataclass(frozen=True)
 class DeviceParams:
     """Efficiency and overhead parameters of one device (fitted or a class prior)."""

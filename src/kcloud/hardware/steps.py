@@ -38,7 +38,6 @@ import numpy as np
 
 from kcloud.graph.layergraph import Layer, LayerGraph, Op, OpClass
 from kcloud.hardware.cost import (
-    MEMORY_HEADROOM,
     Calibration,
     DeviceParams,
     ForwardCost,
@@ -46,6 +45,7 @@ from kcloud.hardware.cost import (
     Precisions,
     default_calibration,
     layer_table,
+    usable_memory,
 )
 from kcloud.hardware.device import Device
 from kcloud.precision import Precision
@@ -403,7 +403,7 @@ class StageTables:
         per = t.kv_bytes_per_token(self.start, self.end)
         if per <= 0:
             return 0
-        cap = self.device.memory_bytes.value * MEMORY_HEADROOM - t.weight_bytes(self.start,
+        cap = usable_memory(self.device) - t.weight_bytes(self.start,
                                                                                   self.end)
         if workspace_tokens and t.decode is not None:
             from kcloud.hardware.cost import activation_bytes_per_sample

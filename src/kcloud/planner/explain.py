@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kcloud.hardware.cost import MEMORY_HEADROOM
+from kcloud.hardware.cost import usable_memory
 from kcloud.planner.plan import AttentionOffload, Plan, Replica, Stage
 from kcloud.planner.search import Context, in_flight_of
 from kcloud.planner.space import StageSpace
@@ -39,8 +39,7 @@ def replica_groups(plan: Plan) -> list[tuple[list[int], Replica]]:
 
 
 def _usable(ctx: Context, device_type: str) -> float:
-    dev = ctx.cluster.device_types[device_type]
-    return dev.memory_bytes.value * MEMORY_HEADROOM
+    return usable_memory(ctx.cluster.device_types[device_type])
 
 
 def _same_offload(sp: Any, o: Any, off: AttentionOffload | None) -> bool:
@@ -234,7 +233,7 @@ def offload_lines(ctx: Context, plan: Plan) -> list[str]:
                 piped = bool(sp.pipelined[o.index][i, j])
                 how = "pipelined by layer" if piped else "sequenced"
                 kv = float(sp.pim_mem[o.index][i, j])
-                cap = sp.types[o.pim].device.memory_bytes.value * MEMORY_HEADROOM
+                cap = usable_memory(sp.types[o.pim].device)
                 line = (f"decode attention on {off.device_type} x{off.count} "
                         f"({how}; KV cache {kv / 1e9:,.2f} of {cap / 1e9:,.2f} GB per PIM "
                         "device)")

@@ -31,13 +31,13 @@ import numpy as np
 
 from kcloud.hardware.cluster import Cluster, Link
 from kcloud.hardware.cost import (
-    MEMORY_HEADROOM,
     Calibration,
     LayerTable,
     Precisions,
     default_calibration,
     refill_time_s,
     tp_max_degree,
+    usable_memory,
 )
 from kcloud.hardware.device import Device, DeviceKind
 from kcloud.hardware.steps import (
@@ -372,7 +372,7 @@ class StageSpace:
             act = (float(max(self.in_flight, 1)) * b * m.context_tokens * c.kv
                    + c.act) / tp
         mem = c.weight_bytes + act
-        fits = upper & (mem <= dev.memory_bytes.value * MEMORY_HEADROOM)
+        fits = upper & (mem <= usable_memory(dev))
         self.time[opt.index] = np.where(fits, c.time, np.inf)
         self.busy_j[opt.index] = np.where(fits, c.energy, 0.0)
         if c.refill is not None:
@@ -459,9 +459,9 @@ class StageSpace:
         if tp > 1:
             share = self._group_share(t, tp)
             time, comm = time + share, comm + share
-        fits = (upper & (mem <= dev.memory_bytes.value * MEMORY_HEADROOM)
+        fits = (upper & (mem <= usable_memory(dev))
                 & (kv_tok > 0)  # a stage with no attention has none to offload
-                & (kv <= pt.device.memory_bytes.value * MEMORY_HEADROOM))
+                & (kv <= usable_memory(pt.device)))
         self.time[opt.index] = np.where(fits, time, np.inf)
         self.busy_j[opt.index] = np.where(fits, energy, 0.0)
         self.comm[opt.index] = np.where(upper, comm, 0.0)
@@ -548,11 +548,11 @@ class StageSpace:
         opt = self.options[o]
         if opt.offload:  # the KV cache sits on the PIM group
             kv = float(self.pim_mem[o][i, j]) * in_flight / max(self.in_flight, 1)
-            return kv <= self.types[opt.pim].device.memory_bytes.value * MEMORY_HEADROOM
+            return kv <= usable_memory(self.types[opt.pim].device)
         kv = self.costs[(self.b, opt.type, opt.tp)].kv  # per token, a range's layers
         more = 0.0 if kv is None else float(kv[i, j]) * self.b * self.model.context_tokens
         mem = float(self.mem[o, i, j]) + (in_flight - self.in_flight) * more / opt.tp
-        return mem <= self.types[opt.type].device.memory_bytes.value * MEMORY_HEADROOM
+        return mem <= usable_memory(self.types[opt.type].device)
 
     def candidate_periods(self, options: list[int]) -> np.ndarray:
         """Every distinct stage and transfer time: the values a pipeline's period can take."""

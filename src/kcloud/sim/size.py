@@ -73,10 +73,11 @@ def candidate_sets(year: int, only: list[str] | None = None) -> list[tuple[str, 
 def _cluster(devs: tuple[str, ...], need_bytes: float) -> Any:
     from kcloud.hardware.catalog import get_device
     from kcloud.hardware.cluster import cluster_from_dict
+    from kcloud.hardware.cost import usable_memory
 
     nodes = []
     for d in devs:
-        mem = get_device(d).memory_bytes.value * 0.9
+        mem = usable_memory(get_device(d))
         count = max(1, math.ceil(need_bytes * 1.25 / mem / NODE_DEVICES))
         nodes.append({"name": d.split("-")[-1], "count": min(count, 8),
                       "devices": {d: NODE_DEVICES}})
