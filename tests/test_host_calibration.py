@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,44 @@ def test_fitted_cpu_model_reproduces_the_timed_chains() -> None:
     # passes and runs at DRAM speed, about 1.5-1.8x its modeled time (seen here at 53-82 %).
     assert hp.fit_error_pct < 90.0
     assert 0.0 <= hp.serial_share <= 1.0 and 0.0 < hp.memory_eff <= 1.0
+
+
+def test_calibrate_host_measures_again_beside_what_the_cache_held(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+    import datetime
+
+    import torch
+
+    from tests import clitools
+
+    bench = host.measure_host()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # an old micro-benchmark at half today's rate, and no micro-calibration at all
+    stale = dataclasses.replace(bench, fp32_flops=bench.fp32_flops / 2, date="2026-01-01")
+    key = host._cache_key(host.cpu_model(), host.host_cores(), torch.__version__)
+    host._write_cache(cache / host.cache_file().name, key, host.CACHE_VERSION, stale)
+    monkeypatch.setenv("KCLOUD_CACHE_DIR", str(cache))
+    ran = clitools.run(["calibrate", "--host", "--json"], tmp_path / "run")
+    assert ran.code == 0, ran.err
+    out = json.loads(ran.out)
+    assert out["figures_are"] == "measured"
+    assert out["before"][0]["fp32_flops"] == stale.fp32_flops and out["before"][1] is None
+    today = datetime.date.today().isoformat()
+    assert out["now"][0]["date"] == today and out["now"][1]["date"] == today
+    rows = {r["figure"]: r for r in out["figures"]}
+    peak = rows["peak fp32 matmul, all cores"]
+    assert peak["before"] == pytest.approx(stale.fp32_flops * 1e-9)
+    assert peak["now"] == pytest.approx(out["now"][0]["fp32_flops"] * 1e-9)
+    assert peak["change_pct"] == pytest.approx(100 * (peak["now"] / peak["before"] - 1))
+    assert rows["share of peak one core reaches"]["before"] is None  # nothing was cached
+    assert rows["share of peak one core reaches"]["change_pct"] is None
+    # both caches hold what was measured now: every later command plans with it
+    for path, now in zip(out["cache_files"], out["now"], strict=True):
+        held = json.loads(Path(path).read_text())
+        assert held["date"] == today and held["seconds"] == now["seconds"]
+
+    bad = clitools.run(["calibrate", "--host", "--fit"], tmp_path / "run")
+    assert bad.code == 2 and len(bad.err_lines) == 1 and "--fit" in bad.err
+    assert "Traceback" not in bad.err

@@ -833,6 +833,23 @@ def measure_host_params(force: bool = False) -> HostParams:
                    _run_param_calibration)
 
 
+def cached_host() -> tuple[HostMeasurement | None, HostParams | None]:
+    """What this host's cache holds now (None where it holds nothing valid); measures nothing."""
+    import torch
+
+    key = _cache_key(cpu_model(), host_cores(), torch.__version__)
+    return (_read_cache(cache_file(), key, CACHE_VERSION, HostMeasurement),
+            _read_cache(params_cache_file(), key, PARAMS_CACHE_VERSION, HostParams))
+
+
+def remeasure_host() -> tuple[HostMeasurement, HostParams]:
+    """Measure this host again and rewrite its cache: the micro-benchmark first, then the
+    micro-calibration, which fits the core's parameters against the new peak. A host's speed
+    can drift (other tenants of a VM's host, its clock), so a cached figure ages."""
+    bench = measure_host(force=True)
+    return bench, measure_host_params(force=True)
+
+
 def host_link() -> tuple[float, float, float]:
     """(bandwidth bytes/s, one-way latency s, small all-reduce latency s) of the link between
     two local workers."""
@@ -993,6 +1010,7 @@ __all__ = [
     "HostParams",
     "cache_dir",
     "cache_file",
+    "cached_host",
     "cpu_model",
     "engine_costs_file",
     "engine_step_costs",
@@ -1006,6 +1024,7 @@ __all__ = [
     "measure_host",
     "measure_host_params",
     "params_cache_file",
+    "remeasure_host",
     "reset_host_cache",
     "save_engine_step_costs",
     "save_front_end_costs",
