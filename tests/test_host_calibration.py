@@ -75,7 +75,7 @@ def test_predicted_latency_near_measured_on_local_cpu(tp: int, pp: int) -> None:
     # The host's speed drifts: a calibration made minutes before, on this VM, has put the
     # model 1.7x under the same probes (3.1 ms against 8.1-8.6; measured again at once, 5.5 ms
     # against 6.9-8.4). The model is checked against the host as it is now, measured first.
-    host.measure_host_params(force=True)
+    host.remeasure_host()
     goal = Goal(objective="latency", batch=8, precision=Precision.FP32)
     m, c = resolve("mlp", "local-cpu", goal)
     ctx = make_context(m, c, goal, micro_batches=[8])
