@@ -60,6 +60,7 @@ def test_default_calibration_uses_host_parameters() -> None:
     assert host.host_link() == (hp.link_bw, hp.link_latency_s, hp.collective_latency_s)
 
 
+@pytest.mark.slow  # measures the host, then three multi-process runs
 @pytest.mark.skipif(host.host_cores() < 2, reason="a 2-stage run needs a core per stage")
 @pytest.mark.parametrize(("tp", "pp"), [(1, 2), (2, 1)])
 def test_predicted_latency_near_measured_on_local_cpu(tp: int, pp: int) -> None:
@@ -108,6 +109,7 @@ def test_fitted_cpu_model_reproduces_the_timed_chains() -> None:
     assert 0.0 <= hp.serial_share <= 1.0 and 0.0 < hp.memory_eff <= 1.0
 
 
+@pytest.mark.slow  # the host measured again in a child process and its workers
 def test_calibrate_host_measures_again_beside_what_the_cache_held(
         tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
