@@ -128,7 +128,7 @@ def calibrate(
                                        "show the change")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout")] = False,
 ) -> None:
-    """Compare published results with the cost model (modeled), optionally refitting it."""
+    """Compare published results with the cost model (modeled), refit it, or measure this CPU."""
     from kcloud import calibrate as cal
 
     if host:
