@@ -148,8 +148,10 @@ class Planned:
 
 
 def plan_service(spec: ServiceSpec, *, prompt: int | None = None, output: int | None = None,
-                 cluster: Any = None, allow: Any = None, calibration: Any = None) -> Planned:
-    """Plan `spec.model` on its cluster (or load its plan), with the mean lengths given."""
+                 cluster: Any = None, allow: Any = None, calibration: Any = None,
+                 graphs: Any = None) -> Planned:
+    """Plan `spec.model` on its cluster (or load its plan), with the mean lengths given
+    (`graphs`: the model already loaded for those lengths)."""
     from kcloud.graph.loaders import load_model_spec
     from kcloud.hardware.cluster import load_cluster
     from kcloud.planner.api import make_plan
@@ -167,7 +169,8 @@ def plan_service(spec: ServiceSpec, *, prompt: int | None = None, output: int | 
     if output:
         goal_kw["output_tokens"] = int(output)
     goal = Goal(**goal_kw)
-    graphs = load_model(spec.model, goal)
+    if graphs is None:
+        graphs = load_model(spec.model, goal)
     if spec.plan is not None:
         plan = Plan.load(spec.plan)
         if plan.model != spec.model:

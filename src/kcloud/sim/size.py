@@ -164,7 +164,8 @@ def plan_units(spec: ServiceSpec, devs: tuple[str, ...], objectives: tuple[str, 
     for objective in objectives:
         try:
             planned = plan_service(spec.model_copy(update={"objective": objective}),
-                                   prompt=prompt, output=out, cluster=cluster)
+                                   prompt=prompt, output=out, cluster=cluster,
+                                   graphs=graphs)
         except KCloudError:
             continue
         if planned.is_llm and min(m.kv_token_capacity(spec.chunk_tokens)
